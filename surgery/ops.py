@@ -1,0 +1,209 @@
+"""Structural ops on real tensors: pure functions `(module, spec, ...) -> None`, one per kind of removal.
+
+Indices passed here are *current positions* inside the module (the applier maps a plan's original indices to them).
+Every op rebuilds the affected Parameters with `index_select`, so the result is contiguous, owns its memory and
+keeps `requires_grad`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from surgery.arch.base import ArchSpec
+from surgery.modules import LowRankLinear, Placeholder, SkippedAttention, SkippedMLP
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """`root.get_submodule(path)`, with "" meaning root."""
+    return root.get_submodule(path) if path else root
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `path`."""
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(root, parent_path), name, new)
+
+
+def _new_param(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(data.contiguous(), requires_grad=old.requires_grad)
+
+
+def select_outputs(linear: nn.Module, keep: Sequence[int], conv1d: bool) -> None:
+    """Keep only output features `keep` of a Linear (rows) or a GPT-2 Conv1D (columns), bias included."""
+    idx = torch.as_tensor(list(keep), dtype=torch.long, device=linear.weight.device)
+    dim = 1 if conv1d else 0
+    linear.weight = _new_param(linear.weight, linear.weight.index_select(dim, idx))
+    if getattr(linear, "bias", None) is not None:
+        linear.bias = _new_param(linear.bias, linear.bias.index_select(0, idx))
+    if conv1d:
+        linear.nf = len(keep)
+    else:
+        linear.out_features = len(keep)
+
+
+def select_inputs(linear: nn.Module, keep: Sequence[int], conv1d: bool) -> None:
+    """Keep only input features `keep` of a Linear (columns) or a GPT-2 Conv1D (rows); the bias is untouched."""
+    idx = torch.as_tensor(list(keep), dtype=torch.long, device=linear.weight.device)
+    dim = 0 if conv1d else 1
+    linear.weight = _new_param(linear.weight, linear.weight.index_select(dim, idx))
+    if conv1d:
+        linear.nx = len(keep)
+    else:
+        linear.in_features = len(keep)
+
+
+def head_rows(heads: Sequence[int], head_dim: int, offset: int = 0) -> list[int]:
+    """Feature positions of `heads` in a projection laid out head after head."""
+    return [offset + h * head_dim + j for h in heads for j in range(head_dim)]
+
+
+def prune_attention_heads(
+    attn: nn.Module,
+    spec: ArchSpec,
+    keep_q: Sequence[int],
+    keep_kv: Sequence[int],
+    n_q: int,
+    n_kv: int,
+    head_dim: int,
+) -> None:
+    """Keep query heads `keep_q` and KV heads `keep_kv` of one attention module.
+
+    The caller guarantees the GQA rule: every kept KV group keeps the same number of query heads, and a kept
+    query head's group is kept. Because kept heads stay in ascending order, query head i of the result belongs to
+    KV group i // (len(keep_q) / len(keep_kv)), exactly as `repeat_kv` expects.
+    """
+    q_rows = head_rows(keep_q, head_dim)
+    kv_rows = head_rows(keep_kv, head_dim)
+    if spec.qkv:
+        fused = get_module(attn, spec.qkv)
+        # rows (or Conv1D columns) are [q: n_q*hd | k: n_kv*hd | v: n_kv*hd]
+        k_off, v_off = n_q * head_dim, (n_q + n_kv) * head_dim
+        select_outputs(fused, q_rows + [k_off + r for r in kv_rows] + [v_off + r for r in kv_rows], spec.conv1d)
+    else:
+        select_outputs(get_module(attn, spec.q), q_rows, spec.conv1d)
+        select_outputs(get_module(attn, spec.k), kv_rows, spec.conv1d)
+        select_outputs(get_module(attn, spec.v), kv_rows, spec.conv1d)
+    select_inputs(get_module(attn, spec.o), q_rows, spec.conv1d)
+    set_attention_counts(attn, spec, len(keep_q), len(keep_kv), head_dim)
+
+
+def set_attention_counts(attn: nn.Module, spec: ArchSpec, n_q: int, n_kv: int, head_dim: int) -> None:
+    """Update the count attributes an attention forward reads (trap: `num_key_value_groups` is set at init)."""
+    values = {"kv_groups": n_q // n_kv, "kv_heads": n_kv, "heads": n_q, "q_width": n_q * head_dim}
+    for meaning, attr in spec.attn_count_attrs.items():
+        setattr(attn, attr, values[meaning])
+    if spec.per_module_config:
+        # Phi-3 slices its fused qkv with self.config.num_attention_heads: give this layer its own copy.
+        attn.config = copy.copy(attn.config)
+        setattr(attn.config, spec.cfg_heads, n_q)
+        if spec.cfg_kv_heads:
+            setattr(attn.config, spec.cfg_kv_heads, n_kv)
+
+
+def prune_mlp_neurons(mlp: nn.Module, spec: ArchSpec, keep: Sequence[int], width: int) -> None:
+    """Keep MLP neurons `keep`: rows of gate/up (fc_in), columns of down (fc_out); fused gate_up handled."""
+    keep = list(keep)
+    if spec.gate_up:
+        # rows are [gate: width | up: width]; chunk(2) in the forward splits them again
+        select_outputs(get_module(mlp, spec.gate_up), keep + [width + i for i in keep], spec.conv1d)
+    else:
+        if spec.gate:
+            select_outputs(get_module(mlp, spec.gate), keep, spec.conv1d)
+        select_outputs(get_module(mlp, spec.up), keep, spec.conv1d)
+    select_inputs(get_module(mlp, spec.down), keep, spec.conv1d)
+
+
+def drop_attention(layer: nn.Module, spec: ArchSpec, layer_idx: int, head_dim: int) -> None:
+    """Replace a layer's attention sub-block (and the norms that only serve it) by nothing."""
+    setattr(layer, spec.attn, SkippedAttention(layer_idx, head_dim, placeholder=spec.o))
+    for norm in spec.attn_norms:
+        setattr(layer, norm, nn.Identity())
+
+
+def drop_mlp(layer: nn.Module, spec: ArchSpec) -> None:
+    """Replace a layer's MLP sub-block (and the norms that only serve it) by nothing."""
+    setattr(layer, spec.mlp, SkippedMLP(placeholder=spec.down))
+    for norm in spec.mlp_norms:
+        setattr(layer, norm, nn.Identity())
+
+
+def linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
+    """The (out, in) weight of a Linear or of a GPT-2 Conv1D."""
+    return module.weight.t() if conv1d else module.weight
+
+
+def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of W (out x in): returns B (out x r), A (r x in) with B @ A the best rank-r approximation.
+
+    sqrt(sigma) goes to each side so both factors have the same scale (friendlier to later fine-tuning). The SVD
+    runs in float64 so that full rank reproduces W to float32 round-off.
+    """
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    root = s[:rank].sqrt()
+    b = u[:, :rank] * root  # (out, r)
+    a = root[:, None] * vh[:rank]  # (r, in)
+    return b.to(weight.dtype), a.to(weight.dtype)
+
+
+def make_low_rank(linear: nn.Module, rank: int, conv1d: bool) -> LowRankLinear:
+    """A LowRankLinear equal to `linear` up to its rank-`rank` truncation."""
+    weight = linear_weight(linear, conv1d)
+    out_features, in_features = weight.shape
+    bias = getattr(linear, "bias", None)
+    new = LowRankLinear(in_features, out_features, rank, bias is not None, dtype=weight.dtype, device=weight.device)
+    b, a = low_rank_factors(weight, rank)
+    with torch.no_grad():
+        new.a.weight.copy_(a)
+        new.b.weight.copy_(b)
+        if bias is not None:
+            new.b.bias.copy_(bias)
+    return new
+
+
+def low_rank(root: nn.Module, path: str, rank: int, conv1d: bool) -> None:
+    """Replace the Linear at `path` by its rank-`rank` factorisation."""
+    set_module(root, path, make_low_rank(get_module(root, path), rank, conv1d))
+
+
+def empty_low_rank(root: nn.Module, path: str, rank: int, conv1d: bool) -> None:
+    """Replace the Linear at `path` by an uninitialised LowRankLinear of `rank` (weights come from a checkpoint)."""
+    old = get_module(root, path)
+    out_features, in_features = linear_weight(old, conv1d).shape
+    bias = getattr(old, "bias", None)
+    set_module(
+        root,
+        path,
+        LowRankLinear(in_features, out_features, rank, bias is not None, old.weight.dtype, old.weight.device),
+    )
+
+
+# The registry the applier sequences, keyed by plan op name.
+OPS: dict[str, Callable[..., None]] = {
+    "prune_heads": prune_attention_heads,
+    "prune_kv_groups": prune_attention_heads,
+    "prune_neurons": prune_mlp_neurons,
+    "drop_attention": drop_attention,
+    "drop_mlp": drop_mlp,
+    "low_rank": low_rank,
+}
+
+__all__ = [
+    "OPS",
+    "Placeholder",
+    "drop_attention",
+    "drop_mlp",
+    "get_module",
+    "head_rows",
+    "low_rank",
+    "low_rank_factors",
+    "make_low_rank",
+    "prune_attention_heads",
+    "prune_mlp_neurons",
+    "select_inputs",
+    "select_outputs",
+    "set_module",
+]

@@ -1,0 +1,194 @@
+"""The plan file: a versioned, validated list of structural ops, replayable anywhere.
+
+Every index names a component of the ORIGINAL model the plan was made for (layer 12 stays layer 12 even when layer
+3 is dropped), so steps may come in any order. Unknown fields are errors, not silent defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from surgery.errors import PlanError, UserError
+
+PLAN_VERSION = 1
+
+NonNegInt = Annotated[int, Field(ge=0)]
+IndexList = Annotated[list[NonNegInt], Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    """The model a plan was made for."""
+
+    source: str = Field(description="what the user opened: a directory, a hub id, a .gguf file or an alias")
+    fingerprint: str | None = Field(
+        default=None, description="sha256 of the weights ('sha256:<hex>'); apply refuses other weights"
+    )
+
+
+class PruneHeads(_Strict):
+    """Remove query heads of one layer (GQA rule: kept KV groups keep equal numbers of query heads)."""
+
+    op: Literal["prune_heads"]
+    layer: NonNegInt
+    heads: IndexList
+
+
+class PruneKVGroups(_Strict):
+    """Remove whole KV groups of one layer: their key/value heads and all their query heads."""
+
+    op: Literal["prune_kv_groups"]
+    layer: NonNegInt
+    groups: IndexList
+
+
+class PruneNeurons(_Strict):
+    """Remove MLP neurons of one layer (rows of gate/up, columns of down)."""
+
+    op: Literal["prune_neurons"]
+    layer: NonNegInt
+    neurons: IndexList
+
+
+class DropLayers(_Strict):
+    """Remove whole decoder layers."""
+
+    op: Literal["drop_layers"]
+    layers: IndexList
+
+
+class DropAttention(_Strict):
+    """Remove the attention sub-block of one layer."""
+
+    op: Literal["drop_attention"]
+    layer: NonNegInt
+
+
+class DropMLP(_Strict):
+    """Remove the MLP sub-block of one layer."""
+
+    op: Literal["drop_mlp"]
+    layer: NonNegInt
+
+
+class LowRank(_Strict):
+    """Replace one Linear by two from its truncated SVD at `rank`."""
+
+    op: Literal["low_rank"]
+    module: str = Field(min_length=1, description="HF module path, e.g. model.layers.5.mlp.down_proj")
+    rank: Annotated[int, Field(ge=1)]
+
+
+Step = Annotated[
+    Union[PruneHeads, PruneKVGroups, PruneNeurons, DropLayers, DropAttention, DropMLP, LowRank],
+    Field(discriminator="op"),
+]
+OP_NAMES = ("prune_heads", "prune_kv_groups", "prune_neurons", "drop_layers", "drop_attention", "drop_mlp", "low_rank")
+
+
+class Plan(_Strict):
+    """A surgery plan (file format version 1)."""
+
+    version: Literal[1] = PLAN_VERSION
+    model: ModelRef | None = None
+    steps: list[Step] = Field(default_factory=list)
+    provenance: dict[str, Any] = Field(default_factory=dict, description="free-form: scores, data fingerprint, who")
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, 2-space indent, trailing newline."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return compact_int_lists(json.dumps(data, indent=2, sort_keys=True)) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temp file in the same directory, then rename)."""
+        write_text_atomic(Path(path), self.to_json())
+
+
+_INT_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
+
+
+def compact_int_lists(text: str) -> str:
+    """Put lists of integers on one line: a plan with 30 x 1000 neuron indices stays readable and diffable."""
+    return _INT_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+
+
+def _loc(loc: tuple) -> str:
+    """pydantic error location -> `steps[3].heads` (dropping the union tag pydantic inserts)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in OP_NAMES:
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "plan"
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "union_tag_invalid":
+        return f"unknown op {err['input'].get('op')!r}; expected one of: {', '.join(OP_NAMES)}"
+    if err["type"] == "union_tag_not_found":
+        return "missing 'op'"
+    if err["type"] == "literal_error" and err["loc"] == ("version",):
+        return f"unsupported plan version {err['input']!r}; this workbench reads version {PLAN_VERSION}"
+    return err["msg"]
+
+
+def parse_plan(data: Any) -> Plan:
+    """Validate a decoded JSON document; raises PlanError listing every problem."""
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise PlanError([f"{_loc(e['loc'])}: {_message(e)}" for e in exc.errors()]) from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan file; bad JSON or fields give a PlanError whose message names the spot."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"no such plan file: {path}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read plan file {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError([f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]) from None
+    try:
+        return parse_plan(data)
+    except PlanError as exc:
+        raise PlanError([f"{path}: {p}" for p in exc.problems]) from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same directory and os.replace (no torn files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plan_json_schema() -> dict:
+    """The JSON Schema of the plan file (published in docs/plan.schema.json)."""
+    return Plan.model_json_schema()

@@ -1,0 +1,283 @@
+"""Plan + model shapes -> what each original layer keeps, with every problem found at once.
+
+Validation changes nothing. It folds all steps into one final state per layer (so steps may come in any order and
+several steps may touch one layer), then checks the rules on that final state: index ranges, the GQA rule, empty
+layers, ranks. Each problem names the step and field, e.g.
+`steps[3].heads: head 12 out of range (layer 5 has 9 query heads)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from surgery.errors import PlanError
+from surgery.plan import (
+    DropAttention,
+    DropLayers,
+    DropMLP,
+    LowRank,
+    Plan,
+    PruneHeads,
+    PruneKVGroups,
+    PruneNeurons,
+)
+from surgery.shapes import LayerShape, ModelShape
+
+
+@dataclass
+class LayerCut:
+    """What a plan removes from one original layer."""
+
+    index: int
+    shape: LayerShape
+    attn_name: str = "self_attn"  # the attention attribute of a decoder layer (low_rank keys start with it)
+    dropped: bool = False
+    drop_attention: bool = False
+    drop_mlp: bool = False
+    heads: set[int] = field(default_factory=set)  # removed query heads (groups expanded)
+    neurons: set[int] = field(default_factory=set)
+    low_rank: dict[str, int] = field(default_factory=dict)  # layer-relative path "mlp.down_proj" -> rank
+    head_steps: list[str] = field(default_factory=list)  # "steps[3].heads", for blame
+    neuron_steps: list[str] = field(default_factory=list)
+    low_rank_steps: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept_heads(self) -> list[int]:
+        return [h for h in range(self.shape.heads) if h not in self.heads]
+
+    @property
+    def kept_groups(self) -> list[int]:
+        g = self.shape.group_size
+        return sorted({h // g for h in self.kept_heads}) if g else []
+
+    @property
+    def kept_neurons(self) -> list[int]:
+        return [i for i in range(self.shape.mlp) if i not in self.neurons]
+
+    @property
+    def attention_kept(self) -> bool:
+        return self.shape.has_attention and not self.drop_attention
+
+    @property
+    def mlp_kept(self) -> bool:
+        return self.shape.has_mlp and not self.drop_mlp
+
+    def result_shape(self) -> LayerShape:
+        """The layer's shape after the cut."""
+        heads = len(self.kept_heads) if self.attention_kept else 0
+        kv = len(self.kept_groups) if self.attention_kept else 0
+        mlp = len(self.kept_neurons) if self.mlp_kept else 0
+        low_rank = {m: r for m, r in self.low_rank.items() if self._module_kept(m)}
+        src = self.shape.source_layer if self.shape.source_layer is not None else self.index
+        return LayerShape(heads, kv, self.shape.head_dim, mlp, {**self.shape.low_rank, **low_rank}, src)
+
+    def _module_kept(self, rel: str) -> bool:
+        in_attention = rel.split(".")[0] == self.attn_name
+        return self.attention_kept if in_attention else self.mlp_kept
+
+    @property
+    def changed(self) -> bool:
+        return self.dropped or self.drop_attention or self.drop_mlp or bool(self.heads or self.neurons or self.low_rank)
+
+
+@dataclass
+class Resolution:
+    """The validated, order-independent meaning of a plan for one model."""
+
+    shape: ModelShape
+    layers: list[LayerCut]
+    warnings: list[str]
+
+    @property
+    def kept_layers(self) -> list[LayerCut]:
+        return [c for c in self.layers if not c.dropped]
+
+    def result_shapes(self) -> list[LayerShape]:
+        """Shapes of the layers that remain, in order."""
+        return [c.result_shape() for c in self.kept_layers]
+
+
+def _check_indices(where: str, values: list[int], limit: int, what: str, layer: int, problems: list[str]) -> bool:
+    ok = True
+    seen: set[int] = set()
+    for v in values:
+        if v >= limit:
+            problems.append(f"{where}: {what} {v} out of range (layer {layer} has {limit} {what}s)")
+            ok = False
+        elif v in seen:
+            problems.append(f"{where}: {what} {v} listed twice")
+            ok = False
+        seen.add(v)
+    return ok
+
+
+def _parse_module(path: str, shape: ModelShape) -> tuple[int, str, str] | None:
+    """`model.layers.5.mlp.down_proj` -> (5, "mlp", "down_proj"); None if it is not a prunable Linear."""
+    spec = shape.spec
+    prefix = spec.layers + "."
+    if not path.startswith(prefix):
+        return None
+    rest = path[len(prefix) :].split(".")
+    if len(rest) != 3 or not rest[0].isdigit():
+        return None
+    layer, block, name = int(rest[0]), rest[1], rest[2]
+    if block == spec.attn and name in spec.attn_linears:
+        return layer, "attn", name
+    if block == spec.mlp and name in spec.mlp_linears:
+        return layer, "mlp", name
+    return None
+
+
+def linear_dims(cut: LayerCut, kind: str, name: str, shape: ModelShape) -> tuple[int, int]:
+    """(out, in) of a layer Linear ("attn" or "mlp" `kind`) after the plan's structural cuts."""
+    spec, hd, hidden = shape.spec, cut.shape.head_dim, shape.hidden
+    q, kv, width = len(cut.kept_heads) * hd, len(cut.kept_groups) * hd, len(cut.kept_neurons)
+    dims = {
+        spec.q: (q, hidden),
+        spec.k: (kv, hidden),
+        spec.v: (kv, hidden),
+        spec.qkv: (q + 2 * kv, hidden),
+        spec.o: (hidden, q),
+    }
+    if kind == "mlp":
+        dims = {spec.gate: (width, hidden), spec.up: (width, hidden), spec.down: (hidden, width)}
+        if spec.gate_up:
+            dims[spec.gate_up] = (2 * width, hidden)
+    return dims[name]
+
+
+def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
+    """Fold a plan onto a model's shapes; raise PlanError listing every problem, or return the Resolution."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    cuts = [LayerCut(i, s, shape.spec.attn) for i, s in enumerate(shape.layers)]
+    n = len(cuts)
+
+    def layer_ok(where: str, layer: int) -> bool:
+        if layer >= n:
+            problems.append(f"{where}: layer {layer} out of range (the model has {n} layers)")
+            return False
+        return True
+
+    for i, step in enumerate(plan.steps):
+        at = f"steps[{i}]"
+        if isinstance(step, PruneHeads) and layer_ok(f"{at}.layer", step.layer):
+            cut = cuts[step.layer]
+            if _check_indices(f"{at}.heads", step.heads, cut.shape.heads, "query head", step.layer, problems):
+                cut.heads.update(step.heads)
+                cut.head_steps.append(f"{at}.heads")
+        elif isinstance(step, PruneKVGroups) and layer_ok(f"{at}.layer", step.layer):
+            cut = cuts[step.layer]
+            g = cut.shape.group_size
+            if _check_indices(f"{at}.groups", step.groups, cut.shape.kv_heads, "KV group", step.layer, problems):
+                cut.heads.update(h for grp in step.groups for h in range(grp * g, (grp + 1) * g))
+                cut.head_steps.append(f"{at}.groups")
+        elif isinstance(step, PruneNeurons) and layer_ok(f"{at}.layer", step.layer):
+            cut = cuts[step.layer]
+            if _check_indices(f"{at}.neurons", step.neurons, cut.shape.mlp, "neuron", step.layer, problems):
+                cut.neurons.update(step.neurons)
+                cut.neuron_steps.append(f"{at}.neurons")
+        elif isinstance(step, DropLayers):
+            seen: set[int] = set()
+            for layer in step.layers:
+                if layer >= n:
+                    problems.append(f"{at}.layers: layer {layer} out of range (the model has {n} layers)")
+                elif layer in seen:
+                    problems.append(f"{at}.layers: layer {layer} listed twice")
+                else:
+                    cuts[layer].dropped = True
+                seen.add(layer)
+        elif isinstance(step, DropAttention) and layer_ok(f"{at}.layer", step.layer):
+            if not cuts[step.layer].shape.has_attention:
+                problems.append(f"{at}.layer: layer {step.layer} has no attention block left to drop")
+            cuts[step.layer].drop_attention = True
+        elif isinstance(step, DropMLP) and layer_ok(f"{at}.layer", step.layer):
+            if not cuts[step.layer].shape.has_mlp:
+                problems.append(f"{at}.layer: layer {step.layer} has no MLP block left to drop")
+            cuts[step.layer].drop_mlp = True
+        elif isinstance(step, LowRank):
+            parsed = _parse_module(step.module, shape)
+            if parsed is None:
+                example = f"{shape.spec.layers}.0.{shape.spec.mlp}.{shape.spec.down}"
+                problems.append(f"{at}.module: {step.module!r} is not a decoder-layer Linear (e.g. {example})")
+            elif layer_ok(f"{at}.module", parsed[0]):
+                layer, kind, name = parsed
+                rel = f"{shape.spec.attn if kind == 'attn' else shape.spec.mlp}.{name}"
+                if rel in cuts[layer].low_rank or rel in cuts[layer].shape.low_rank:
+                    problems.append(f"{at}.module: {step.module} is already low-rank")
+                else:
+                    cuts[layer].low_rank[rel] = step.rank
+                    cuts[layer].low_rank_steps[rel] = i
+
+    _check_layers(cuts, shape, problems, warnings)
+    _check_ranks(cuts, shape, problems, warnings)
+    if problems:
+        raise PlanError(problems)
+    return Resolution(shape, cuts, warnings)
+
+
+def _check_layers(cuts: list[LayerCut], shape: ModelShape, problems: list[str], warnings: list[str]) -> None:
+    if cuts and all(c.dropped for c in cuts):
+        problems.append("steps: the plan drops every layer of the model")
+    for cut in cuts:
+        s = cut.shape
+        blame = cut.head_steps[-1] if cut.head_steps else f"layer {cut.index}"
+        if cut.dropped and (cut.heads or cut.neurons or cut.drop_attention or cut.drop_mlp or cut.low_rank):
+            warnings.append(f"layer {cut.index}: dropped, so its other cuts have no effect")
+        if cut.drop_attention and cut.heads:
+            warnings.append(f"layer {cut.index}: attention dropped, so its head cuts have no effect")
+        if cut.drop_mlp and cut.neurons:
+            warnings.append(f"layer {cut.index}: MLP dropped, so its neuron cuts have no effect")
+        if cut.attention_kept and cut.heads:
+            if not cut.kept_heads:
+                problems.append(
+                    f"{blame}: removes every query head of layer {cut.index}; use drop_attention instead"
+                )
+            else:
+                _check_gqa(cut, blame, problems)
+        if cut.mlp_kept and cut.neurons and not cut.kept_neurons:
+            problems.append(
+                f"{cut.neuron_steps[-1]}: removes every MLP neuron of layer {cut.index}; use drop_mlp instead"
+            )
+    if shape.scale_depends_on_layer_index and any(c.dropped for c in cuts):
+        # GPT-2's scale_attn_by_inverse_layer_idx: renumbered layers would get other attention scales
+        problems.append("steps: drop_layers is not supported with scale_attn_by_inverse_layer_idx")
+
+
+def _check_gqa(cut: LayerCut, blame: str, problems: list[str]) -> None:
+    """Every KV group that keeps any query head must keep the same number of them."""
+    g = cut.shape.group_size
+    kept_per_group = {grp: 0 for grp in range(cut.shape.kv_heads)}
+    for h in cut.kept_heads:
+        kept_per_group[h // g] += 1
+    counts = {grp: k for grp, k in kept_per_group.items() if k > 0}
+    if len(set(counts.values())) <= 1:
+        return
+    detail = ", ".join(f"group {grp} keeps {k}" for grp, k in counts.items())
+    target = min(counts.values())
+    fixes = ", ".join(f"{k - target} more from group {grp}" for grp, k in counts.items() if k > target)
+    problems.append(
+        f"{blame}: layer {cut.index} breaks the GQA rule ({detail} of {g} query heads); every kept KV group must "
+        f"keep the same number: remove {fixes}, or remove whole groups with prune_kv_groups"
+    )
+
+
+def _check_ranks(cuts: list[LayerCut], shape: ModelShape, problems: list[str], warnings: list[str]) -> None:
+    for cut in cuts:
+        for rel, rank in cut.low_rank.items():
+            at = f"steps[{cut.low_rank_steps[rel]}].rank"
+            if not cut._module_kept(rel) or cut.dropped:
+                warnings.append(f"{at}: layer {cut.index} {rel} is removed by another step; low_rank ignored")
+                continue
+            block, name = rel.split(".")
+            out_f, in_f = linear_dims(cut, "attn" if block == shape.spec.attn else "mlp", name, shape)
+            if rank > min(out_f, in_f):
+                problems.append(
+                    f"{at}: rank {rank} exceeds min(out, in) = {min(out_f, in_f)} of layer {cut.index} {name} "
+                    f"({out_f} x {in_f} after the plan's cuts)"
+                )
+            elif rank * (out_f + in_f) >= out_f * in_f:
+                warnings.append(
+                    f"{at}: rank {rank} does not reduce parameters of layer {cut.index} {name} "
+                    f"(break-even rank is {out_f * in_f // (out_f + in_f)})"
+                )
