@@ -30,8 +30,12 @@ def validate_plan(plan: Plan, model_or_config) -> Resolution:
     return resolve_plan(plan, shape_from_config(cfg))
 
 
-def apply_layer_cut(layer: nn.Module, cut: LayerCut, spec, position: int) -> None:
-    """Apply one layer's cuts in place. `position` is the layer's index in the model being edited."""
+def apply_layer_cut(layer: nn.Module, cut: LayerCut, spec, position: int, factorize: bool = True) -> None:
+    """Apply one layer's cuts in place. `position` is the layer's index in the model being edited.
+
+    `factorize=False` puts uninitialised low-rank modules in place instead of running the SVD (for meta-device
+    previews that only need shapes).
+    """
     s = cut.shape
     if s.has_attention:
         if cut.drop_attention:
@@ -46,18 +50,20 @@ def apply_layer_cut(layer: nn.Module, cut: LayerCut, spec, position: int) -> Non
             ops.prune_mlp_neurons(ops.get_module(layer, spec.mlp), spec, cut.kept_neurons, s.mlp)
     for rel, rank in sorted(cut.low_rank.items()):
         if cut._module_kept(rel):
-            ops.low_rank(layer, rel, rank, spec.conv1d)
+            (ops.low_rank if factorize else ops.empty_low_rank)(layer, rel, rank, spec.conv1d)
 
 
 @torch.no_grad()
-def apply_resolution(model: nn.Module, resolution: Resolution, progress: Progress | None = None) -> nn.Module:
+def apply_resolution(
+    model: nn.Module, resolution: Resolution, progress: Progress | None = None, factorize: bool = True
+) -> nn.Module:
     """Apply a Resolution to `model` in place and return it. The model must be the one it was resolved against."""
     spec = resolution.shape.spec
     layers = ops.get_module(model, spec.layers)
     total = len(resolution.layers)
     for cut in resolution.layers:
         if not cut.dropped and cut.changed:
-            apply_layer_cut(layers[cut.index], cut, spec, cut.index)
+            apply_layer_cut(layers[cut.index], cut, spec, cut.index, factorize)
         if progress:
             progress(cut.index + 1, total, "layers")
     kept = [cut.index for cut in resolution.kept_layers]
@@ -68,7 +74,8 @@ def apply_resolution(model: nn.Module, resolution: Resolution, progress: Progres
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
-    rewrite_config(model, resolution.shape, resolution.result_shapes(), kept)
+    if factorize:  # a shapes-only preview does not need a truthful config (and plain_builds_same costs a build)
+        rewrite_config(model, resolution.shape, resolution.result_shapes(), kept)
     return model
 
 

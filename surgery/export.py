@@ -44,6 +44,8 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create {out}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {parent}: permission denied")
 
@@ -75,7 +77,8 @@ def save_model_dir(
 ) -> Path:
     """Save `model` (+ tokenizer, + manifest) to `out` atomically; returns `out`.
 
-    The manifest gets `output.fingerprint` (sha256 of the written safetensors) and `output.loadable_with` filled in.
+    The manifest dict gets `output.fingerprint` (sha256 of the written safetensors) and `output.loadable_with`
+    filled in, in place.
     """
     from surgery.fingerprint import weights_fingerprint
 
@@ -90,8 +93,10 @@ def save_model_dir(
             tokenizer.save_pretrained(tmp)
         if manifest is not None:
             cfg = json.loads((tmp / "config.json").read_text())
-            output = {"fingerprint": weights_fingerprint(tmp), "loadable_with": loadable_with(cfg)}
-            manifest = {**manifest, "output": {**manifest.get("output", {}), **output}}
+            # filled in place so the caller's dict describes what was written
+            manifest.setdefault("output", {}).update(
+                fingerprint=weights_fingerprint(tmp), loadable_with=loadable_with(cfg)
+            )
             write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _fsync_dir(tmp)
         _swap_into_place(tmp, out)

@@ -28,12 +28,15 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 def weight_files(directory: Path) -> list[Path]:
     """The files whose bytes define a HF directory's weights, in fingerprint order (sorted by name).
 
-    Safetensors files when there are any, else pickled checkpoints (*.bin, *.pt, *.pth).
+    Safetensors files when there are any, else pickled checkpoints: pytorch_model*.bin when present (so that
+    training_args.bin and friends are left out), else every *.bin, *.pt and *.pth.
     """
-    files = sorted((p for p in directory.iterdir() if p.is_file() and p.suffix == ".safetensors"), key=lambda p: p.name)
-    if not files:
-        files = sorted((p for p in directory.iterdir() if p.is_file() and p.suffix in _PICKLE_SUFFIXES), key=lambda p: p.name)
-    return files
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    if safetensors:
+        return safetensors
+    pickles = [p for p in files if p.suffix in _PICKLE_SUFFIXES]
+    return [p for p in pickles if p.name.startswith("pytorch_model")] or pickles
 
 
 def _hash_file(h: hashlib._Hash, path: Path) -> None:

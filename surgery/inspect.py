@@ -21,8 +21,9 @@ import dataclasses
 import json
 import math
 import mmap
-import os
 import struct
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -569,9 +570,13 @@ def inspect_model(path: Path | str, *, context: int = 2048) -> ModelReport:
             params_outside_layers += info.numel
     if sorted(per_layer) != list(range(shape.num_layers)):
         found = f"layers 0..{max(per_layer)}" if per_layer else "no layers"
-        raise SourceError(f"{where_file}: tensors hold {found} ({len(per_layer)}) but the config has {shape.num_layers}")
+        raise SourceError(
+            f"{where_file}: tensors hold {found} ({len(per_layer)} layers) but the config has {shape.num_layers}"
+        )
 
-    embed = tensors.get(f"{spec.embed}.weight")
+    embed, lm_head = tensors.get(f"{spec.embed}.weight"), tensors.get(f"{spec.lm_head}.weight")
+    if embed is None and shape.tied_embeddings:  # the one tied copy was saved under the head's name
+        embed, lm_head = lm_head, None
     if embed is None or len(embed.shape) != 2:
         raise SourceError(f"{where_file}: no {spec.embed}.weight matrix")
     if embed.shape != (shape.vocab, shape.hidden):
@@ -579,7 +584,6 @@ def inspect_model(path: Path | str, *, context: int = 2048) -> ModelReport:
             f"{where_file}: {spec.embed}.weight is {list(embed.shape)} but the config says "
             f"vocab {shape.vocab} x hidden {shape.hidden}"
         )
-    lm_head = tensors.get(f"{spec.lm_head}.weight")
     if lm_head is None and not shape.tied_embeddings:
         raise SourceError(f"{where_file}: embeddings are not tied but there is no {spec.lm_head}.weight")
     params_embedding = embed.numel
@@ -667,3 +671,23 @@ __all__ = [
     "read_gguf_header",
     "read_safetensors_header",
 ]
+
+
+def inspect_source(source: str, *, context: int = 2048, **resolve_kwargs) -> ModelReport:
+    """`inspect_model` for anything a user can name: a .gguf is read directly, the rest is resolved first
+    (the demo alias is fetched on first use)."""
+    if str(source).lower().endswith(".gguf") and Path(source).is_file():
+        return inspect_model(source, context=context)
+    from surgery.sources import resolve_source
+
+    return inspect_model(resolve_source(source, **resolve_kwargs).path, context=context)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `surgery.inspect(source)` work although `surgery.inspect` is also this module's name."""
+
+    def __call__(self, source: str, **kwargs) -> ModelReport:
+        return inspect_source(source, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

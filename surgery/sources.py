@@ -66,24 +66,34 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json and friends), as a dict.
+
+    Raises:
+        SourceError: It is missing, unreadable, not JSON, or not a JSON object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"no such file or directory: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"cannot read {path} ({_first_line(e)})") from None
+    except json.JSONDecodeError as e:
+        raise SourceError(f"corrupt JSON in {path} (line {e.lineno} column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"corrupt JSON in {path} (expected an object, got {type(data).__name__})")
+    return data
+
+
 def read_config_file(directory: Path) -> dict:
     """config.json of `directory` as a dict.
 
     Raises:
-        SourceError: It is missing, not JSON, or not a JSON object.
+        SourceError: It is missing ("not a model directory"), unreadable or corrupt.
     """
-    cfg = directory / "config.json"
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SourceError(f"not a model directory: {directory} (no config.json)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"cannot read {cfg} ({_first_line(e)})") from None
-    except json.JSONDecodeError as e:
-        raise SourceError(f"corrupt config.json: {cfg} (line {e.lineno} column {e.colno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise SourceError(f"corrupt config.json: {cfg} (expected a JSON object)")
-    return data
+    if not (directory / "config.json").is_file():
+        raise SourceError(f"not a model directory: {directory} (no config.json)")
+    return read_json_object(directory / "config.json")
 
 
 def _check_hf_dir(directory: Path, *, allow_pickle: bool) -> bool:
@@ -137,7 +147,7 @@ def check_gguf(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
+def quiet_progress_bars() -> Iterator[None]:
     """Silence transformers' tqdm bars: a library must not draw into its caller's terminal (or TUI)."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
@@ -178,17 +188,24 @@ def convert_gguf(gguf_path: Path, target: Path, *, progress: Progress = None) ->
     check_gguf(gguf_path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import is_accelerate_available
+
+    if not is_accelerate_available():  # transformers' GGUF loader insists on it
+        raise SourceError(f"converting {gguf_path.name} needs the accelerate package: pip install accelerate")
 
     if progress:
         progress(f"converting {gguf_path.name} to a safetensors directory (once)")
-    with _quiet_progress_bars(), building_dir(target) as tmp:
+    with quiet_progress_bars(), building_dir(target) as tmp:
         try:
-            gguf_model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            gguf_model, info = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
             )
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError, IndexError) as e:
             raise SourceError(f"cannot load GGUF file with transformers: {gguf_path} ({_first_line(e)})") from None
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:  # transformers would fill them with random values and only warn
+            raise SourceError(f"GGUF file lacks {len(missing)} tensor(s): {gguf_path} (e.g. {missing[0]})")
         # KNOWN_TRAPS 1: rebuild a plain model from the config minus quantization_config, copy the weights in.
         cfg = gguf_model.config.to_dict()
         cfg.pop("quantization_config", None)
@@ -230,7 +247,7 @@ def _resolve_gguf(path: Path, progress: Progress) -> Path:
 # ----------------------------------------------------------------------------------------------------- hub ----
 
 
-def _resolve_hub(repo_id: str, *, allow_pickle: bool, trust_remote_code: bool) -> Path:
+def _resolve_hub(repo_id: str, *, allow_pickle: bool, trust_remote_code: bool, progress: Progress) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -239,6 +256,8 @@ def _resolve_hub(repo_id: str, *, allow_pickle: bool, trust_remote_code: bool) -
         patterns += ["*.bin", "pytorch_model.bin.index.json"]
     if trust_remote_code:
         patterns += ["*.py"]
+    if progress:
+        progress(f"fetching {repo_id} from the Hugging Face Hub (cached after the first time)")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError:
@@ -297,7 +316,12 @@ def resolve_source(
     if path.exists():
         raise SourceError(f"not a model source: {text} (expected a model directory or a .gguf file)")
     if _HUB_ID.match(text):
-        directory = _resolve_hub(text, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        directory = _resolve_hub(
+            text, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
+        )
+        if not allow_pickle and not any(directory.glob("*.safetensors")):
+            # Only safetensors were downloaded: the repo may still have pickles the user could opt into.
+            raise SourceError(f"{text} has no safetensors weights on the Hub (pickles need --allow-pickle)")
         pickled = _check_hf_dir(directory, allow_pickle=allow_pickle)
         return ResolvedSource("hub", directory, text, None, pickled)
     raise SourceError(f"no such file or directory: {text}")

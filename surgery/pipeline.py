@@ -1,0 +1,179 @@
+"""End-to-end library calls behind `workbench plan validate` and `workbench apply` (no UI here).
+
+validate: plan + source -> Resolution, fingerprint check, parameter counts before/after (from a model built on the
+meta device, so it reads no weights and costs no memory). apply: the same checks first, then load, cut, save.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgery.apply import apply_resolution
+from surgery.errors import FingerprintMismatch, UserError
+from surgery.export import check_output_dir, save_model_dir
+from surgery.plan import Plan
+from surgery.resolve import Resolution, resolve_plan
+from surgery.shapes import shape_from_config
+from surgery.sources import ResolvedSource, resolve_source
+
+Progress = Callable[[str], None]
+__version__ = "0.1.0"
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every manifest."""
+    import transformers
+
+    return {
+        "workbench": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def source_fingerprint(resolved: ResolvedSource) -> str:
+    """Fingerprint of the weights the user named: the .gguf file itself for GGUF sources, else the safetensors."""
+    from surgery.fingerprint import weights_fingerprint
+
+    return weights_fingerprint(resolved.gguf_file or resolved.path)
+
+
+@dataclass
+class Validation:
+    """What `validate_for_source` found."""
+
+    resolution: Resolution
+    resolved: ResolvedSource
+    fingerprint: str
+    fingerprint_ok: bool | None  # None: the plan names no fingerprint
+    params_before: int
+    params_after: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1 - self.params_after / self.params_before if self.params_before else 0.0
+
+
+def _meta_model(config_dict: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_params(model) -> int:
+    """Parameters, a tied embedding counted once (parameters() yields shared tensors once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def params_before_after(config_dict: dict, resolution: Resolution) -> tuple[int, int]:
+    """Exact parameter counts before and after, by applying the resolution to a meta-device model."""
+    from surgery.export import restructure_to_config
+
+    model = _meta_model(config_dict)
+    if config_dict.get("surgery_layers"):
+        restructure_to_config(model, config_dict)
+    before = count_params(model)
+    apply_resolution(model, resolution, factorize=False)
+    return before, count_params(model)
+
+
+def pick_source(plan: Plan, model: str | None) -> str:
+    """--model wins; else the plan's own model block; else a clear error."""
+    if model:
+        return model
+    if plan.model is not None:
+        return plan.model.source
+    raise UserError("the plan names no model: pass --model SOURCE")
+
+
+def validate_for_source(
+    plan: Plan,
+    model: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> Validation:
+    """Resolve the source, validate the plan against its config, check the fingerprint; reads no weights."""
+    from surgery.loading import read_config
+
+    resolved = resolve_source(
+        pick_source(plan, model), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
+    )
+    config_dict = read_config(resolved)
+    resolution = resolve_plan(plan, shape_from_config(config_dict))
+    if progress:
+        progress("fingerprinting weights")
+    fingerprint = source_fingerprint(resolved)
+    expected = plan.model.fingerprint if plan.model else None
+    ok = None if not expected else expected == fingerprint
+    before, after = params_before_after(config_dict, resolution)
+    return Validation(resolution, resolved, fingerprint, ok, before, after, list(resolution.warnings))
+
+
+@dataclass
+class ApplyResult:
+    out: Path
+    validation: Validation
+    manifest: dict
+
+
+def apply_to_source(
+    plan: Plan,
+    out: str | Path,
+    model: str | None = None,
+    *,
+    force: bool = False,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> ApplyResult:
+    """Validate, then load the model, apply the plan and write `out` atomically with its manifest.
+
+    Raises:
+        FingerprintMismatch: the plan was made for other weights (unless `force`).
+        PlanError / SourceError / UserError: bad input, found before any weight is read or anything written.
+    """
+    from surgery.loading import load_model
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    v = validate_for_source(plan, model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                            progress=progress)
+    if v.fingerprint_ok is False and not force:
+        raise FingerprintMismatch(
+            f"the plan was made for weights {plan.model.fingerprint[:19]}... but {v.resolved.original} has "
+            f"{v.fingerprint[:19]}... (pass --force to apply anyway)"
+        )
+    if progress:
+        progress("loading weights")
+    loaded = load_model(v.resolved, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if progress:
+        progress("applying plan")
+    apply_resolution(loaded.model, v.resolution)
+    manifest = {
+        "version": 1,
+        "plan": plan.model_dump(mode="json", exclude_none=True),
+        "input": {"source": v.resolved.original, "kind": v.resolved.kind, "fingerprint": v.fingerprint},
+        "params": {"before": v.params_before, "after": count_params(loaded.model)},
+        "warnings": v.warnings,
+        "forced": bool(force and v.fingerprint_ok is False),
+        "versions": versions(),
+        "command": " ".join(sys.argv[:1] + sys.argv[1:]) if sys.argv else "",
+    }
+    if progress:
+        progress("writing output")
+    save_model_dir(loaded.model, out, tokenizer=loaded.tokenizer, manifest=manifest, overwrite=overwrite)
+    return ApplyResult(out, v, manifest)

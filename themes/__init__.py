@@ -1,0 +1,1 @@
+"""Textual themes for the workbench app (lands with the TUI issue)."""

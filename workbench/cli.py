@@ -1,0 +1,76 @@
+"""The `workbench` command. Known errors become one line on stderr and exit code 2; bugs exit 1.
+
+Set WORKBENCH_DEBUG=1 to see the traceback of any error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+import typer
+
+from surgery.errors import PlanError, UserError
+from workbench.commands import apply as apply_cmd
+from workbench.commands import inspect as inspect_cmd
+from workbench.commands import models as models_cmd
+from workbench.commands import plan as plan_cmd
+
+app = typer.Typer(
+    name="workbench",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Model-surgery workbench: inspect, prune, distill and compare Hugging Face causal LMs.",
+)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("apply")(apply_cmd.apply)
+app.add_typer(plan_cmd.app, name="plan")
+app.add_typer(models_cmd.app, name="models")
+
+
+def _debug() -> bool:
+    return os.environ.get("WORKBENCH_DEBUG", "") not in ("", "0")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` and return the exit code (tests call this; `main` exits with it)."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="workbench", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except PlanError as exc:
+        if _debug():
+            traceback.print_exc()
+        # one line per problem: "every problem at once" is the point of validation
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        if _debug():
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        if _debug():
+            traceback.print_exc()
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(f"internal error: {type(exc).__name__}: {first} (WORKBENCH_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)
+        return 1
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())

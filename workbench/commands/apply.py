@@ -1,0 +1,59 @@
+"""`workbench apply PLAN --out DIR`: replay a plan headlessly and write an HF-format directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from surgery.plan import load_plan
+from workbench.cli_common import (
+    AllowPickleOpt,
+    JsonOpt,
+    ModelOpt,
+    TrustRemoteCodeOpt,
+    err,
+    fmt_int,
+    out,
+    print_json,
+    status,
+)
+
+
+def apply(
+    plan_file: Annotated[Path, typer.Argument(help="Plan file (JSON).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")],
+    model: ModelOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Apply even if the plan was made for other weights.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")] = "auto",
+    json_out: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> None:
+    """Apply a plan to a model and save the result (config, safetensors, tokenizer, surgery.json manifest)."""
+    from surgery.pipeline import apply_to_source  # torch/transformers: imported only when needed
+
+    plan = load_plan(plan_file)
+    start = time.perf_counter()
+    with status(not json_out) as progress:
+        result = apply_to_source(plan, out_dir, model, force=force, overwrite=overwrite, dtype=dtype,
+                                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+    seconds = time.perf_counter() - start
+    m = result.manifest
+    if json_out:
+        print_json({**m, "out": str(result.out), "seconds": round(seconds, 3)})
+        return
+    for w in result.validation.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    before, after = m["params"]["before"], m["params"]["after"]
+    loader = m["output"]["loadable_with"]
+    how = (
+        "AutoModelForCausalLM.from_pretrained(DIR)" if loader == "transformers" else "surgery.load(DIR)"
+    )
+    out.print(
+        f"[green]wrote[/] {result.out}: params {fmt_int(before)} -> {fmt_int(after)} "
+        f"({1 - after / before:.1%} removed) in {seconds:.1f}s; load with {how}"
+    )

@@ -1,0 +1,80 @@
+"""`workbench plan ...`: validate a plan against a model, print the plan file's JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from surgery.errors import PlanError
+from surgery.plan import load_plan, plan_json_schema
+from workbench.cli_common import (
+    AllowPickleOpt,
+    JsonOpt,
+    ModelOpt,
+    TrustRemoteCodeOpt,
+    err,
+    fmt_int,
+    out,
+    print_json,
+    status,
+)
+
+app = typer.Typer(no_args_is_help=True, help="Plan files: validate, schema.")
+
+PlanArg = Annotated[Path, typer.Argument(help="Plan file (JSON).")]
+
+
+def summary(v) -> dict:
+    """Machine-readable summary of a validation."""
+    shapes = v.resolution.result_shapes()
+    return {
+        "valid": v.fingerprint_ok is not False,
+        "model": v.resolved.original,
+        "fingerprint": v.fingerprint,
+        "fingerprint_matches": v.fingerprint_ok,
+        "layers_after": len(shapes),
+        "params_before": v.params_before,
+        "params_after": v.params_after,
+        "removed_fraction": round(v.removed_fraction, 6),
+        "warnings": v.warnings,
+    }
+
+
+@app.command("validate")
+def validate(
+    plan_file: PlanArg,
+    model: ModelOpt = None,
+    json_out: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> None:
+    """Check a plan against a model without reading its weights; every problem is reported at once."""
+    from surgery.pipeline import validate_for_source  # torch/transformers: imported only when needed
+
+    plan = load_plan(plan_file)
+    with status(not json_out) as progress:
+        v = validate_for_source(plan, model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                progress=progress)
+    if v.fingerprint_ok is False:
+        raise PlanError([
+            f"model.fingerprint: the plan was made for {plan.model.fingerprint[:19]}... but "
+            f"{v.resolved.original} has {v.fingerprint[:19]}... (apply with --force to override)"
+        ])
+    if json_out:
+        print_json(summary(v))
+        return
+    for w in v.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    out.print(
+        f"[green]valid[/]: {len(plan.steps)} step(s) on {v.resolved.original}; params {fmt_int(v.params_before)} -> "
+        f"{fmt_int(v.params_after)} ({v.removed_fraction:.1%} removed), {len(v.resolution.result_shapes())} layers"
+    )
+
+
+@app.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of plan files."""
+    print(json.dumps(plan_json_schema(), indent=2, sort_keys=True))
