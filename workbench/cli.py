@@ -14,9 +14,15 @@ import typer
 
 from surgery.errors import PlanError, UserError
 from workbench.commands import apply as apply_cmd
+from workbench.commands import compare as compare_cmd
+from workbench.commands import evaluate as evaluate_cmd
 from workbench.commands import inspect as inspect_cmd
+from workbench.commands import jobs as jobs_cmd
 from workbench.commands import models as models_cmd
 from workbench.commands import plan as plan_cmd
+from workbench.commands import score as score_cmd
+from workbench.commands import sessions as sessions_cmd
+from workbench.commands import suggest as suggest_cmd
 
 app = typer.Typer(
     name="workbench",
@@ -26,7 +32,15 @@ app = typer.Typer(
     help="Model-surgery workbench: inspect, prune, distill and compare Hugging Face causal LMs.",
 )
 app.command("inspect")(inspect_cmd.inspect)
+app.command("score")(score_cmd.score)
+plan_cmd.app.command("suggest")(suggest_cmd.suggest)
 app.command("apply")(apply_cmd.apply)
+app.command("eval")(evaluate_cmd.evaluate)
+app.command("compare")(compare_cmd.compare)
+app.command("distill")(jobs_cmd.distill)
+app.add_typer(jobs_cmd.app, name="jobs")
+app.command("open")(sessions_cmd.open_session)
+app.add_typer(sessions_cmd.app, name="sessions")
 app.add_typer(plan_cmd.app, name="plan")
 app.add_typer(models_cmd.app, name="models")
 
