@@ -148,3 +148,18 @@ def test_apply_does_not_touch_a_deep_copy(tmp_path):
     twin = copy.deepcopy(model)
     apply_plan(model, parse_plan({"version": 1, "steps": _nonuniform_steps("llama")}))
     assert twin.config.num_hidden_layers == 3 and len(twin.model.layers) == 3
+
+
+@pytest.mark.parametrize("steps", [_uniform_steps("llama"), _nonuniform_steps("llama")], ids=["plain", "surgery"])
+def test_sharded_output_loads(tmp_path, steps):
+    pruned = _pruned("llama", steps)
+    save_model_dir(pruned, tmp_path / "out", max_shard_size="40KB", manifest={"version": 1})
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    x = tokens()
+    if "surgery_layers" in (tmp_path / "out" / "config.json").read_text():
+        reloaded = load_surgery_checkpoint(tmp_path / "out")
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, pruned(x).logits, atol=1e-5, rtol=0)
