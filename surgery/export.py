@@ -88,8 +88,11 @@ def save_model_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out)
     tmp = _tmp_sibling(out)
+    from surgery.sources import quiet_progress_bars
+
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        with quiet_progress_bars():
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # fsync (disk-bound) runs beside the output fingerprint (CPU-bound, reads the page cache): same safety,

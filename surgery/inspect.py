@@ -487,7 +487,7 @@ def _check_against_config(where: str, got: LayerShape, want: LayerShape) -> None
             raise SourceError(f"{where}: tensors give {what} {tensor_value} but config.json says {config_value}")
 
 
-def _attention_span(cfg: dict, index: int, num_layers: int, context: int) -> int:
+def attention_span(cfg: dict, index: int, num_layers: int, context: int) -> int:
     """Tokens one query attends to: `context`, or the sliding window for Gemma-3-style sliding layers."""
     types, window = cfg.get("layer_types"), cfg.get("sliding_window")
     if window and isinstance(types, list) and len(types) == num_layers and types[index] == "sliding_attention":
@@ -616,7 +616,7 @@ def inspect_model(path: Path | str, *, context: int = 2048) -> ModelReport:
             part = "attn" if name.startswith(attn_prefix) else "mlp" if name.startswith(mlp_prefix) else "norms"
             counts[part] += info.numel
         macs = sum(lin.macs for lin in (*attn_linears.values(), *mlp_linears.values()))
-        span = _attention_span(cfg, i, shape.num_layers, context)
+        span = attention_span(cfg, i, shape.num_layers, context)
         layer_reports.append(
             LayerReport(
                 index=i,

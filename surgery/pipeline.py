@@ -62,29 +62,12 @@ class Validation:
         return 1 - self.params_after / self.params_before if self.params_before else 0.0
 
 
-def _meta_model(config_dict: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**config_dict)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def count_params(model) -> int:
-    """Parameters, a tied embedding counted once (parameters() yields shared tensors once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def params_before_after(config_dict: dict, resolution: Resolution) -> tuple[int, int]:
-    """Exact parameter counts before and after, by applying the resolution to a meta-device model."""
-    from surgery.export import restructure_to_config
+    """Exact parameter counts before and after, from a meta-device model (see surgery.estimate)."""
+    from surgery.estimate import estimate
 
-    model = _meta_model(config_dict)
-    if config_dict.get("surgery_layers"):
-        restructure_to_config(model, config_dict)
-    before = count_params(model)
-    apply_resolution(model, resolution, factorize=False)
-    return before, count_params(model)
+    e = estimate(config_dict, resolution)
+    return e.params_before, e.params_after
 
 
 def pick_source(plan: Plan, model: str | None) -> str:
@@ -119,6 +102,13 @@ def validate_for_source(
     ok = None if not expected else expected == fingerprint
     before, after = params_before_after(config_dict, resolution)
     return Validation(resolution, resolved, fingerprint, ok, before, after, list(resolution.warnings))
+
+
+def count_params(model) -> int:
+    """Parameters, a tied embedding counted once."""
+    from surgery.estimate import count_params as count
+
+    return count(model)
 
 
 @dataclass
