@@ -26,11 +26,23 @@ from workbench.commands import suggest as suggest_cmd
 
 app = typer.Typer(
     name="workbench",
-    no_args_is_help=True,
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     help="Model-surgery workbench: inspect, prune, distill and compare Hugging Face causal LMs.",
 )
+@app.callback()
+def root(ctx: typer.Context) -> None:
+    """Model-surgery workbench: inspect, prune, distill and compare Hugging Face causal LMs.
+
+    With no command, opens the Textual workbench on the demo model (SmolLM2-135M-Instruct).
+    """
+    if ctx.invoked_subcommand is None:
+        from workbench.app import WorkbenchApp
+
+        WorkbenchApp("smollm2-135m").run()
+
+
 app.command("inspect")(inspect_cmd.inspect)
 app.command("score")(score_cmd.score)
 plan_cmd.app.command("suggest")(suggest_cmd.suggest)

@@ -1,0 +1,360 @@
+"""The Textual workbench: open a model, see it layer by layer, mark, plan, apply - keyboard first, over SSH.
+
+Nothing heavy runs on the UI thread: resolving/inspecting the source, loading weights, estimating totals and applying
+run in thread workers whose results come back as Messages (workbench/messages.py). One `Worker.StateChanged`
+handler turns worker failures into notifications.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.worker import Worker, WorkerState
+
+from surgery.errors import PlanError, UserError
+from themes import DEFAULT_THEME, THEMES
+from workbench.editor import PlanEditor
+from workbench.messages import EstimateReady, MarksChanged, ModelInspected, ScoresReady, StatusText, WeightsLoaded
+from workbench.screens.help import HelpScreen, binding_rows
+from workbench.screens.layer import LayerScreen
+from workbench.screens.model import ModelScreen
+from workbench.screens.plan import PlanScreen
+from workbench.screens.prompt import PromptScreen
+from workbench.scores_view import HEAD_METRICS, LAYER_METRICS, NEURON_METRICS, ScoreView
+
+
+class WorkbenchApp(App):
+    """The workbench. `source` is anything `surgery.sources.resolve_source` accepts."""
+
+    TITLE = "workbench"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [
+        Binding("question_mark", "help", "help", id="app.help"),
+        Binding("p", "plan", "plan", id="app.plan"),
+        Binding("u,ctrl+z", "undo", "undo", id="app.undo"),
+        Binding("U,ctrl+y", "redo", "redo", id="app.redo"),
+        Binding("t", "next_metric", "metric", id="app.next_metric"),
+        Binding("L", "mark_lowest", "mark lowest %", id="app.mark_lowest"),
+        Binding("o", "load_scores", "load scores", show=False, id="app.load_scores"),
+        Binding("w", "save_plan", "save plan", show=False, id="app.save_plan"),
+        Binding("q", "quit", "quit", id="app.quit"),
+    ]
+
+    def __init__(self, source: str, *, scores: str | None = None, load_weights: bool = True,
+                 on_plan_commit: Callable | None = None, initial_plan=None) -> None:
+        super().__init__()
+        self.source = source
+        self.scores_path = scores
+        self.load_weights = load_weights
+        self.on_plan_commit = on_plan_commit
+        self.initial_plan = initial_plan
+        self.report = None
+        self.config_dict: dict = {}
+        self.model_path: str = ""
+        self.editor: PlanEditor | None = None
+        self.scores: ScoreView | None = None
+        self.loaded = None
+        self.metrics = {"head": None, "neuron": None, "layer": None}
+        self.applying = False
+        self.started = time.perf_counter()
+        self.first_paint: float | None = None
+
+    # ------------------------------------------------------------------------------------------- start-up
+    def on_mount(self) -> None:
+        for theme in THEMES:
+            self.register_theme(theme)
+        self.theme = DEFAULT_THEME
+        self.sub_title = self.source
+        self.push_screen(ModelScreen())
+        self.inspect_source()
+
+    @work(thread=True, exclusive=True, group="inspect", exit_on_error=False, description="reading model headers")
+    def inspect_source(self) -> None:
+        from surgery.inspect import inspect_model
+        from surgery.loading import read_config
+        from surgery.sources import resolve_source
+
+        self.post_message(StatusText("model", "resolving"))
+        resolved = resolve_source(self.source)
+        report = inspect_model(resolved.path)
+        self.post_message(ModelInspected(report, read_config(resolved), str(resolved.path)))
+
+    def on_model_inspected(self, message: ModelInspected) -> None:
+        from surgery.shapes import shape_from_config
+
+        self.report, self.config_dict, self.model_path = message.report, message.config, message.path
+        self.editor = PlanEditor(shape_from_config(message.config), self.initial_plan, on_commit=self._committed)
+        self.set_status("model", "")
+        self.totals.source = self.source
+        self.refresh_views()
+        self.first_paint = time.perf_counter() - self.started
+        self.estimate_totals()
+        self.fingerprint_source()
+        if self.scores_path:
+            self.read_scores(self.scores_path)
+        if self.load_weights:
+            self.load_model_weights()
+
+    @work(thread=True, exclusive=True, group="fingerprint", exit_on_error=False, description="fingerprinting")
+    def fingerprint_source(self) -> None:
+        from surgery.fingerprint import weights_fingerprint
+
+        fp = weights_fingerprint(Path(self.model_path))
+        self.call_from_thread(setattr, self.totals, "fingerprint", fp)
+
+    @work(thread=True, exclusive=True, group="weights", exit_on_error=False, description="loading weights")
+    def load_model_weights(self) -> None:
+        from surgery.loading import load_model
+
+        self.post_message(StatusText("weights", "loading…"))
+        self.post_message(WeightsLoaded(load_model(self.model_path)))
+
+    def on_weights_loaded(self, message: WeightsLoaded) -> None:
+        self.loaded = message.loaded
+        self.set_status("weights", "ready")
+
+    # -------------------------------------------------------------------------------------------- editing
+    @property
+    def totals(self):
+        from workbench.widgets.totals import TotalsBar
+
+        return self.screen_stack[1].query_one(TotalsBar) if len(self.screen_stack) > 1 else TotalsBar()
+
+    def set_status(self, key: str, text: str) -> None:
+        if len(self.screen_stack) > 1:
+            self.totals.set_status(key, text)
+
+    def on_status_text(self, message: StatusText) -> None:
+        self.set_status(message.key, message.text)
+
+    def edit(self, change: Callable[[PlanEditor], object]) -> bool:
+        """Run one editor change; an illegal mark is refused on the spot with the resolver's reason."""
+        if self.editor is None:
+            self.notify("the model is still opening", severity="warning")
+            return False
+        try:
+            change(self.editor)
+        except PlanError as exc:
+            self.notify(exc.problems[0].split(": ", 1)[-1], title="refused", severity="error", timeout=6)
+            return False
+        return True
+
+    def _committed(self, description: str, plan) -> None:
+        if self.on_plan_commit:
+            self.on_plan_commit(description, plan)
+        self.post_message(MarksChanged(description))
+
+    def on_marks_changed(self, message: MarksChanged) -> None:
+        self.refresh_views()
+        self.estimate_totals()
+
+    @work(thread=True, exclusive=True, group="estimate", exit_on_error=False, description="estimating totals")
+    def estimate_totals(self) -> None:
+        from surgery.estimate import estimate
+
+        self.post_message(EstimateReady(estimate(self.config_dict, self.editor.resolution)))
+
+    def on_estimate_ready(self, message: EstimateReady) -> None:
+        if len(self.screen_stack) > 1:
+            self.totals.estimate = message.estimate
+
+    def refresh_views(self) -> None:
+        for screen in self.screen_stack:
+            refresh = getattr(screen, "refresh_table", None) or getattr(screen, "refresh_view", None)
+            if refresh and screen.is_mounted:
+                refresh()
+
+    # -------------------------------------------------------------------------------------------- scores
+    @work(thread=True, exclusive=True, group="scores", exit_on_error=False, description="reading scores")
+    def read_scores(self, path: str) -> None:
+        self.post_message(ScoresReady(ScoreView.from_file(path, self.editor.shape.spec)))
+
+    def on_scores_ready(self, message: ScoresReady) -> None:
+        self.scores = message.scores
+        for kind, candidates in (("head", HEAD_METRICS), ("neuron", NEURON_METRICS), ("layer", LAYER_METRICS)):
+            self.metrics[kind] = self.scores.first_available(candidates)
+        self.notify(f"scores: {', '.join(self.scores.metrics())}")
+        self.refresh_views()
+
+    def metric_for(self, kind: str) -> str | None:
+        return self.metrics.get(kind)
+
+    def layer_importance(self) -> list[float]:
+        metric = self.metrics.get("layer")
+        return (self.scores.layer(metric) or []) if self.scores and metric else []
+
+    def linear_names(self) -> list[str]:
+        spec = self.editor.shape.spec
+        return [f"{spec.attn}.{n}" for n in spec.attn_linears] + [f"{spec.mlp}.{n}" for n in spec.mlp_linears]
+
+    # ------------------------------------------------------------------------------------------- actions
+    def open_layer(self, layer: int) -> None:
+        if self.editor is not None and 0 <= layer < len(self.editor.layers):
+            self.push_screen(LayerScreen(layer))
+
+    def action_help(self) -> None:
+        sections = {"everywhere": binding_rows(self.BINDINGS)}
+        screen = self.screen
+        if not isinstance(screen, HelpScreen):
+            sections[type(screen).__name__.replace("Screen", " screen")] = binding_rows(screen.BINDINGS)
+            for widget in screen.query("*"):
+                rows = binding_rows(getattr(widget, "BINDINGS", []))
+                if rows and type(widget).__module__.startswith("workbench"):
+                    sections[type(widget).__name__] = rows
+        self.push_screen(HelpScreen(sections))
+
+    def action_plan(self) -> None:
+        if self.editor is not None and not isinstance(self.screen, PlanScreen):
+            self.push_screen(PlanScreen())
+
+    def action_undo(self) -> None:
+        if self.editor is not None and not self.editor.undo():
+            self.notify("nothing to undo")
+
+    def action_redo(self) -> None:
+        if self.editor is not None and not self.editor.redo():
+            self.notify("nothing to redo")
+
+    def action_next_metric(self) -> None:
+        if not self.scores:
+            self.notify("no scores loaded (o: load a score file)", severity="warning")
+            return
+        have = self.scores.metrics()
+        for kind, candidates in (("head", HEAD_METRICS), ("neuron", NEURON_METRICS)):
+            options = [m for m in candidates if m in have]
+            if options and self.metrics[kind] in options:
+                self.metrics[kind] = options[(options.index(self.metrics[kind]) + 1) % len(options)]
+        self.notify(f"metric: heads {self.metrics['head']}, neurons {self.metrics['neuron']}")
+        self.refresh_views()
+
+    def action_load_scores(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                self.read_scores(path)
+
+        self.push_screen(PromptScreen("Score file (safetensors):", self.scores_path or "scores.safetensors"), done)
+
+    def action_save_plan(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                plan = self.editor.plan()
+                plan.save(path)
+                self.notify(f"saved {len(plan.steps)} op(s) to {path}")
+
+        self.push_screen(PromptScreen("Save plan as:", "plan.json"), done)
+
+    def action_validate_plan(self) -> None:
+        res = self.editor.resolution
+        text = "valid" + (f"; warnings: {'; '.join(res.warnings)}" if res.warnings else "")
+        self.notify(text, title="plan", severity="warning" if res.warnings else "information")
+
+    def action_apply_plan(self) -> None:
+        def done(out: str | None) -> None:
+            if out:
+                self.run_apply(out)
+
+        self.push_screen(PromptScreen("Apply the plan into directory:", "exports/pruned"), done)
+
+    @work(thread=True, exclusive=True, group="apply", exit_on_error=False, description="applying plan")
+    def run_apply(self, out: str) -> None:
+        from surgery.pipeline import apply_to_source
+
+        self.applying = True
+        try:
+            self.post_message(StatusText("apply", "running…"))
+            result = apply_to_source(self.editor.plan(), out, self.model_path, overwrite=False)
+            loader = result.manifest["output"]["loadable_with"]
+            self.call_from_thread(self.notify, f"wrote {out} (loads with {loader})", title="apply")
+        finally:
+            self.applying = False
+            self.post_message(StatusText("apply", ""))
+
+    def action_mark_lowest(self) -> None:
+        def done(answer: str | None) -> None:
+            if not answer:
+                return
+            try:
+                kind, pct = answer.split()
+                self.mark_lowest(kind, float(pct.rstrip("%")) / 100)
+            except ValueError:
+                self.notify("answer like: heads 25%  |  groups 33%  |  neurons 20%", severity="error")
+
+        self.push_screen(PromptScreen("Mark lowest (heads|groups|neurons PERCENT), every layer:", "neurons 20%"), done)
+
+    def mark_lowest(self, kind: str, fraction: float) -> None:
+        """Mark the lowest `fraction` of heads / KV groups / neurons in every layer by the current metric."""
+        from surgery.plan import parse_plan
+
+        from workbench.plots import lowest
+
+        metric = self.metrics["neuron" if kind == "neurons" else "head"]
+        if not self.scores or not metric:
+            self.notify("no scores for that: load or compute scores first", severity="warning")
+            return
+        steps = [s.model_dump() for s in self.editor.plan().steps if s.op not in {
+            "neurons": ("prune_neurons",), "heads": ("prune_heads",), "groups": ("prune_heads",)}.get(kind, ())]
+        for i, s in enumerate(self.editor.shape.layers):
+            if kind == "neurons" and s.mlp:
+                chosen = lowest(self.scores.neuron(i, metric) or [], round(s.mlp * fraction))
+                if chosen:
+                    steps.append({"op": "prune_neurons", "layer": i, "neurons": chosen})
+            elif kind in ("heads", "groups") and s.heads:
+                per_group = self.scores.head(i, metric) or []
+                g = s.group_size
+                if kind == "groups":
+                    sums = [sum(per_group[k * g:(k + 1) * g]) for k in range(s.kv_heads)]
+                    groups = lowest(sums, round(s.kv_heads * fraction))
+                    heads = [h for k in groups for h in range(k * g, (k + 1) * g)]
+                else:  # the same number from every group keeps the GQA rule
+                    n = round(g * fraction)
+                    heads = [k * g + j for k in range(s.kv_heads)
+                             for j in lowest(per_group[k * g:(k + 1) * g], n)]
+                if heads:
+                    steps.append({"op": "prune_heads", "layer": i, "heads": sorted(heads)})
+        self.edit(lambda e: e.set_plan(parse_plan({"version": 1, "steps": steps}), f"mark lowest {kind}"))
+
+    def set_theme(self, name: str) -> None:
+        self.theme = name
+        self.refresh_views()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("plan: Show", "the ops of the plan under edit", self.action_plan)
+        yield SystemCommand("plan: Validate", "check the plan against the model", self.action_validate_plan)
+        yield SystemCommand("plan: Save as...", "write the plan file", self.action_save_plan)
+        yield SystemCommand("plan: Apply", "write the pruned model", self.action_apply_plan)
+        yield SystemCommand("marks: Undo", "undo the last mark", self.action_undo)
+        yield SystemCommand("marks: Redo", "redo", self.action_redo)
+        yield SystemCommand("marks: Mark lowest N%", "heads / groups / neurons by the metric", self.action_mark_lowest)
+        yield SystemCommand("scores: Load file", "a score file from `workbench score`", self.action_load_scores)
+        yield SystemCommand("scores: Next metric", "cycle the importance metric", self.action_next_metric)
+        for theme in THEMES:
+            yield SystemCommand(f"theme: {theme.name}", "switch theme", lambda n=theme.name: self.set_theme(n))
+
+    # ------------------------------------------------------------------------------------------- errors
+    @on(Worker.StateChanged)
+    def worker_failed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            error = event.worker.error
+            severity = "error"
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            self.notify(message, title=event.worker.description or "error", severity=severity, timeout=10)
+            if event.worker.group == "weights":
+                self.set_status("weights", "failed")
+
+    async def action_quit(self) -> None:
+        if not self.applying:
+            self.exit()
+            return
+
+        def done(answer: str | None) -> None:
+            if answer and answer.lower().startswith("y"):
+                self.exit()
+
+        self.push_screen(PromptScreen("An apply is running; quit anyway? (y/n)", "n"), done)

@@ -1,0 +1,130 @@
+"""The layer screen: head grid, neuron importance curve with the cut, singular-value spectra with the rank."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Select, Static
+
+from workbench.plots import log_spectrum, lowest, plotext_chart, sorted_curve
+from workbench.widgets.head_grid import HeadGrid
+
+
+class LayerScreen(Screen):
+    """Everything prunable in one layer. Keys: space/g mark heads, +/- move the neuron cut, [/] the rank."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "back", id="layer.back"),
+        Binding("plus,equals_sign", "neurons(1)", "cut more", id="layer.cut_more"),
+        Binding("minus", "neurons(-1)", "cut less", id="layer.cut_less"),
+        Binding("left_square_bracket", "rank(-1)", "rank -", id="layer.rank_down"),
+        Binding("right_square_bracket", "rank(1)", "rank +", id="layer.rank_up"),
+        Binding("x", "clear_rank", "full rank", id="layer.clear_rank"),
+    ]
+    NEURON_STEP = 1 / 32  # one key press moves the cut by 1/32 of the MLP width
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer_index = layer
+
+    def compose(self) -> ComposeResult:
+        app = self.app
+        s = app.editor.shape.layers[self.layer_index]
+        yield Header()
+        with VerticalScroll():
+            yield Static(id="summary")
+            yield HeadGrid(s.heads, s.kv_heads, id="heads")
+            yield Static(id="neurons")
+            yield Select([(name, name) for name in app.linear_names()], prompt="Linear for the spectrum",
+                         id="linear", allow_blank=False)
+            yield Static(id="spectrum")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"layer {self.layer_index}"
+        self.query_one(HeadGrid).focus()
+        self.refresh_view()
+
+    @property
+    def linear(self) -> str:
+        value = self.query_one("#linear", Select).value
+        return value if isinstance(value, str) else self.app.linear_names()[0]
+
+    def refresh_view(self) -> None:
+        app, layer = self.app, self.layer_index
+        cut = app.editor.resolution.layers[layer]
+        after = cut.result_shape()
+        s = cut.shape
+        self.query_one("#summary", Static).update(
+            f"[b]layer {layer}[/b] · heads {after.heads}/{s.heads} · KV groups {after.kv_heads}/{s.kv_heads} · "
+            f"MLP {after.mlp}/{s.mlp}" + (" · [b]DROPPED[/b]" if cut.dropped else "")
+        )
+        head_metric = app.metric_for("head")
+        grid = self.query_one(HeadGrid)
+        grid.update_state(app.scores.head(layer, head_metric) if app.scores and head_metric else None,
+                          head_metric or "", app.editor.layers[layer].heads)
+        width = max(40, (self.size.width or 80) - 4)
+        neuron_metric = app.metric_for("neuron")
+        neurons = app.scores.neuron(layer, neuron_metric) if app.scores and neuron_metric else None
+        n_cut = len(app.editor.layers[layer].neurons)
+        if neurons:
+            xs, ys, at = sorted_curve(neurons, n_cut)
+            chart = plotext_chart({neuron_metric: ys}, width, 12, title=f"neurons by {neuron_metric} (cut {n_cut})",
+                                  vline=at)
+        else:
+            chart = f"MLP: {n_cut} of {s.mlp} neurons cut (score the model to see their importance)"
+        self.query_one("#neurons", Static).update(chart)
+        rank = app.editor.layers[layer].ranks.get(self.linear)
+        spectrum = {}
+        if app.scores:
+            for metric in ("sv", "sv_grad", "sv_act"):
+                values = app.scores.spectrum(layer, self.linear, metric)
+                if values:
+                    spectrum[f"log10 |{metric}|"] = log_spectrum(values)
+        if spectrum:
+            text = plotext_chart(spectrum, width, 12, title=f"{self.linear} spectrum (rank {rank or 'full'})",
+                                 vline=rank)
+        else:
+            text = f"{self.linear}: rank {rank or 'full'} (score with sv / sv-grad to see the spectrum)"
+        self.query_one("#spectrum", Static).update(text)
+
+    def on_head_grid_toggle(self, event: HeadGrid.Toggle) -> None:
+        if event.head is not None:
+            self.app.edit(lambda e: e.toggle_head(self.layer_index, event.head))
+        else:
+            self.app.edit(lambda e: e.toggle_group(self.layer_index, event.group))
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        self.refresh_view()
+
+    def action_neurons(self, direction: int) -> None:
+        app = self.app
+        width = app.editor.shape.layers[self.layer_index].mlp
+        step = max(1, round(width * self.NEURON_STEP))
+        count = max(0, min(width - 1, len(app.editor.layers[self.layer_index].neurons) + direction * step))
+        metric = app.metric_for("neuron")
+        scores = app.scores.neuron(self.layer_index, metric) if app.scores and metric else None
+        # without scores the cut takes the highest indices: a visible, deterministic placeholder choice
+        chosen = lowest(scores, count) if scores else list(range(width - count, width))
+        app.edit(lambda e: e.set_neurons(self.layer_index, chosen))
+
+    def _full_rank(self) -> int:
+        from surgery.resolve import linear_dims
+
+        app = self.app
+        cut = app.editor.resolution.layers[self.layer_index]
+        block, name = self.linear.split(".")
+        kind = "attn" if block == app.editor.shape.spec.attn else "mlp"
+        return min(linear_dims(cut, kind, name, app.editor.shape))
+
+    def action_rank(self, direction: int) -> None:
+        full = self._full_rank()
+        current = self.app.editor.layers[self.layer_index].ranks.get(self.linear, full)
+        step = max(1, full // 16)
+        rank = max(1, min(full, current + direction * step))
+        self.app.edit(lambda e: e.set_rank(self.layer_index, self.linear, None if rank >= full else rank))
+
+    def action_clear_rank(self) -> None:
+        self.app.edit(lambda e: e.set_rank(self.layer_index, self.linear, None))

@@ -1,0 +1,93 @@
+"""The model screen: one row per layer with kept/total counts, parameters and an importance bar."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header
+
+from workbench.cli_common import fmt_params
+from workbench.plots import bar
+from workbench.widgets.totals import TotalsBar
+
+COLUMNS = ("layer", "heads", "KV", "MLP", "params", "importance", "state")
+
+
+class ModelScreen(Screen):
+    """Layer table + totals. Marks on whole layers happen here; Enter opens the layer screen."""
+
+    BINDINGS = [
+        Binding("enter", "open_layer", "layer", id="model.open_layer"),
+        Binding("space", "toggle_layer", "drop layer", id="model.toggle_layer"),
+        Binding("a", "toggle_attention", "drop attn", id="model.toggle_attention"),
+        Binding("m", "toggle_mlp", "drop MLP", id="model.toggle_mlp"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield TotalsBar(id="totals")
+        table = DataTable(id="layers", cursor_type="row", zebra_stripes=True)
+        yield table
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#layers", DataTable)
+        for name in COLUMNS:
+            table.add_column(name, key=name)
+        self.refresh_table()
+
+    def refresh_table(self) -> None:
+        """Redraw every row from the app's report, marks and scores (cheap: one row per layer)."""
+        app = self.app
+        report, editor = app.report, app.editor
+        table = self.query_one("#layers", DataTable)
+        if report is None or editor is None:
+            return
+        cursor = table.cursor_row
+        table.clear()
+        importance = app.layer_importance()
+        vmax = max(importance) if importance else 0.0
+        for layer, cut in zip(report.layers, editor.resolution.layers):
+            after = cut.result_shape()
+            state = []
+            if cut.dropped:
+                state.append("DROPPED")
+            if cut.drop_attention:
+                state.append("no attn")
+            if cut.drop_mlp:
+                state.append("no MLP")
+            if cut.low_rank:
+                state.append("low-rank")
+            gone = cut.dropped
+            table.add_row(
+                str(layer.index),
+                "-" if gone else f"{after.heads}/{layer.heads}",
+                "-" if gone else f"{after.kv_heads}/{layer.kv_heads}",
+                "-" if gone else f"{after.mlp}/{layer.mlp}",
+                fmt_params(layer.params_total),
+                bar(importance[layer.index], vmax, 10) if importance else "",
+                " ".join(state),
+                key=str(layer.index),
+            )
+        if cursor is not None and table.row_count:
+            table.move_cursor(row=min(cursor, table.row_count - 1))
+
+    @property
+    def current_layer(self) -> int:
+        return self.query_one("#layers", DataTable).cursor_row
+
+    def action_open_layer(self) -> None:
+        self.app.open_layer(self.current_layer)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.app.open_layer(event.cursor_row)
+
+    def action_toggle_layer(self) -> None:
+        self.app.edit(lambda e: e.toggle_layer(self.current_layer))
+
+    def action_toggle_attention(self) -> None:
+        self.app.edit(lambda e: e.toggle_attention(self.current_layer))
+
+    def action_toggle_mlp(self) -> None:
+        self.app.edit(lambda e: e.toggle_mlp(self.current_layer))
