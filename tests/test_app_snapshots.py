@@ -1,0 +1,73 @@
+"""Snapshots of the key screens at 80x24 and 120x40 (pytest-textual-snapshot; update with --snapshot-update)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tiny_models import make_model
+from workbench.app import WorkbenchApp
+
+SIZES = [(80, 24), (120, 40)]
+
+
+@pytest.fixture()
+def tiny_app(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_model("llama").save_pretrained(tmp_path / "tiny-llama")
+    g = torch.Generator().manual_seed(0)
+    scores = {f"model.layers.{i}.self_attn/head_grad": torch.rand(4, generator=g) for i in range(3)}
+    scores.update({f"model.layers.{i}.mlp/neuron_taylor": torch.rand(96, generator=g) for i in range(3)})
+    scores["model/layer_bi"] = torch.tensor([0.3, 0.1, 0.2])
+    save_file(scores, str(tmp_path / "scores.safetensors"))
+    return WorkbenchApp("tiny-llama", load_weights=False, scores="scores.safetensors")
+
+
+async def _settle(pilot):
+    app = pilot.app
+    for _ in range(100):
+        if app.editor is not None and app.scores is not None:
+            break
+        await pilot.pause(0.05)
+    await app.workers.wait_for_complete()
+    app.clear_notifications()  # toasts expire on a timer: keep them out of the pictures
+    await pilot.pause()
+
+
+def _marks(pilot):
+    app = pilot.app
+    app.edit(lambda e: e.toggle_group(1, 0))
+    app.edit(lambda e: e.toggle_mlp(2))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_model_screen(snap_compare, tiny_app, size):
+    async def run_before(pilot):
+        await _settle(pilot)
+        _marks(pilot)
+        await _settle(pilot)
+
+    assert snap_compare(tiny_app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_layer_screen(snap_compare, tiny_app, size):
+    async def run_before(pilot):
+        await _settle(pilot)
+        _marks(pilot)
+        await pilot.press("down", "enter")
+        await _settle(pilot)
+
+    assert snap_compare(tiny_app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_plan_panel(snap_compare, tiny_app, size):
+    async def run_before(pilot):
+        await _settle(pilot)
+        _marks(pilot)
+        await pilot.press("p")
+        await _settle(pilot)
+
+    assert snap_compare(tiny_app, terminal_size=size, run_before=run_before)
