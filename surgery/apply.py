@@ -120,9 +120,11 @@ def plain_builds_same(model: nn.Module) -> bool:
     """
     from transformers import AutoModelForCausalLM
 
+    from surgery.concurrency import MODEL_BUILD_LOCK
+
     try:
         cfg = type(model.config).from_dict(model.config.to_dict())
-        with torch.device("meta"):
+        with MODEL_BUILD_LOCK, torch.device("meta"):
             ref = AutoModelForCausalLM.from_config(cfg)
     except Exception:  # noqa: BLE001 - any refusal means "not plain"
         return False

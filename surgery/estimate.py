@@ -38,13 +38,16 @@ class Estimate:
 
 def meta_model(config_dict: dict) -> nn.Module:
     """The model class of `config_dict` on the meta device, reshaped to its `surgery_layers` when present."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from surgery.concurrency import MODEL_BUILD_LOCK
 
-    from surgery.export import restructure_to_config
+    with MODEL_BUILD_LOCK:  # also guards the first import: transformers' lazy modules are not import-thread-safe
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**config_dict)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        from surgery.export import restructure_to_config
+
+        config = AutoConfig.for_model(**config_dict)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
     if config_dict.get("surgery_layers"):
         restructure_to_config(model, config_dict)
     return model

@@ -115,10 +115,15 @@ def save_model_dir(
 
 
 def _fsync_dir(path: Path) -> None:
+    """fsync every finished file of `path` (hidden temp files being written beside it are skipped)."""
     for f in path.iterdir():
-        if f.is_file():
+        if f.name.startswith("."):
+            continue
+        try:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        except (FileNotFoundError, IsADirectoryError):
+            continue
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -193,7 +198,9 @@ def load_surgery_checkpoint(path: str | Path, *, dtype: torch.dtype | str | None
     path = Path(path)
     config_dict = json.loads((path / "config.json").read_text())
     config = AutoConfig.from_pretrained(path)
-    with no_init_weights():
+    from surgery.concurrency import MODEL_BUILD_LOCK
+
+    with MODEL_BUILD_LOCK, no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
     restructure_to_config(model, config_dict)
     state = _read_safetensors(path)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from surgery.concurrency import MODEL_BUILD_LOCK
 from surgery.errors import SourceError
 from surgery.fingerprint import weight_files
 from surgery.sources import (
@@ -165,7 +166,8 @@ def _load_pickled(directory: Path, dtype: torch.dtype, trust_remote_code: bool) 
         state.update(part)
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except _LOAD_ERRORS as e:
         raise SourceError(f"cannot build the model from {directory / 'config.json'} ({_line(e)})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -224,10 +226,10 @@ def load_model(
     elif resolved.pickle_weights:
         model = _load_pickled(resolved.path, torch_dtype, trust_remote_code)
     else:
-        from transformers import AutoModelForCausalLM
-
         try:
-            with quiet_progress_bars():
+            with MODEL_BUILD_LOCK, quiet_progress_bars():
+                from transformers import AutoModelForCausalLM  # under the lock: lazy imports race in threads
+
                 model, info = AutoModelForCausalLM.from_pretrained(
                     resolved.path,
                     dtype=torch_dtype,

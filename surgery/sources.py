@@ -195,7 +195,9 @@ def convert_gguf(gguf_path: Path, target: Path, *, progress: Progress = None) ->
 
     if progress:
         progress(f"converting {gguf_path.name} to a safetensors directory (once)")
-    with quiet_progress_bars(), building_dir(target) as tmp:
+    from surgery.concurrency import MODEL_BUILD_LOCK
+
+    with MODEL_BUILD_LOCK, quiet_progress_bars(), building_dir(target) as tmp:
         try:
             gguf_model, info = AutoModelForCausalLM.from_pretrained(
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True

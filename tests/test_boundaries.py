@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import sessions
 import surgery
 
 ROOT = Path(__file__).parents[1]
@@ -18,8 +19,9 @@ UI_MODULES = ("textual", "typer", "plotext", "workbench", "themes", "click", "ri
 
 
 def headless_modules() -> list[str]:
-    names = ["surgery"]
+    names = ["surgery", "sessions"]
     names += [m.name for m in pkgutil.walk_packages(surgery.__path__, prefix="surgery.")]
+    names += [m.name for m in pkgutil.walk_packages(sessions.__path__, prefix="sessions.")]
     return names
 
 

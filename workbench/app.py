@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from textual import on, work
 from textual.app import App, SystemCommand
@@ -62,6 +61,9 @@ class WorkbenchApp(App):
         self.loaded = None
         self.metrics = {"head": None, "neuron": None, "layer": None}
         self.applying = False
+        self.revision = 0  # bumped by every accepted change; estimates carry the revision they were made for
+        self.shown_revision = -1
+        self._weights_started = False
         self.started = time.perf_counter()
         self.first_paint: float | None = None
 
@@ -98,14 +100,14 @@ class WorkbenchApp(App):
         self.fingerprint_source()
         if self.scores_path:
             self.read_scores(self.scores_path)
-        if self.load_weights:
-            self.load_model_weights()
 
     @work(thread=True, exclusive=True, group="fingerprint", exit_on_error=False, description="fingerprinting")
     def fingerprint_source(self) -> None:
-        from surgery.fingerprint import weights_fingerprint
+        from surgery.fingerprint import weights_fingerprint  # numpy only: no torch import in this thread
+        from surgery.sources import resolve_source
 
-        fp = weights_fingerprint(Path(self.model_path))
+        resolved = resolve_source(self.source)
+        fp = weights_fingerprint(resolved.gguf_file or resolved.path)  # = surgery.pipeline.source_fingerprint
         self.call_from_thread(setattr, self.totals, "fingerprint", fp)
 
     @work(thread=True, exclusive=True, group="weights", exit_on_error=False, description="loading weights")
@@ -146,23 +148,37 @@ class WorkbenchApp(App):
         return True
 
     def _committed(self, description: str, plan) -> None:
+        self.revision += 1
         if self.on_plan_commit:
             self.on_plan_commit(description, plan)
         self.post_message(MarksChanged(description))
 
     def on_marks_changed(self, message: MarksChanged) -> None:
         self.refresh_views()
+        self.set_status("totals", "updating…")
         self.estimate_totals()
 
     @work(thread=True, exclusive=True, group="estimate", exit_on_error=False, description="estimating totals")
     def estimate_totals(self) -> None:
+        from textual.worker import get_current_worker
+
         from surgery.estimate import estimate
 
-        self.post_message(EstimateReady(estimate(self.config_dict, self.editor.resolution)))
+        revision, resolution = self.revision, self.editor.resolution
+        result = estimate(self.config_dict, resolution)
+        if not get_current_worker().is_cancelled:
+            self.post_message(EstimateReady(result, revision))
 
     def on_estimate_ready(self, message: EstimateReady) -> None:
-        if len(self.screen_stack) > 1:
+        # workers may finish out of order (they queue on the model-build lock): never show an older estimate
+        if message.revision >= self.shown_revision and len(self.screen_stack) > 1:
+            self.shown_revision = message.revision
             self.totals.estimate = message.estimate
+            self.set_status("totals", "" if message.revision == self.revision else "updating…")
+        if self.load_weights and self.loaded is None and not self._weights_started:
+            # after the first totals: a weight load holds the model-build lock for seconds
+            self._weights_started = True
+            self.load_model_weights()
 
     def refresh_views(self) -> None:
         for screen in self.screen_stack:

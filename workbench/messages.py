@@ -25,6 +25,7 @@ class WeightsLoaded(Message):
 @dataclass
 class EstimateReady(Message):
     estimate: Any  # surgery.estimate.Estimate
+    revision: int = 0
 
 
 @dataclass

@@ -33,10 +33,17 @@ class HelpScreen(ModalScreen):
             yield Static("\n".join(lines))
 
 
+def key_names(key: str) -> str:
+    """"question_mark,ctrl+z" -> "?, ctrl+z": what a user types, not Textual's key names."""
+    from textual.keys import format_key
+
+    return ", ".join(format_key(k.strip()) for k in key.split(","))
+
+
 def binding_rows(bindings) -> list[tuple[str, str]]:
     """(key, description) for bindings with a description, in declaration order."""
     rows = []
     for b in bindings:
         if isinstance(b, Binding) and b.description:
-            rows.append((b.key_display or b.key, b.description))
+            rows.append((b.key_display or key_names(b.key), b.description))
     return rows
