@@ -138,3 +138,28 @@ def test_editor_refuses_marks_inside_a_dropped_layer():
     with pytest.raises(PlanError, match="is dropped"):
         editor.toggle_group(2, 0)
     assert json.loads(editor.plan().to_json())["steps"] == [{"layers": [2], "op": "drop_layers"}]
+
+
+async def test_session_marks_survive_reopen_and_undo_crosses_restarts(tiny_dir, tmp_path):
+    from sessions import Session, describe_source
+
+    model = describe_source(tiny_dir)
+    session, _ = Session.open_or_create("tui", model, root=tmp_path / "home")
+    app = WorkbenchApp(tiny_dir, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        assert app.edit(lambda e: e.toggle_group(0, 1))
+        assert app.edit(lambda e: e.toggle_mlp(2))
+        app.set_theme("workbench-light")
+    session.close()
+
+    session = Session.open("tui", root=tmp_path / "home")
+    app = WorkbenchApp(tiny_dir, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        assert app.theme == "workbench-light"
+        assert app.editor.layers[0].heads == {2, 3} and app.editor.layers[2].drop_mlp
+        await pilot.press("u")  # undoes the MLP drop made before the restart
+        assert not app.editor.layers[2].drop_mlp and app.editor.layers[0].heads == {2, 3}
+    session.close()
+    assert [s.op for s in Session.open("tui", root=tmp_path / "home", readonly=True).plan().steps] == ["prune_heads"]

@@ -54,7 +54,7 @@ def make_session(capsys, model_dir, name="smol", marks=True):
 def test_open_creates_then_resumes(capsys, home, model_dir):
     code, out, err = call(capsys, "open", model_dir, "--session", "smol")
     assert code == 0, err
-    assert "created session 'smol'" in out and str(model_dir) in out and "TUI is not there yet" in err
+    assert "created session 'smol'" in out and str(model_dir) in out and "open it in the TUI" in err
     assert (home / "sessions" / "smol" / "journal.jsonl").is_file()
     assert not (home / "sessions" / "smol" / "lock").exists()  # released when the command ends
     code, out, err = call(capsys, "open", model_dir, "--session", "smol")

@@ -46,9 +46,10 @@ class WorkbenchApp(App):
     ]
 
     def __init__(self, source: str, *, scores: str | None = None, load_weights: bool = True,
-                 on_plan_commit: Callable | None = None, initial_plan=None) -> None:
+                 on_plan_commit: Callable | None = None, initial_plan=None, session=None) -> None:
         super().__init__()
         self.source = source
+        self.session = session  # a sessions.Session (open, writable or read-only) or None
         self.scores_path = scores
         self.load_weights = load_weights
         self.on_plan_commit = on_plan_commit
@@ -71,8 +72,12 @@ class WorkbenchApp(App):
     def on_mount(self) -> None:
         for theme in THEMES:
             self.register_theme(theme)
-        self.theme = DEFAULT_THEME
-        self.sub_title = self.source
+        remembered = self.session.ui.theme if self.session is not None else None
+        self.theme = remembered if remembered in {t.name for t in THEMES} else DEFAULT_THEME
+        self.sub_title = self.source + (f" · session {self.session.name}" if self.session is not None else "")
+        if self.session is not None:
+            for notice in self.session.notices:
+                self.notify(notice, title="session", severity="warning", timeout=10)
         self.push_screen(ModelScreen())
         self.inspect_source()
 
@@ -91,7 +96,8 @@ class WorkbenchApp(App):
         from surgery.shapes import shape_from_config
 
         self.report, self.config_dict, self.model_path = message.report, message.config, message.path
-        self.editor = PlanEditor(shape_from_config(message.config), self.initial_plan, on_commit=self._committed)
+        self.editor = PlanEditor(shape_from_config(message.config), self.initial_plan, on_commit=self._committed,
+                                 session=self.session)
         self.set_status("model", "")
         self.totals.source = self.source
         self.refresh_views()
@@ -144,6 +150,9 @@ class WorkbenchApp(App):
             change(self.editor)
         except PlanError as exc:
             self.notify(exc.problems[0].split(": ", 1)[-1], title="refused", severity="error", timeout=6)
+            return False
+        except UserError as exc:  # e.g. a read-only session, a full disk: nothing changed
+            self.notify(str(exc), title="not saved", severity="error", timeout=8)
             return False
         return True
 
@@ -275,7 +284,10 @@ class WorkbenchApp(App):
             if out:
                 self.run_apply(out)
 
-        self.push_screen(PromptScreen("Apply the plan into directory:", "exports/pruned"), done)
+        default = "exports/pruned"
+        if self.session is not None:
+            default = str(self.session.path / "exports" / time.strftime("%Y%m%d-%H%M%S"))
+        self.push_screen(PromptScreen("Apply the plan into directory:", default), done)
 
     @work(thread=True, exclusive=True, group="apply", exit_on_error=False, description="applying plan")
     def run_apply(self, out: str) -> None:
@@ -337,6 +349,8 @@ class WorkbenchApp(App):
 
     def set_theme(self, name: str) -> None:
         self.theme = name
+        if self.session is not None and not self.session.readonly:
+            self.session.set_theme(name)  # remembered in the session
         self.refresh_views()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

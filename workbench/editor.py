@@ -39,9 +39,14 @@ class PlanEditor:
     """
 
     def __init__(self, shape: ModelShape, plan: Plan | None = None,
-                 on_commit: Callable[[str, Plan], None] | None = None) -> None:
+                 on_commit: Callable[[str, Plan], None] | None = None, session=None) -> None:
         self.shape = shape
         self.on_commit = on_commit
+        # a sessions.Session: every accepted change is journaled there (fsync) before it counts, and undo/redo
+        # go through its journal, so they survive restarts
+        self.session = session
+        if session is not None and plan is None:
+            plan = session.plan()
         self.layers = [LayerMarks() for _ in shape.layers]
         self._undo: list[list[LayerMarks]] = []
         self._redo: list[list[LayerMarks]] = []
@@ -83,14 +88,18 @@ class PlanEditor:
         self.resolution = resolution
 
     # ----------------------------------------------------------------------------------------------- edits
-    def _change(self, description: str, edit: Callable[[list[LayerMarks]], None]) -> Resolution:
-        """Apply `edit` to a copy; keep it only if the plan stays valid. Raises PlanError (nothing changed)."""
+    def _change(self, description: str, edit: Callable[[list[LayerMarks]], None],
+                forward: Callable[[object], object] | None = None) -> Resolution:
+        """Apply `edit` to a copy; keep it only if the plan stays valid (PlanError otherwise, nothing changed) and,
+        with a session, only once the session has it on disk (`forward`; default: the whole plan as one edit)."""
         candidate = copy.deepcopy(self.layers)
         edit(candidate)
         previous, self.layers = self.layers, candidate
         try:
             resolution = resolve_plan(self.plan(), self.shape)
-        except PlanError:
+            if self.session is not None:
+                (forward or (lambda session: session.load_plan(self.plan(), note=description)))(self.session)
+        except Exception:
             self.layers = previous
             raise
         self._undo.append(previous)
@@ -110,7 +119,10 @@ class PlanEditor:
 
     def toggle_head(self, layer: int, head: int) -> Resolution:
         self._require_live(layer)
-        return self._change(f"toggle head {head} of layer {layer}", lambda ls: ls[layer].heads.symmetric_difference_update({head}))
+        verb = "unmark" if head in self.layers[layer].heads else "mark"
+        return self._change(f"toggle head {head} of layer {layer}",
+                            lambda ls: ls[layer].heads.symmetric_difference_update({head}),
+                            lambda session: getattr(session, verb)("heads", [head], layer))
 
     def toggle_group(self, layer: int, group: int) -> Resolution:
         """Mark (or unmark) a whole KV group: all of its query heads."""
@@ -118,26 +130,35 @@ class PlanEditor:
         g = self.shape.layers[layer].group_size
         members = set(range(group * g, (group + 1) * g))
 
+        verb = "unmark" if members <= self.layers[layer].heads else "mark"
+
         def edit(ls: list[LayerMarks]) -> None:
-            if members <= ls[layer].heads:
+            if verb == "unmark":
                 ls[layer].heads -= members
             else:
                 ls[layer].heads |= members
 
-        return self._change(f"toggle KV group {group} of layer {layer}", edit)
+        return self._change(f"toggle KV group {group} of layer {layer}", edit,
+                            lambda session: getattr(session, verb)("heads", sorted(members), layer))
 
     def toggle_layer(self, layer: int) -> Resolution:
-        return self._change(f"toggle layer {layer}", lambda ls: setattr(ls[layer], "dropped", not ls[layer].dropped))
+        verb = "unmark" if self.layers[layer].dropped else "mark"
+        return self._change(f"toggle layer {layer}", lambda ls: setattr(ls[layer], "dropped", not ls[layer].dropped),
+                            lambda session: getattr(session, verb)("layers", [layer]))
 
     def toggle_attention(self, layer: int) -> Resolution:
         self._require_live(layer)
+        verb = "unmark" if self.layers[layer].drop_attention else "mark"
         return self._change(f"toggle attention of layer {layer}",
-                            lambda ls: setattr(ls[layer], "drop_attention", not ls[layer].drop_attention))
+                            lambda ls: setattr(ls[layer], "drop_attention", not ls[layer].drop_attention),
+                            lambda session: getattr(session, verb)("attention", [layer]))
 
     def toggle_mlp(self, layer: int) -> Resolution:
         self._require_live(layer)
+        verb = "unmark" if self.layers[layer].drop_mlp else "mark"
         return self._change(f"toggle MLP of layer {layer}",
-                            lambda ls: setattr(ls[layer], "drop_mlp", not ls[layer].drop_mlp))
+                            lambda ls: setattr(ls[layer], "drop_mlp", not ls[layer].drop_mlp),
+                            lambda session: getattr(session, verb)("mlp", [layer]))
 
     def set_neurons(self, layer: int, neurons: list[int]) -> Resolution:
         """Set the removed neurons of a layer (e.g. the lowest-scored N)."""
@@ -155,7 +176,9 @@ class PlanEditor:
             else:
                 ls[layer].ranks[rel] = rank
 
-        return self._change(f"rank {rank} for layer {layer} {rel}", edit)
+        module = f"{self.shape.spec.layers}.{layer}.{rel}"
+        return self._change(f"rank {rank} for layer {layer} {rel}", edit,
+                            lambda session: session.set_rank(module, rank))
 
     def set_plan(self, plan: Plan, description: str = "load plan") -> Resolution:
         """Replace every mark by a plan's (e.g. a suggestion), as one undoable change."""
@@ -164,7 +187,16 @@ class PlanEditor:
                             dict(c.low_rank)) for c in resolution.layers]
         return self._change(description, lambda ls: ls.__setitem__(slice(None), marks))
 
+    def _from_session(self, entry) -> bool:
+        if entry is None:
+            return False
+        self.load_plan(self.session.plan())
+        self._commit("undo" if entry.kind == "undo" else "redo")
+        return True
+
     def undo(self) -> bool:
+        if self.session is not None:
+            return self._from_session(self.session.undo())
         if not self._undo:
             return False
         self._redo.append(self.layers)
@@ -174,6 +206,8 @@ class PlanEditor:
         return True
 
     def redo(self) -> bool:
+        if self.session is not None:
+            return self._from_session(self.session.redo())
         if not self._redo:
             return False
         self._undo.append(self.layers)

@@ -1,7 +1,8 @@
 """`workbench open` and `workbench sessions list|show|export|replay|rm`: sessions on disk from the command line.
 
 The sessions themselves live in the `sessions` package (no UI there); this module only parses options and prints.
-Until the TUI lands, `workbench open` creates or resumes the session, prints its summary and says so.
+`workbench open` creates or resumes the session and opens it in the TUI (without a terminal, or with --no-tui or
+--json, it prints the session's summary instead).
 """
 
 from __future__ import annotations
@@ -77,16 +78,25 @@ def open_session(
     = None,
     home: HomeOpt = None,
     json_out: JsonOpt = False,
+    no_tui: Annotated[bool, typer.Option("--no-tui", help="Only print the session's summary.")] = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
-    """Create or resume a session on a model (the TUI is not built yet: this prints the session's summary)."""
+    """Create or resume a session on a model and open it in the workbench TUI (a summary without a terminal)."""
     root = sessions_root(home)
     name = check_name(session) if session else default_name(source)  # a bad name fails before any model work
     with status(not json_out) as progress:
         model = describe_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                 progress=progress)
     s, created = Session.open_or_create(name, model, root=root)
+    if not (json_out or no_tui) and sys.stdout.isatty():
+        from workbench.app import WorkbenchApp
+
+        try:
+            WorkbenchApp(source, session=s).run()
+        finally:
+            s.close()
+        return
     try:
         check = None if created else s.check_model(model)
         if check is not None and check.same_weights is False and session is None:
@@ -105,8 +115,8 @@ def open_session(
     _warn(summary["notices"] + (check.messages() if check else []))
     out.print(f"{'created' if created else 'resumed'} session {name!r}", markup=False, highlight=False)
     print_summary(summary)
-    err.print("The workbench TUI is not there yet: edit this session through the `sessions` Python API, export its "
-              f"plan with `workbench sessions export {name} --plan FILE`.", markup=False, highlight=False)
+    err.print(f"open it in the TUI from a terminal: workbench open {source} --session {name}", markup=False,
+              highlight=False)
 
 
 @app.command("list")
