@@ -84,13 +84,12 @@ class WorkbenchApp(App):
     @work(thread=True, exclusive=True, group="inspect", exit_on_error=False, description="reading model headers")
     def inspect_source(self) -> None:
         from surgery.inspect import inspect_model
-        from surgery.loading import read_config
-        from surgery.sources import resolve_source
+        from surgery.sources import read_config_file, resolve_source  # no torch: the table must come at once
 
         self.post_message(StatusText("model", "resolving"))
         resolved = resolve_source(self.source)
         report = inspect_model(resolved.path)
-        self.post_message(ModelInspected(report, read_config(resolved), str(resolved.path)))
+        self.post_message(ModelInspected(report, read_config_file(resolved.path), str(resolved.path)))
 
     def on_model_inspected(self, message: ModelInspected) -> None:
         from surgery.shapes import shape_from_config
