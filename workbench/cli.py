@@ -20,6 +20,7 @@ from workbench.commands import inspect as inspect_cmd
 from workbench.commands import jobs as jobs_cmd
 from workbench.commands import models as models_cmd
 from workbench.commands import plan as plan_cmd
+from workbench.commands import rec as rec_cmd
 from workbench.commands import score as score_cmd
 from workbench.commands import sessions as sessions_cmd
 from workbench.commands import suggest as suggest_cmd
@@ -55,6 +56,7 @@ app.command("open")(sessions_cmd.open_session)
 app.add_typer(sessions_cmd.app, name="sessions")
 app.add_typer(plan_cmd.app, name="plan")
 app.add_typer(models_cmd.app, name="models")
+app.add_typer(rec_cmd.app, name="rec")
 
 
 def _debug() -> bool:
