@@ -1,7 +1,231 @@
-"""`workbench rec ...` (recommendation-tasks issue): in progress."""
+"""`workbench rec ...`: sequential-recommendation data, training (as jobs), SLMRec distillation, evaluation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from workbench.cli_common import JsonOpt, err, out, print_json, status
+
 app = typer.Typer(no_args_is_help=True, help="Recommendation tasks: prepare, train, distill, eval.")
+
+DataOpt = Annotated[Path, typer.Option("--data", help="Prepared data directory (`workbench rec prepare`).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training users.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Users per step.")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 1e-3; 1e-4 for LLMs).")]
+UsersOpt = Annotated[int | None, typer.Option("--max-users", help="Train on this many users (a seeded choice).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for init, batch order and negatives.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
+JobsDirOpt = Annotated[Path | None, typer.Option("--jobs-dir", help="Jobs root (default $WORKBENCH_JOBS or user data).")]
+DetachOpt = Annotated[bool, typer.Option("--detach", help="Run as a background job and return at once.")]
+
+
+@app.command("prepare")
+def prepare_cmd(
+    source: Annotated[Path, typer.Argument(help="MovieLens-format directory (ratings.csv) or a ratings CSV.")],
+    out_dir: OutOpt,
+    min_rating: Annotated[float, typer.Option("--min-rating", help="Ratings strictly above this are positive.")] = 3.0,
+    core: Annotated[int, typer.Option("--core", help="Iterative k-core filter on users and items.")] = 5,
+    max_len: Annotated[int, typer.Option("--max-len", help="History cap per user.")] = 50,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Positive ratings -> k-core -> time order -> leave-one-out split, saved with a fingerprint."""
+    from surgery.export import check_output_dir
+    from surgery.rec.data import prepare, save_rec_data
+
+    check_output_dir(out_dir, overwrite)
+    with status(not json_out) as say:
+        data = prepare(source, min_rating=min_rating, core=core, max_len=max_len, progress=say)
+        save_rec_data(data, out_dir, overwrite=overwrite)
+    info = {**data.describe(), "out": str(out_dir)}
+    if json_out:
+        print_json(info)
+        return
+    out.print(f"{data.num_users:,} users, {data.num_items:,} items, {data.num_interactions:,} interactions -> "
+              f"{out_dir}\nfingerprint {data.fingerprint}")
+
+
+def _run(cfg, json_out: bool, jobs_dir: Path | None, detach: bool) -> None:
+    from surgery.rec.data import load_rec_data
+    from surgery.rec.train import create_rec_job, run_rec_job, start_rec_job
+    from surgery.export import check_output_dir
+
+    check_output_dir(Path(cfg.out), cfg.overwrite)
+    data = load_rec_data(cfg.data)
+    job = create_rec_job(cfg, data.num_users, jobs_dir)
+    if detach:
+        pid = start_rec_job(job)
+        if json_out:
+            print_json({"job": job.id, "path": str(job.path), "pid": pid})
+        else:
+            out.print(f"job {job.id} started (pid {pid}); follow it with `workbench jobs show {job.id}`")
+        return
+    err.print(f"job {job.id} (foreground; Ctrl-C stops it, `workbench rec resume {job.id}` continues it)")
+    with status(not json_out) as say:
+        final = run_rec_job(job.path, progress=say)
+    _report(final, job, json_out)
+
+
+def _report(final: dict, job, json_out: bool) -> None:
+    if json_out:
+        print_json({"job": job.id, **{k: v for k, v in final.items() if k != "time"}})
+        return
+    if final["event"] == "cancelled":
+        out.print(f"cancelled at step {final['step']}: `workbench rec resume {job.id}` continues it")
+        return
+    ev = final.get("eval") or {}
+    out.print(f"done: {final['output']}  (valid, full ranking: HR@10 {ev.get('hr@10', float('nan')):.4f}, "
+              f"NDCG@10 {ev.get('ndcg@10', float('nan')):.4f}, MRR {ev.get('mrr', float('nan')):.4f})")
+
+
+def _abs(p: Path | str) -> str:
+    """An absolute path, so the job file stands alone (a resume may run from another directory)."""
+    return str(Path(p).expanduser().resolve())
+
+
+@app.command("train")
+def train_cmd(
+    model: Annotated[str, typer.Argument(help="sasrec, gru4rec or llm.")],
+    data: DataOpt,
+    out_dir: OutOpt,
+    backbone: Annotated[str | None, typer.Option("--backbone", help="LLM: causal-LM source (dir, hub id, .gguf, "
+                                                                   "smollm2-135m).")] = None,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LLM: LoRA adapters (peft) or full fine-tuning.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank")] = 8,
+    item_dim: Annotated[int, typer.Option("--item-dim", help="LLM: item embedding width.")] = 64,
+    dim: Annotated[int, typer.Option("--dim", help="Baselines: embedding width.")] = 64,
+    layers: Annotated[int, typer.Option("--layers", help="Baselines: blocks / GRU layers.")] = 2,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 64,
+    lr: LrOpt = None,
+    max_users: UsersOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    jobs_dir: JobsDirOpt = None,
+    detach: DetachOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train SASRec, GRU4Rec or the LLM recommender (next item at every position) as a job."""
+    from surgery.errors import UserError
+    from surgery.rec.train import parse_job
+
+    if model not in ("sasrec", "gru4rec", "llm"):
+        raise UserError(f"unknown model {model!r}: use sasrec, gru4rec or llm")
+    if model == "llm" and not backbone:
+        raise UserError("`rec train llm` needs --backbone SOURCE (e.g. smollm2-135m)")
+    backbone_ref = None if backbone is None else (_abs(backbone) if Path(backbone).expanduser().exists() else backbone)
+    cfg = parse_job({"model": model, "data": _abs(data), "out": _abs(out_dir), "overwrite": overwrite,
+                     "epochs": epochs, "batch_size": batch_size, "lr": lr or (1e-4 if model == "llm" else 1e-3),
+                     "max_users": max_users, "seed": seed, "device": device, "backbone": backbone_ref, "lora": lora,
+                     "lora_rank": lora_rank, "item_dim": item_dim, "dim": dim, "layers": layers})
+    _run(cfg, json_out, jobs_dir, detach)
+
+
+@app.command("distill")
+def distill_cmd(
+    teacher: Annotated[Path, typer.Option("--teacher", help="Trained LLM recommender directory.")],
+    student_layers: Annotated[int, typer.Option("--student-layers", help="Blocks the student keeps.")],
+    data: DataOpt,
+    out_dir: OutOpt,
+    loss: Annotated[str, typer.Option("--loss", help="Weighted terms: ce, hidden-cos, hidden-l2, block-ce.")] = (
+        "ce:1,hidden-cos:1,hidden-l2:0.1,block-ce:0.1"),
+    layer_pick: Annotated[str, typer.Option("--layer-pick", help="first (first k blocks) or spaced (every m-th).")] = (
+        "first"),
+    blocks: Annotated[int | None, typer.Option("--blocks", help="Boundaries matched (default: every student "
+                                                               "block).")] = None,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 16,
+    lr: LrOpt = None,
+    max_users: UsersOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    jobs_dir: JobsDirOpt = None,
+    detach: DetachOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """SLMRec: train a shallow copy of an LLM recommender on its block-boundary hidden states (a job)."""
+    from surgery.rec.distill import parse_losses
+    from surgery.rec.train import parse_job
+
+    cfg = parse_job({"model": "distill", "teacher": _abs(teacher), "student_layers": student_layers,
+                     "losses": parse_losses(loss), "layer_pick": layer_pick, "blocks": blocks, "data": _abs(data),
+                     "out": _abs(out_dir), "overwrite": overwrite, "epochs": epochs, "batch_size": batch_size,
+                     "lr": lr or 1e-4, "max_users": max_users, "seed": seed, "device": device})
+    _run(cfg, json_out, jobs_dir, detach)
+
+
+@app.command("resume")
+def resume_cmd(
+    job_id: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or its directory).")],
+    jobs_dir: JobsDirOpt = None,
+    detach: DetachOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Continue a cancelled or interrupted rec job from its last checkpoint."""
+    from surgery.jobs.store import find_job, jobs_root
+    from surgery.rec.train import run_rec_job, start_rec_job
+
+    job = find_job(jobs_root(jobs_dir), job_id)
+    if detach:
+        pid = start_rec_job(job)
+        out.print(f"job {job.id} resumed (pid {pid})")
+        return
+    with status(not json_out) as say:
+        final = run_rec_job(job.path, progress=say)
+    _report(final, job, json_out)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A rec model directory (`rec train` / `rec distill` output).")],
+    data: DataOpt,
+    protocol: Annotated[list[str] | None, typer.Option("--protocol", help="full or sampled-999; repeatable.")] = None,
+    split: Annotated[str, typer.Option("--split", help="test or valid.")] = "test",
+    max_users: Annotated[int | None, typer.Option("--max-users", help="Score only the first N users.")] = None,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+) -> None:
+    """HR@1/5/10, NDCG@5/10 and MRR of the held-out items."""
+    import time
+
+    from surgery.rec.data import load_rec_data
+    from surgery.rec.metrics import evaluate, parse_protocol
+    from surgery.rec.store import load_rec_model
+
+    protocols = tuple(protocol or ["full"])
+    for p in protocols:
+        parse_protocol(p)
+    rec_data = load_rec_data(data)
+    users = None if max_users is None else list(range(min(max_users, rec_data.num_users)))
+    with status(not json_out) as say:
+        say("loading the model")
+        net, doc, _ = load_rec_model(model, device=device)
+        if doc.get("data", {}).get("fingerprint") not in (None, rec_data.fingerprint):
+            err.print(f"warning: {model} was trained on other data ({doc['data'].get('path', '?')})")
+        t0 = time.perf_counter()
+        results = evaluate(lambda h, n: net.score(h.to(device), n), rec_data, split=split, protocols=protocols,
+                           seed=seed, batch_size=batch_size, users=users,
+                           progress=lambda d, t: say(f"scored {d}/{t} users"))
+        seconds = time.perf_counter() - t0
+    record = {"model": str(model), "kind": doc["model"]["kind"], "params": doc.get("params"),
+              "seconds_per_1k_users": round(seconds * 1000 / next(iter(results.values()))["users"], 3),
+              "metrics": results}
+    if json_out:
+        print_json(record)
+        return
+    from rich.table import Table
+
+    table = Table("protocol", "HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR", "users")
+    for p, m in results.items():
+        table.add_row(p, *(f"{m[k]:.4f}" for k in ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")),
+                      str(m["users"]))
+    out.print(table)
