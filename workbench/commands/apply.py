@@ -22,6 +22,19 @@ from workbench.cli_common import (
 )
 
 
+def _is_pipeline(path: Path) -> bool:
+    """A plan file with "kind": "pipeline" (anything unreadable is left to load_plan's error messages)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    from surgery.jobs.pipeline import is_pipeline_file
+
+    return is_pipeline_file(data)
+
+
 def apply(
     plan_file: Annotated[Path, typer.Argument(help="Plan file (JSON).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")],
@@ -36,6 +49,11 @@ def apply(
     """Apply a plan to a model and save the result (config, safetensors, tokenizer, surgery.json manifest)."""
     from surgery.pipeline import apply_to_source  # torch/transformers: imported only when needed
 
+    if _is_pipeline(plan_file):  # distill -> prune -> redistill files run as a headless pipeline
+        from workbench.commands.jobs import pipeline
+
+        pipeline(plan_file, out_dir, overwrite=overwrite, jobs_dir=None, json_out=json_out)
+        return
     plan = load_plan(plan_file)
     start = time.perf_counter()
     with status(not json_out) as progress:
