@@ -163,3 +163,26 @@ async def test_session_marks_survive_reopen_and_undo_crosses_restarts(tiny_dir, 
         assert not app.editor.layers[2].drop_mlp and app.editor.layers[0].heads == {2, 3}
     session.close()
     assert [s.op for s in Session.open("tui", root=tmp_path / "home", readonly=True).plan().steps] == ["prune_heads"]
+
+
+async def test_jobs_panel_lists_jobs_started_elsewhere_with_their_loss_curve(tiny_dir, tmp_path, monkeypatch):
+    from surgery.jobs.events import EventLog
+    from surgery.jobs.store import create_job
+    from workbench.screens.jobs import JobsScreen, loss_series
+
+    monkeypatch.setenv("WORKBENCH_JOBS", str(tmp_path / "jobs"))
+    job = create_job(tmp_path / "jobs", '{"version": 1}')  # as if `workbench distill` had started it
+    log = EventLog(job.path / "events.jsonl")
+    for step in range(1, 6):
+        log.append("step", step=step, losses={"kl": 1.0 / step, "total": 2.0 / step}, tokens_per_s=100.0)
+    app = WorkbenchApp(tiny_dir, load_weights=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        await pilot.press("j")
+        await pilot.pause(0.5)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, JobsScreen)
+        assert app.screen.ids == [job.id]
+        assert "losses" in str(app.screen.query_one("#curve").render())
+    assert loss_series(list(map(lambda s: {"event": "step", "losses": {"kl": s}}, [3.0, 2.0]))) == {"kl": [3.0, 2.0]}

@@ -36,6 +36,7 @@ class WorkbenchApp(App):
     BINDINGS = [
         Binding("question_mark", "help", "help", id="app.help"),
         Binding("p", "plan", "plan", id="app.plan"),
+        Binding("j", "jobs", "jobs", id="app.jobs"),
         Binding("u,ctrl+z", "undo", "undo", id="app.undo"),
         Binding("U,ctrl+y", "redo", "redo", id="app.redo"),
         Binding("t", "next_metric", "metric", id="app.next_metric"),
@@ -62,6 +63,7 @@ class WorkbenchApp(App):
         self.loaded = None
         self.metrics = {"head": None, "neuron": None, "layer": None}
         self.applying = False
+        self.last_export = ""
         self.revision = 0  # bumped by every accepted change; estimates carry the revision they were made for
         self.shown_revision = -1
         self._weights_started = False
@@ -237,6 +239,18 @@ class WorkbenchApp(App):
         if self.editor is not None and not isinstance(self.screen, PlanScreen):
             self.push_screen(PlanScreen())
 
+    def jobs_root(self):
+        """The session's jobs/ when a session is open, else the user's jobs root (surgery.jobs.store)."""
+        from surgery.jobs.store import jobs_root
+
+        return jobs_root(self.session.path / "jobs" if self.session is not None else None)
+
+    def action_jobs(self) -> None:
+        from workbench.screens.jobs import JobsScreen
+
+        if not isinstance(self.screen, JobsScreen):
+            self.push_screen(JobsScreen(self.jobs_root()))
+
     def action_undo(self) -> None:
         if self.editor is not None and not self.editor.undo():
             self.notify("nothing to undo")
@@ -296,6 +310,7 @@ class WorkbenchApp(App):
         try:
             self.post_message(StatusText("apply", "running…"))
             result = apply_to_source(self.editor.plan(), out, self.model_path, overwrite=False)
+            self.last_export = str(result.out)  # the jobs form offers it as the student
             loader = result.manifest["output"]["loadable_with"]
             self.call_from_thread(self.notify, f"wrote {out} (loads with {loader})", title="apply")
         finally:
@@ -358,6 +373,7 @@ class WorkbenchApp(App):
         yield SystemCommand("plan: Validate", "check the plan against the model", self.action_validate_plan)
         yield SystemCommand("plan: Save as...", "write the plan file", self.action_save_plan)
         yield SystemCommand("plan: Apply", "write the pruned model", self.action_apply_plan)
+        yield SystemCommand("jobs: Show", "distill / redistill jobs and their loss curves", self.action_jobs)
         yield SystemCommand("marks: Undo", "undo the last mark", self.action_undo)
         yield SystemCommand("marks: Redo", "redo", self.action_redo)
         yield SystemCommand("marks: Mark lowest N%", "heads / groups / neurons by the metric", self.action_mark_lowest)

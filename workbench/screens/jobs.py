@@ -1,0 +1,190 @@
+"""The jobs panel: every job in the jobs root (started here, by the CLI, or before the TUI opened), its live loss
+curve from the event log, cancel, and a small form that starts a distill / redistill job.
+
+Jobs are separate processes (surgery.jobs): this screen only reads their files and writes request files, so
+quitting the TUI never stops a job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
+
+from workbench.plots import plotext_chart
+
+COLUMNS = ("job", "state", "step", "loss", "tokens/s", "eta", "eval")
+
+
+def loss_series(events: list[dict]) -> dict[str, list[float]]:
+    """Per-term loss curves from the step events' `losses` (pure: tested without a screen)."""
+    series: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("event") == "step":
+            for key, value in (e.get("losses") or {}).items():
+                if isinstance(value, (int, float)):
+                    series.setdefault(key, []).append(float(value))
+    return series
+
+
+class NewJobScreen(ModalScreen[dict | None]):
+    """teacher, student, data, losses, steps -> a job document (validated by the caller)."""
+
+    DEFAULT_CSS = """
+    NewJobScreen { align: center middle; }
+    NewJobScreen > Vertical { width: 80; height: auto; border: round $primary; background: $surface; padding: 0 1; }
+    """
+    BINDINGS = [Binding("escape", "cancel", "cancel", id="newjob.cancel")]
+    FIELDS = (("teacher", "Teacher"), ("student", "Student (e.g. the plan's output)"), ("data", "Training text"),
+              ("losses", "Losses"), ("steps", "Steps"))
+
+    def __init__(self, defaults: dict[str, str]) -> None:
+        super().__init__()
+        self.defaults = defaults
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("[b]Start a distillation job[/b] (runs in the background; survives quitting)")
+            for key, label in self.FIELDS:
+                yield Label(label)
+                yield Input(value=self.defaults.get(key, ""), id=f"f-{key}")
+            yield Button("start", variant="primary", id="start")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss({key: self.query_one(f"#f-{key}", Input).value.strip() for key, _ in self.FIELDS})
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.on_button_pressed(None)  # type: ignore[arg-type]
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class JobsScreen(Screen):
+    """Jobs table + the selected job's loss curve, refreshed from the event logs every 2 s."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "back", id="jobs.back"),
+        Binding("n", "new_job", "new distill job", id="jobs.new"),
+        Binding("c", "cancel_job", "cancel job", id="jobs.cancel"),
+    ]
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+        self.ids: list[str] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(f"jobs in {self.root}", id="jobs-root")
+        yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
+        yield Static(id="curve")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "jobs"
+        table = self.query_one("#jobs", DataTable)
+        for name in COLUMNS:
+            table.add_column(name, key=name)
+        self.poll()
+        self.set_interval(2.0, self.poll)
+
+    @work(thread=True, exclusive=True, group="jobs-poll", exit_on_error=False, description="reading job logs")
+    def poll(self) -> None:
+        from surgery.jobs.events import read_events
+        from surgery.jobs.status import job_status
+        from surgery.jobs.store import list_jobs
+
+        rows = []
+        for job in list_jobs(self.root):
+            events, _ = read_events(job.path / "events.jsonl")
+            rows.append((job_status(job, events), events))
+        self.app.call_from_thread(self.show, rows)
+
+    def show(self, rows: list) -> None:
+        table = self.query_one("#jobs", DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        self.ids = []
+        for st, _ in rows:
+            loss = st.losses.get("total") if st.losses else None
+            table.add_row(
+                st.id, st.state, f"{st.step}/{st.steps or '?'}", f"{loss:.4g}" if loss is not None else "",
+                f"{st.tokens_per_s:.0f}" if st.tokens_per_s else "", f"{st.eta_s:.0f}s" if st.eta_s else "",
+                ", ".join(f"{k} {v:.4g}" for k, v in (st.eval or {}).items() if isinstance(v, (int, float))),
+            )
+            self.ids.append(st.id)
+        if rows:
+            table.move_cursor(row=min(cursor or 0, len(rows) - 1))
+            _, events = rows[table.cursor_row]
+            series = loss_series(events)
+            width = max(40, (self.size.width or 80) - 4)
+            self.query_one("#curve", Static).update(
+                plotext_chart(series, width, 12, title=f"job {self.ids[table.cursor_row]} losses")
+                if series else "no steps logged yet"
+            )
+        else:
+            self.query_one("#curve", Static).update("no jobs yet: n starts one")
+
+    def action_cancel_job(self) -> None:
+        from surgery.jobs.runner import request_cancel
+        from surgery.jobs.store import find_job
+
+        table = self.query_one("#jobs", DataTable)
+        if not self.ids:
+            return
+        job_id = self.ids[table.cursor_row]
+        self.app.notify(request_cancel(find_job(self.root, job_id)), title=f"job {job_id}")
+
+    def action_new_job(self) -> None:
+        app = self.app
+        defaults = {
+            "teacher": app.source,
+            "student": getattr(app, "last_export", "") or "",
+            "data": _default_data(),
+            "losses": "kl:1.0,ce:0.1",
+            "steps": "100",
+        }
+        self.app.push_screen(NewJobScreen(defaults), self.start_job)
+
+    def start_job(self, fields: dict | None) -> None:
+        if not fields:
+            return
+        try:
+            job_id = start_distill(self.root, fields)
+        except Exception as exc:  # noqa: BLE001 - bad form input is shown, never a crash
+            self.app.notify(str(exc).splitlines()[0], title="job not started", severity="error", timeout=10)
+            return
+        self.app.notify(f"started job {job_id}", title="jobs")
+        self.poll()
+
+
+def _default_data() -> str:
+    candidate = Path(__file__).parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    return str(candidate) if candidate.is_file() else ""
+
+
+def start_distill(root: Path, fields: dict) -> str:
+    """Validate the form like `workbench distill` does, create the job and start its process; returns its id."""
+    from surgery.distill.config import parse_config, parse_losses
+    from surgery.distill.prepare import check_job
+    from surgery.jobs.runner import start_job
+    from surgery.jobs.store import create_job
+
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value
+
+    doc = {"version": 1, "kind": "distill", "teacher": absolute(fields["teacher"]),
+           "student": absolute(fields["student"]), "data": absolute(fields["data"]),
+           "losses": parse_losses(fields["losses"]), "steps": int(fields["steps"])}
+    cfg = parse_config(doc, "job form")
+    check_job(cfg)
+    job = create_job(root, cfg.to_json())
+    start_job(job)
+    return job.id
