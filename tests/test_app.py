@@ -186,3 +186,25 @@ async def test_jobs_panel_lists_jobs_started_elsewhere_with_their_loss_curve(tin
         assert app.screen.ids == [job.id]
         assert "losses" in str(app.screen.query_one("#curve").render())
     assert loss_series(list(map(lambda s: {"event": "step", "losses": {"kl": s}}, [3.0, 2.0]))) == {"kl": [3.0, 2.0]}
+
+
+async def test_compare_screen_shows_original_and_plan_output(tiny_dir, tmp_path):
+    from workbench.screens.compare import CompareScreen, headline_bars
+
+    app = WorkbenchApp(tiny_dir, load_weights=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await opened(pilot, app)
+        for layer in range(3):
+            app.edit(lambda e, i=layer: e.toggle_group(i, 1))
+        app.run_apply(str(tmp_path / "out"))
+        await app.workers.wait_for_complete()
+        app.push_screen(CompareScreen(app.compare_sources(), None, tmp_path / "evals"))
+        await pilot.pause(0.5)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        table = app.screen.query_one("#compare")
+        assert len(table.columns) == 3  # metric, original, pruned
+        labels = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+        assert "params" in labels
+    text = headline_bars(["a", "b"], {"params": [100.0, 50.0]}, width=10)
+    assert "██████████" in text and "█████ " in text

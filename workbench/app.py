@@ -8,6 +8,7 @@ handler turns worker failures into notifications.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterable
 
 from textual import on, work
@@ -37,6 +38,7 @@ class WorkbenchApp(App):
         Binding("question_mark", "help", "help", id="app.help"),
         Binding("p", "plan", "plan", id="app.plan"),
         Binding("j", "jobs", "jobs", id="app.jobs"),
+        Binding("c", "compare", "compare", id="app.compare"),
         Binding("u,ctrl+z", "undo", "undo", id="app.undo"),
         Binding("U,ctrl+y", "redo", "redo", id="app.redo"),
         Binding("t", "next_metric", "metric", id="app.next_metric"),
@@ -251,6 +253,30 @@ class WorkbenchApp(App):
         if not isinstance(self.screen, JobsScreen):
             self.push_screen(JobsScreen(self.jobs_root()))
 
+    def compare_sources(self) -> list[str]:
+        """The original, the plan's latest output, and every finished job's output (newest last)."""
+        from surgery.jobs.status import job_status
+        from surgery.jobs.store import list_jobs
+
+        sources = [self.model_path or self.source]
+        if self.last_export:
+            sources.append(self.last_export)
+        for job in list_jobs(self.jobs_root()):
+            st = job_status(job)
+            if st.state == "done" and st.output and Path(st.output).is_dir() and st.output not in sources:
+                sources.append(st.output)
+        return sources
+
+    def action_compare(self) -> None:
+        from workbench.screens.compare import CompareScreen
+        from workbench.screens.jobs import _default_data
+
+        if self.editor is None or isinstance(self.screen, CompareScreen):
+            return
+        records = self.session.path / "evals" if self.session is not None else None
+        data = _default_data().replace("tinyshakespeare/input.txt", "wikitext-2-raw/wiki.test.raw") or None
+        self.push_screen(CompareScreen(self.compare_sources(), data, records))
+
     def action_undo(self) -> None:
         if self.editor is not None and not self.editor.undo():
             self.notify("nothing to undo")
@@ -374,6 +400,7 @@ class WorkbenchApp(App):
         yield SystemCommand("plan: Save as...", "write the plan file", self.action_save_plan)
         yield SystemCommand("plan: Apply", "write the pruned model", self.action_apply_plan)
         yield SystemCommand("jobs: Show", "distill / redistill jobs and their loss curves", self.action_jobs)
+        yield SystemCommand("compare: Models", "original vs the plan's output vs job outputs", self.action_compare)
         yield SystemCommand("marks: Undo", "undo the last mark", self.action_undo)
         yield SystemCommand("marks: Redo", "redo", self.action_redo)
         yield SystemCommand("marks: Mark lowest N%", "heads / groups / neurons by the metric", self.action_mark_lowest)
