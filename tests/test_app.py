@@ -208,3 +208,31 @@ async def test_compare_screen_shows_original_and_plan_output(tiny_dir, tmp_path)
         assert "params" in labels
     text = headline_bars(["a", "b"], {"params": [100.0, 50.0]}, width=10)
     assert "██████████" in text and "█████ " in text
+
+
+async def test_score_in_the_app_is_cached_in_the_session_and_reused(tiny_dir, tmp_path):
+    from sessions import Session, describe_source
+    from test_metrics import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / tiny_dir)  # scoring tokenizes text: give the model a tokenizer
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    session, _ = Session.open_or_create("sc", describe_source(tiny_dir), root=tmp_path / "home")
+    app = WorkbenchApp(tiny_dir, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        app.run_scoring({"data": str(text), "tokens": "256", "seq_len": "32", "methods": "head-grad,neuron-taylor"})
+        for _ in range(200):
+            await pilot.pause(0.05)
+            if app.scores is not None:
+                break
+        assert app.scores is not None and app.metric_for("head") == "head_grad"
+    session.close()
+    assert len(list((tmp_path / "home" / "sc" / "scores").glob("*.safetensors"))) == 1
+    session = Session.open("sc", root=tmp_path / "home")
+    app = WorkbenchApp(tiny_dir, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        await pilot.pause(0.2)
+        assert app.scores is not None  # reused, not recomputed
+    session.close()

@@ -37,6 +37,8 @@ class WorkbenchApp(App):
     BINDINGS = [
         Binding("question_mark", "help", "help", id="app.help"),
         Binding("p", "plan", "plan", id="app.plan"),
+        Binding("s", "score", "score", id="app.score"),
+        Binding("ctrl+c", "cancel_scoring", "cancel scoring", show=False, id="app.cancel_scoring"),
         Binding("j", "jobs", "jobs", id="app.jobs"),
         Binding("c", "compare", "compare", id="app.compare"),
         Binding("u,ctrl+z", "undo", "undo", id="app.undo"),
@@ -109,6 +111,8 @@ class WorkbenchApp(App):
         self.fingerprint_source()
         if self.scores_path:
             self.read_scores(self.scores_path)
+        elif self.session is not None:
+            self.reuse_session_scores()
 
     @work(thread=True, exclusive=True, group="fingerprint", exit_on_error=False, description="fingerprinting")
     def fingerprint_source(self) -> None:
@@ -209,6 +213,66 @@ class WorkbenchApp(App):
             self.metrics[kind] = self.scores.first_available(candidates)
         self.notify(f"scores: {', '.join(self.scores.metrics())}")
         self.refresh_views()
+
+    @work(thread=True, exclusive=True, group="scores", exit_on_error=False, description="reading cached scores")
+    def reuse_session_scores(self) -> None:
+        """The session's newest score file for these weights (scores are cached per session)."""
+        from surgery.importance import ScoreMismatch, load_scores
+
+        files = sorted((self.session.path / "scores").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        for path in reversed(files):
+            try:
+                scores = load_scores(path, model_fingerprint=self.session.model.fingerprint)
+            except (ScoreMismatch, UserError):
+                continue
+            self.post_message(ScoresReady(ScoreView.from_tensors(scores.tensors, self.editor.shape.spec, str(path))))
+            return
+
+    def action_score(self) -> None:
+        from workbench.screens.jobs import _default_data
+        from workbench.screens.score import DEFAULT_METHODS, ScoreFormScreen
+
+        if self.editor is None:
+            return
+        data = _default_data().replace("tinyshakespeare/input.txt", "wikitext-2-raw/wiki.test.raw")
+        defaults = {"data": data, "tokens": "4096", "seq_len": "256", "methods": DEFAULT_METHODS}
+        self.push_screen(ScoreFormScreen(defaults), self._start_scoring)
+
+    def _start_scoring(self, fields: dict | None) -> None:
+        if fields:
+            self.run_scoring(fields)
+
+    @work(thread=True, exclusive=True, group="score", exit_on_error=False, description="scoring")
+    def run_scoring(self, fields: dict) -> None:
+        from textual.worker import get_current_worker
+
+        from surgery.importance import Cancelled, save_scores, score_source
+
+        worker = get_current_worker()
+
+        def progress(done: int, total: int) -> None:
+            self.post_message(StatusText("scoring", f"{done}/{total} tokens (ctrl+c cancels)"))
+
+        try:
+            scores = score_source(self.model_path, fields["data"] or None, fields["methods"],
+                                  tokens=int(fields["tokens"]), seq_len=int(fields["seq_len"]),
+                                  progress=progress, cancel=worker.cancelled_event)
+        except Cancelled:
+            self.post_message(StatusText("scoring", "cancelled"))
+            return
+        except ValueError as exc:
+            raise UserError(f"score form: {exc}") from None
+        finally:
+            self.post_message(StatusText("scoring", ""))
+        where = ""
+        if self.session is not None and not self.session.readonly:
+            path = self.session.path / "scores" / f"scores-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+            save_scores(path, scores)
+            where = str(path)
+        self.post_message(ScoresReady(ScoreView.from_tensors(scores.tensors, self.editor.shape.spec, where)))
+
+    def action_cancel_scoring(self) -> None:
+        self.workers.cancel_group(self, "score")
 
     def metric_for(self, kind: str) -> str | None:
         return self.metrics.get(kind)
@@ -404,6 +468,7 @@ class WorkbenchApp(App):
         yield SystemCommand("marks: Undo", "undo the last mark", self.action_undo)
         yield SystemCommand("marks: Redo", "redo", self.action_redo)
         yield SystemCommand("marks: Mark lowest N%", "heads / groups / neurons by the metric", self.action_mark_lowest)
+        yield SystemCommand("scores: Compute", "score heads, neurons, layers, spectra on text", self.action_score)
         yield SystemCommand("scores: Load file", "a score file from `workbench score`", self.action_load_scores)
         yield SystemCommand("scores: Next metric", "cycle the importance metric", self.action_next_metric)
         for theme in THEMES:
