@@ -1,8 +1,115 @@
-"""`workbench score` (importance scoring issue): in progress."""
+"""`workbench score SOURCE --data FILE --method ... --out scores.safetensors`: importance scores on calibration text.
+
+A progress bar (tokens done, tokens/s, ETA) on a terminal; with `--json`, one JSON document and nothing else.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
 
-def score() -> None:
-    """Score heads, KV groups, neurons, layers and singular values on calibration text (not yet built)."""
-    raise NotImplementedError("workbench score lands with the importance-scoring issue")
+import typer
+
+from surgery.errors import UserError
+from workbench.cli_common import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, err, fmt_int, out, print_json
+
+
+def _check_out(path: Path) -> None:
+    """Fail before loading anything when the score file cannot be written."""
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory: name a file, e.g. {path / 'scores.safetensors'}")
+    probe = path.absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {probe} is not a writable directory")
+
+
+def _progress_bar(enabled: bool):
+    """(rich Progress or None, status(message), progress(done, total)) for the library callbacks."""
+    if not enabled:
+        return None, None, None
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Tokens(ProgressColumn):
+        def render(self, task):
+            if task.total is None:
+                return Text("")
+            return Text(f"{int(task.completed):,}/{int(task.total):,} tokens")
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:,.0f} tok/s" if task.speed else "", style="cyan")
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), Tokens(), Rate(), TimeRemainingColumn(),
+                   console=err, transient=True)
+    task = bar.add_task("starting", total=None)
+
+    def status(message: str) -> None:
+        bar.update(task, description=message)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total, description="scoring")
+
+    return bar, status, progress
+
+
+def score(
+    source: Annotated[str, typer.Argument(help="Model source: HF directory, hub id, .gguf file or smollm2-135m.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Score file to write (.safetensors).")],
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Calibration text: .txt, .jsonl, .parquet or "
+                                             "hf:NAME[:CONFIG[:SPLIT]].")] = None,
+    method: Annotated[str, typer.Option("--method", help="Comma-separated: head-grad, kv-group-grad, head-taylor, "
+                                        "neuron-taylor, head-act, neuron-act, neuron-wanda, layer-bi, head-ablate, "
+                                        "layer-ablate, sv, sv-act, sv-grad, head-magnitude, neuron-magnitude; "
+                                        "or fast (all but ablation), ablate, all.")] = "fast",
+    tokens: Annotated[int, typer.Option(help="Calibration tokens (the first tokens // seq-len blocks).")] = 16384,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per block.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward+backward.")] = 8,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16 or auto.")] = "float32",
+    autocast: Annotated[str, typer.Option(help="Run the passes under torch.autocast: none, bf16 or fp16 "
+                                          "(for GPUs).")] = "none",
+    text_field: Annotated[str | None, typer.Option("--text-field", help="Field/column holding the text "
+                                                   "(.jsonl / .parquet / hf:).")] = None,
+    json_out: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> None:
+    """Score heads, KV groups, neurons, layers and singular values on calibration text; write one score file."""
+    from surgery.importance import parse_methods, save_scores, score_source  # torch: imported only when needed
+
+    parse_methods(method)  # a typo fails before anything loads
+    _check_out(out_file)
+    bar, status, progress = _progress_bar(not json_out and err.is_terminal)
+    if bar is not None:
+        bar.start()
+    try:
+        scores = score_source(source, data, method, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                              device=device, dtype=dtype, autocast=autocast, text_field=text_field,
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
+                              status=status)
+        if status:
+            status("writing scores")
+        save_scores(out_file, scores)
+    finally:
+        if bar is not None:
+            bar.stop()
+    meta = scores.meta
+    rate = meta.tokens / meta.seconds if meta.seconds else None
+    if json_out:
+        print_json({
+            "out": str(out_file),
+            "metrics": sorted(scores.metrics()),
+            "tensors": len(scores.tensors),
+            "tokens_per_second": round(rate, 1) if rate else None,
+            **meta.model_dump(exclude_none=True),
+        })
+        return
+    out.print(
+        f"[green]wrote[/] {out_file}: {len(scores.metrics())} metric(s), {fmt_int(len(scores.tensors))} tensors, "
+        f"{fmt_int(meta.tokens)} tokens in {meta.seconds:.1f}s"
+        + (f" ({rate:,.0f} tokens/s)" if rate else "")
+    )

@@ -1,8 +1,102 @@
-"""`workbench plan suggest` (importance scoring issue): in progress."""
+"""`workbench plan suggest [SOURCE] --scores FILE --target-params 0.8 --out plan.json`: scores -> a valid plan."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
 
-def suggest() -> None:
-    """Turn scores into a valid plan for a target size (not yet built)."""
-    raise NotImplementedError("workbench plan suggest lands with the importance-scoring issue")
+import typer
+
+from surgery.errors import UserError
+from workbench.cli_common import (
+    AllowPickleOpt,
+    JsonOpt,
+    TrustRemoteCodeOpt,
+    err,
+    fmt_int,
+    out,
+    print_json,
+    status,
+)
+
+
+def _per_layer(counts: dict, what: str) -> str:
+    values = sorted(set(counts.values()))
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]} {what} in {len(counts)} layer(s)"
+    return f"{min(values)}-{max(values)} {what} in {len(counts)} layer(s)"
+
+
+def suggest(
+    source: Annotated[str | None, typer.Argument(help="Model source (default: the model the scores name).")] = None,
+    scores: Annotated[list[Path] | None, typer.Option("--scores", "-s", help="Score file from `workbench score` "
+                                                      "(repeat for several).")] = None,
+    target_params: Annotated[float | None, typer.Option("--target-params", help="Fraction of parameters kept, "
+                                                        "e.g. 0.8.")] = None,
+    heads: Annotated[str | None, typer.Option(help="Query heads to remove: 25% or a count.")] = None,
+    neurons: Annotated[str | None, typer.Option(help="MLP neurons to remove: 20% or a count.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Whole layers to drop: a count or a percentage.")] = None,
+    non_uniform: Annotated[bool, typer.Option("--non-uniform", help="Let layers differ (loads with surgery.load; "
+                                              "uniform plans load with plain transformers).")] = False,
+    head_metric: Annotated[str | None, typer.Option("--head-metric", help="Default: head-ablate, head-grad, "
+                                                    "head-taylor, head-act, head-magnitude (first present).")] = None,
+    neuron_metric: Annotated[str | None, typer.Option("--neuron-metric", help="Default: neuron-taylor, "
+                                                      "neuron-wanda, neuron-act, neuron-magnitude.")] = None,
+    layer_metric: Annotated[str | None, typer.Option("--layer-metric", help="Default: layer-ablate, "
+                                                     "layer-bi.")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file to write (default: print "
+                                                  "the plan on stdout).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Use scores computed for other weights or data.")] = False,
+    json_out: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> None:
+    """Turn scores into a valid plan for a size target (uniform across layers unless --non-uniform)."""
+    from surgery.suggest import Target, parse_amount, suggest_for_source  # torch: imported only when needed
+
+    if not scores:
+        raise UserError("no scores: pass --scores FILE (from `workbench score`)")
+    target = Target(
+        params=target_params,
+        heads=parse_amount(heads, "heads") if heads is not None else None,
+        neurons=parse_amount(neurons, "neurons") if neurons is not None else None,
+        layers=parse_amount(layers, "layers") if layers is not None else None,
+    )
+    metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric}
+    with status(not json_out) as progress:
+        s = suggest_for_source(source, scores, target, uniform=not non_uniform, metrics=metrics, force=force,
+                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+    if out_file is not None:
+        s.plan.save(out_file)
+    kept = s.params_after / s.params_before
+    if json_out:
+        print_json({
+            "out": str(out_file) if out_file else None,
+            "plan": s.plan.model_dump(mode="json", exclude_none=True),
+            "params_before": s.params_before,
+            "params_after": s.params_after,
+            "target_params": s.target_params,
+            "granularity": s.granularity,
+            "kept_fraction": round(kept, 6),
+            "summary": s.summary,
+        })
+        return
+    if out_file is None:
+        print(s.plan.to_json(), end="")
+    parts = [p for p in (
+        f"dropped layers {s.summary['layers_dropped']}" if s.summary.get("layers_dropped") else "",
+        _per_layer(s.summary.get("heads_removed", {}), "heads"),
+        _per_layer(s.summary.get("neurons_removed", {}), "neurons"),
+    ) if p]
+    target = f" (target {fmt_int(s.target_params)}, step {fmt_int(s.granularity)})" if s.target_params else ""
+    where = f"wrote {out_file}" if out_file else "plan"
+    loads = "plain transformers" if not non_uniform else "surgery.load (per-layer shapes)"
+    (out if out_file else err).print(
+        f"[green]{where}[/]: {len(s.plan.steps)} step(s); params {fmt_int(s.params_before)} -> "
+        f"{fmt_int(s.params_after)} ({kept:.1%} kept){target}; removes {'; '.join(parts) or 'nothing'}; "
+        f"by {', '.join(f'{k}={v}' for k, v in s.plan.provenance.get('metrics', {}).items())}; "
+        f"{'uniform' if not non_uniform else 'non-uniform'}, "
+        f"expected to load with {loads}"
+    )

@@ -1,0 +1,367 @@
+"""Allocation for `surgery.suggest`: parameter costs per component, GQA-legal head states, and the choice of
+what to remove in every layer for a target (uniform or per layer).
+
+Scores: higher = more important, for every metric; the lowest go first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from surgery.errors import UserError
+from surgery.importance.layout import LayerSite, ModelLayout
+from surgery.importance.scorefile import ScoreFile
+
+PREFERRED = {
+    "heads": ("head_ablate", "head_grad", "head_taylor", "head_act", "head_magnitude"),
+    "neurons": ("neuron_taylor", "neuron_wanda", "neuron_act", "neuron_magnitude"),
+    "layers": ("layer_ablate", "layer_bi"),
+}
+_HOW = {"heads": "head-grad", "neurons": "neuron-taylor", "layers": "layer-bi"}
+
+
+@dataclass
+class Costs:
+    """Parameters owned by one query head, one KV group (its k/v heads), one neuron, one layer; per layer."""
+
+    head: list[int]
+    kv: list[int]
+    neuron: list[int]
+    layer: list[int]
+    total: int
+
+
+def meta_model(config_dict: dict):
+    """The model of a config.json dict on the meta device (shapes only, no memory); surgery checkpoints too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if config_dict.get("surgery_layers"):
+        from surgery.export import restructure_to_config
+
+        restructure_to_config(model, config_dict)
+    return model
+
+
+def _numel(module, names=("weight", "bias")) -> int:
+    return sum(getattr(module, n).numel() for n in names if getattr(module, n, None) is not None)
+
+
+def _layer_costs(site: LayerSite, spec) -> tuple[int, int, int]:
+    head = kv = neuron = 0
+    if site.o_proj is not None and site.heads:
+        attn = site.module.get_submodule(spec.attn)
+        h, n_kv = site.heads, site.kv_heads
+        if spec.qkv:  # rows [q heads | k heads | v heads], every head the same number of rows
+            per = _numel(attn.get_submodule(spec.qkv)) // (h + 2 * n_kv)
+            head, kv = per, 2 * per
+        else:
+            head = _numel(attn.get_submodule(spec.q)) // h
+            kv = (_numel(attn.get_submodule(spec.k)) + _numel(attn.get_submodule(spec.v))) // n_kv
+        head += _numel(site.o_proj, ("weight",)) // h  # o_proj columns; its bias is not per head
+    if site.down is not None and site.width:
+        mlp = site.module.get_submodule(spec.mlp)
+        names = (spec.gate_up,) if spec.gate_up else tuple(n for n in (spec.gate, spec.up) if n)
+        neuron = sum(_numel(mlp.get_submodule(n)) for n in names) // site.width
+        neuron += _numel(site.down, ("weight",)) // site.width
+    return head, kv, neuron
+
+
+def layer_costs(layout: ModelLayout, total: int) -> Costs:
+    per = [_layer_costs(s, layout.spec) for s in layout.layers]
+    layer = [sum(p.numel() for p in s.module.parameters()) for s in layout.layers]
+    return Costs([p[0] for p in per], [p[1] for p in per], [p[2] for p in per], layer, total)
+
+
+@dataclass
+class HeadState:
+    m: int  # kept KV groups
+    k: int  # kept query heads per kept group
+    removed: list[int]
+    params: int
+    cost: float
+
+
+def head_states(scores: torch.Tensor, n_kv: int, head_cost: int, kv_cost: int) -> list[HeadState]:
+    """Every GQA-legal way to prune one layer, best heads kept for each (m groups x k heads); includes no cut."""
+    h = scores.numel()
+    g = h // n_kv
+    s = scores.double().view(n_kv, g)
+    order = torch.argsort(-s, dim=1, stable=True)  # per group, best first
+    states = []
+    for k in range(1, g + 1):
+        kept_value = s.gather(1, order[:, :k]).sum(1)  # (n_kv,)
+        groups = torch.argsort(-kept_value, stable=True)
+        for m in range(1, n_kv + 1):
+            keep = {int(grp) * g + int(j) for grp in groups[:m] for j in order[int(grp), :k]}
+            removed = [i for i in range(h) if i not in keep]
+            params = len(removed) * head_cost + (n_kv - m) * kv_cost
+            states.append(HeadState(m, k, removed, params, float(scores.double()[removed].sum()) if removed else 0.0))
+    return states
+
+
+def hull_allocate(options: list[list[tuple[float, float]]], budget: float) -> list[int]:
+    """Pick one option per layer so the summed amount is closest to `budget` at low summed cost.
+
+    options[l] is a list of (amount, cost) including (0, 0). A convex-hull greedy: per layer, the lower convex hull
+    of its options; all hull segments across layers are taken in order of cost per amount while they bring the
+    total closer to the budget. Returns the chosen option index per layer.
+    """
+    choice = [0] * len(options)
+    segments = []
+    for layer, opts in enumerate(options):
+        order = sorted(range(len(opts)), key=lambda i: (opts[i][0], opts[i][1]))
+        start = next(i for i in order if opts[i][0] == 0)
+        hull = [start]
+        for i in order:
+            a, c = opts[i]
+            if a <= opts[hull[-1]][0]:
+                continue
+            while len(hull) >= 2:  # pop while the last point lies on or above the chord
+                (a1, c1), (a2, c2) = opts[hull[-2]], opts[hull[-1]]
+                if (c2 - c1) * (a - a1) >= (c - c1) * (a2 - a1):
+                    hull.pop()
+                else:
+                    break
+            hull.append(i)
+        choice[layer] = start
+        for j in range(1, len(hull)):
+            (a1, c1), (a2, c2) = opts[hull[j - 1]], opts[hull[j]]
+            segments.append(((c2 - c1) / (a2 - a1), layer, j, hull[j], a2 - a1))
+    segments.sort()
+    total, frozen = 0.0, set()
+    for _, layer, _, to, d in segments:
+        if layer in frozen:
+            continue
+        if total + d <= budget or (total + d - budget) < (budget - total):
+            total += d
+            choice[layer] = to
+            if total >= budget:
+                break
+        else:
+            frozen.add(layer)  # later segments of this layer are steeper and need this one first
+    return choice
+
+
+def pick_metric(scores: ScoreFile, kind: str, wanted: str | None) -> str:
+    have = scores.metrics()
+    if wanted:
+        metric = wanted.replace("-", "_")
+        if metric not in have:
+            raise UserError(f"the scores have no {metric!r} (they have: {', '.join(sorted(have))})")
+        return metric
+    for metric in PREFERRED[kind]:
+        if metric in have:
+            return metric
+    raise UserError(
+        f"the scores have no {kind[:-1]} metric ({', '.join(PREFERRED[kind])}): score with --method {_HOW[kind]}"
+    )
+
+
+def scores_for(scores: ScoreFile, path: str, metric: str, size: int) -> torch.Tensor:
+    t = scores.get(path, metric)
+    if t is None or t.numel() != size:
+        got = "missing" if t is None else f"{t.numel()} values"
+        raise UserError(f"score {path}/{metric} is {got}, the model needs {size}: scores for another model?")
+    return t.float()
+
+
+
+
+class Allocator:
+    """Decides what every layer loses for a Target; `run()` returns plan steps (dicts).
+
+    Attributes after run(): `used` (component -> metric name), `summary` (per-layer counts), `granularity`
+    (parameters of the finest step used to hit a parameter target).
+    """
+
+    def __init__(self, layout: ModelLayout, costs: Costs, scores: ScoreFile, target, uniform: bool,
+                 metrics: dict[str, str | None]):
+        self.layout, self.costs, self.scores, self.target, self.uniform = layout, costs, scores, target, uniform
+        self.wanted = metrics
+        self.used: dict[str, str] = {}
+        self.summary: dict = {}
+        self.granularity = 0
+        self.removed = 0  # parameters removed so far
+        self.dropped: list[int] = []
+        self.heads: dict[int, HeadState] = {}
+        self.neurons: dict[int, list[int]] = {}
+
+    # -- scores ------------------------------------------------------------------------------------------------
+    def _metric(self, kind: str) -> str:
+        if kind not in self.used:
+            self.used[kind] = pick_metric(self.scores, kind, self.wanted.get(kind))
+        return self.used[kind]
+
+    def _head_sites(self) -> list[LayerSite]:
+        return [s for s in self.layout.layers if s.index not in self.dropped and s.o_proj is not None and s.heads]
+
+    def _mlp_sites(self) -> list[LayerSite]:
+        return [s for s in self.layout.layers if s.index not in self.dropped and s.down is not None and s.width > 1]
+
+    # -- components --------------------------------------------------------------------------------------------
+    def _drop_layers(self, amount) -> None:
+        n = len(self.layout.layers)
+        count = amount.count(n)
+        if count >= n:
+            raise UserError(f"--layers {amount} would drop all {n} layers; keep at least one")
+        if count <= 0:
+            return
+        metric = self._metric("layers")
+        s = scores_for(self.scores, self.layout.model_path, metric, n)
+        self.dropped = sorted(int(i) for i in torch.argsort(s, stable=True)[:count])
+        self.removed += sum(self.costs.layer[i] for i in self.dropped)
+
+    def _choose_heads(self, budget: float, unit: str, cap: float) -> None:
+        """Remove heads so the amount (`unit`: "heads" or "params") is closest to `budget`, params <= `cap`."""
+        sites = self._head_sites()
+        if not sites or budget <= 0:
+            return
+        metric = self._metric("heads")
+        per_layer = []
+        for site in sites:
+            sc = scores_for(self.scores, site.attn_path, metric, site.heads)
+            per_layer.append(head_states(sc, site.kv_heads, self.costs.head[site.index], self.costs.kv[site.index]))
+
+        def amount(st: HeadState) -> float:
+            return len(st.removed) if unit == "heads" else st.params
+
+        if self.uniform:
+            if len({(s.heads, s.kv_heads) for s in sites}) > 1:
+                raise UserError("layers differ in head counts: a uniform cut is impossible, pass --non-uniform")
+            candidates = []
+            for j in range(len(per_layer[0])):
+                states = [states[j] for states in per_layer]
+                params = sum(st.params for st in states)
+                if params <= cap:
+                    total = sum(amount(st) for st in states)
+                    candidates.append((abs(total - budget), sum(st.cost for st in states), j))
+            j = min(candidates)[2]
+            chosen = [states[j] for states in per_layer]
+        else:
+            options = [[(amount(st), st.cost) for st in states] + [(0, 0.0)] for states in per_layer]
+            picks = hull_allocate(options, budget)
+            chosen = [states[p] if p < len(states) else None for states, p in zip(per_layer, picks)]
+        for site, st in zip(sites, chosen):
+            if st is not None and st.removed:
+                self.heads[site.index] = st
+                self.removed += st.params
+
+    def _choose_neurons(self, budget: float, unit: str) -> None:
+        """Remove neurons so the amount (`unit`: "neurons" or "params") is closest to `budget`."""
+        sites = self._mlp_sites()
+        if not sites or budget <= 0:
+            return
+        metric = self._metric("neurons")
+        scores = {s.index: scores_for(self.scores, s.mlp_path, metric, s.width) for s in sites}
+        cost = {s.index: (1 if unit == "neurons" else self.costs.neuron[s.index]) for s in sites}
+        if self.uniform:
+            step = sum(cost.values())
+            per = round(budget / step)
+            most = min(s.width for s in sites) - 1
+            if per > most:
+                raise UserError(
+                    f"the target needs {per} neurons removed per layer but layers have {most + 1}: "
+                    "lower the target, or drop whole layers with --layers"
+                )
+            for s in sites:
+                if per:
+                    self.neurons[s.index] = sorted(int(i) for i in torch.argsort(scores[s.index], stable=True)[:per])
+            self.granularity = sum(self.costs.neuron[s.index] for s in sites)
+        else:
+            ranked = sorted((float(v), s.index, j) for s in sites for j, v in enumerate(scores[s.index].tolist()))
+            left = {s.index: s.width - 1 for s in sites}  # every layer keeps at least one neuron
+            total = 0.0
+            for _, layer, j in ranked:
+                if left[layer] == 0:
+                    continue
+                d = cost[layer]
+                if total + d > budget and total + d - budget >= budget - total:
+                    break
+                total += d
+                left[layer] -= 1
+                self.neurons.setdefault(layer, []).append(j)
+            for layer in self.neurons:
+                self.neurons[layer].sort()
+            self.granularity = max(self.costs.neuron[s.index] for s in sites)
+        self.removed += sum(len(v) * self.costs.neuron[i] for i, v in self.neurons.items())
+
+    # -- the whole target --------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        t = self.target
+        goal = None if t.params is None else self.costs.total * (1 - t.params)
+        if goal is not None and t.heads is not None and t.neurons is not None:
+            raise UserError("--target-params with both --heads and --neurons leaves nothing to adjust; drop one")
+        if goal is None and not (t.heads or t.neurons or t.layers):
+            raise UserError("no target: pass --target-params 0.8, or --heads / --neurons / --layers amounts")
+        if t.layers is not None:
+            self._drop_layers(t.layers)
+        if t.heads is not None:
+            total = sum(s.heads for s in self._head_sites())
+            self._choose_heads(t.heads.count(total), "heads", float("inf"))
+        if t.neurons is not None:
+            total = sum(s.width for s in self._mlp_sites())
+            self._choose_neurons(t.neurons.count(total), "neurons")
+        if goal is not None:
+            remaining = goal - self.removed
+            if remaining < 0:
+                raise UserError(
+                    f"the component amounts already remove {self.removed:,} parameters, more than --target-params "
+                    f"{t.params} allows ({round(goal):,}); lower them or raise the target"
+                )
+            if t.heads is None and t.neurons is None:
+                attn = sum(s.heads * self.costs.head[s.index] + s.kv_heads * self.costs.kv[s.index]
+                           for s in self._head_sites())
+                mlp = sum(s.width * self.costs.neuron[s.index] for s in self._mlp_sites())
+                # the same fraction from attention and MLP; heads are coarse, so never past the remaining budget
+                share = remaining * attn / (attn + mlp) if attn + mlp else 0
+                self._choose_heads(share, "params", remaining)
+            if t.neurons is None:
+                self._choose_neurons(goal - self.removed, "params")
+            else:
+                self._choose_heads(goal - self.removed, "params", float("inf"))
+                self.granularity = self._head_step()
+        return self._steps()
+
+    def _head_step(self) -> int:
+        """Parameters of the smallest head cut (in every layer when uniform): heads filled the target."""
+        steps = [min(self.costs.head[s.index], self.costs.kv[s.index] or self.costs.head[s.index])
+                 for s in self._head_sites()]
+        if not steps:
+            return 0
+        return sum(steps) if self.uniform else max(steps)
+
+    def _steps(self) -> list[dict]:
+        steps: list[dict] = []
+        heads_removed, groups_removed, neurons_removed = {}, {}, {}
+        for site in self.layout.layers:
+            st = self.heads.get(site.index)
+            if st is not None:
+                g = site.group_size
+                removed = set(st.removed)
+                groups = [grp for grp in range(site.kv_heads) if set(range(grp * g, (grp + 1) * g)) <= removed]
+                rest = sorted(removed - {h for grp in groups for h in range(grp * g, (grp + 1) * g)})
+                if g == 1:  # one head per group (GPT-2, MHA): heads and groups are the same thing
+                    groups, rest = [], sorted(removed)
+                if groups:
+                    steps.append({"op": "prune_kv_groups", "layer": site.index, "groups": groups})
+                if rest:
+                    steps.append({"op": "prune_heads", "layer": site.index, "heads": rest})
+                heads_removed[site.index] = len(removed)
+                groups_removed[site.index] = site.kv_heads - st.m
+            if self.neurons.get(site.index):
+                steps.append({"op": "prune_neurons", "layer": site.index, "neurons": self.neurons[site.index]})
+                neurons_removed[site.index] = len(self.neurons[site.index])
+        if self.dropped:
+            steps.append({"op": "drop_layers", "layers": self.dropped})
+        self.summary = {
+            "layers_dropped": self.dropped,
+            "heads_removed": heads_removed,
+            "kv_groups_removed": groups_removed,
+            "neurons_removed": neurons_removed,
+        }
+        return steps

@@ -1,0 +1,117 @@
+"""`score_source`: what `workbench score` does, as one library call (resolve, load, tokenize, score, describe).
+
+Checks that cost nothing come first (method names, sizes, device), so a typo never waits for a model to load.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from surgery.errors import UserError
+from surgery.importance.methods import parse_methods
+from surgery.importance.runner import TokenProgress, score_model
+from surgery.importance.scorefile import ScoreFile, ScoreMeta
+
+_AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_DATA_FREE = {"sv", "head_magnitude", "neuron_magnitude"}
+
+
+def parse_autocast(name: str | None) -> torch.dtype | None:
+    """"none" / None -> None, "bf16" / "bfloat16" / "fp16" -> the torch dtype; anything else is a UserError."""
+    if name is None or str(name).lower() in ("", "none", "off"):
+        return None
+    dtype = _AUTOCAST.get(str(name).lower())
+    if dtype is None:
+        raise UserError(f"unknown --autocast {name!r} (use none, bf16 or fp16)")
+    return dtype
+
+
+def score_source(
+    source: str,
+    data: str | None,
+    methods: str,
+    *,
+    tokens: int | None = 16384,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    autocast: str | None = None,
+    text_field: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: TokenProgress | None = None,
+    status: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> ScoreFile:
+    """Score a model source on calibration text; returns the scores with their metadata (not yet saved).
+
+    Args:
+        source: model source (HF directory, hub id, .gguf, "smollm2-135m").
+        data: calibration text (see surgery.data); may be None only for data-free methods (sv, *-magnitude).
+        methods: comma-separated method names or aliases (see surgery.importance.methods).
+        tokens, seq_len, batch_size: calibration size: the first tokens // seq_len blocks, batched in order.
+        device, dtype: where and in which dtype to load the weights.
+        autocast: "bf16"/"fp16" to run the passes under torch.autocast (GPU), None for the weights' dtype.
+        progress: progress(tokens_done, tokens_total) during the passes.
+        status: one-line messages while the model is fetched, loaded and the text tokenized.
+        cancel: set it to stop between batches (raises Cancelled).
+    """
+    from surgery.data import load_blocks
+    from surgery.loading import check_device, load_model, parse_dtype
+    from surgery.pipeline import source_fingerprint, versions
+
+    chosen = parse_methods(methods)
+    metrics = {m.metric for m in chosen}
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    if tokens is not None and tokens < seq_len:
+        raise UserError(f"--tokens ({tokens}) must be at least --seq-len ({seq_len})")
+    needs_data = bool(metrics - _DATA_FREE)
+    if needs_data and not data:
+        raise UserError("these methods need calibration text: pass --data FILE (e.g. wiki.test.raw)")
+    check_device(device)
+    parse_dtype(dtype)
+    autocast_dtype = parse_autocast(autocast)
+
+    say = status or (lambda message: None)
+    loaded = load_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code, progress=status)
+    say("fingerprinting weights")
+    fingerprint = source_fingerprint(loaded.resolved)
+    blocks = None
+    if needs_data:
+        say("tokenizing calibration text")
+        blocks = load_blocks(data, loaded.tokenizer, seq_len, tokens, text_field=text_field)
+    batches = list(blocks.batches(batch_size)) if blocks is not None else []
+    say("scoring")
+    start = time.perf_counter()
+    tensors = score_model(loaded.model, batches, chosen, autocast_dtype=autocast_dtype, progress=progress,
+                          cancel=cancel)
+    seconds = time.perf_counter() - start
+    import surgery
+
+    meta = ScoreMeta(
+        methods=[m.name for m in chosen],
+        model_source=loaded.resolved.original,
+        model_fingerprint=fingerprint,
+        family=loaded.config_dict.get("model_type"),
+        data_source=blocks.source if blocks else None,
+        data_fingerprint=blocks.fingerprint if blocks else None,
+        tokens=blocks.num_tokens if blocks else 0,
+        seq_len=blocks.seq_len if blocks else None,
+        batch_size=batch_size if blocks else None,
+        dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        autocast=str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
+        device=device,
+        library_version=surgery.__version__,
+        versions=versions(),
+        seconds=round(seconds, 3),
+    )
+    return ScoreFile(meta, tensors)
