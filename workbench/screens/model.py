@@ -11,7 +11,8 @@ from workbench.cli_common import fmt_params
 from workbench.plots import bar
 from workbench.widgets.totals import TotalsBar
 
-COLUMNS = ("layer", "heads", "KV", "MLP", "params", "importance", "state")
+# explicit widths: auto-sized columns were seen keeping their first (header-only) width after clear() + re-add
+COLUMNS = {"layer": 5, "heads": 7, "KV": 5, "MLP": 11, "params": 8, "importance": 11, "state": 22}
 
 
 class ModelScreen(Screen):
@@ -33,8 +34,8 @@ class ModelScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#layers", DataTable)
-        for name in COLUMNS:
-            table.add_column(name, key=name)
+        for name, width in COLUMNS.items():
+            table.add_column(name, key=name, width=width)
         self.refresh_table()
 
     def refresh_table(self) -> None:
