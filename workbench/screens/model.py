@@ -12,7 +12,7 @@ from workbench.plots import bar
 from workbench.widgets.totals import TotalsBar
 
 # explicit widths: auto-sized columns were seen keeping their first (header-only) width after clear() + re-add
-COLUMNS = {"layer": 5, "heads": 7, "KV": 5, "MLP": 11, "params": 8, "importance": 11, "state": 22}
+COLUMNS = {"layer": 5, "heads": 7, "KV": 5, "MLP": 11, "params": 8, "importance": 11, "state": 16}
 
 
 class ModelScreen(Screen):
