@@ -171,6 +171,7 @@ def main() -> None:
     scores = ScoreFile(meta, tensors)  # in memory only, so the extra "random" metric names are fine
     runs = [
         ("head-grad + neuron-taylor", {"heads": "head_grad", "neurons": "neuron_taylor"}, True),
+        ("head-delta + neuron-taylor", {"heads": "head_delta", "neurons": "neuron_taylor"}, True),
         ("head-delta + neuron-delta", {"heads": "head_delta", "neurons": "neuron_delta"}, True),
         ("head-act + neuron-act", {"heads": "head_act", "neurons": "neuron_act"}, True),
         ("head-act + neuron-wanda", {"heads": "head_act", "neurons": "neuron_wanda"}, True),
@@ -179,7 +180,7 @@ def main() -> None:
         ("magnitude (baseline)", {"heads": "head_magnitude", "neurons": "neuron_magnitude"}, True),
         ("random (baseline)", {"heads": "head_random", "neurons": "neuron_random"}, True),
         ("head-grad + neuron-taylor, non-uniform", {"heads": "head_grad", "neurons": "neuron_taylor"}, False),
-        ("head-delta + neuron-delta, non-uniform", {"heads": "head_delta", "neurons": "neuron_delta"}, False),
+        ("head-delta + neuron-taylor, non-uniform", {"heads": "head_delta", "neurons": "neuron_taylor"}, False),
     ]
     base_ppl = perplexity(model, evals)
     print(f"\n[perplexity] original: {base_ppl:.2f} ({count_params(model):,} params)")
