@@ -192,3 +192,17 @@ def load(path):
     from surgery.importance import load_scores
 
     return load_scores(path)
+
+
+def test_default_metrics_follow_the_layout():
+    model = make_model("llama")
+    scores = synthetic_scores(model)
+    layout = model_layout(model)
+    for s in layout.layers:
+        scores.tensors[f"{s.attn_path}/head_delta"] = torch.randn(s.heads)
+        scores.tensors[f"{s.mlp_path}/neuron_delta"] = torch.randn(s.width)
+    cfg = model.config.to_dict()
+    uniform = suggest_plan(scores, cfg, Target(params=0.7))
+    assert uniform.plan.provenance["metrics"] == {"heads": "head_delta", "neurons": "neuron_taylor"}
+    per_layer = suggest_plan(scores, cfg, Target(params=0.7), uniform=False, metrics={"neurons": "neuron_delta"})
+    assert per_layer.plan.provenance["metrics"] == {"heads": "head_grad", "neurons": "neuron_delta"}

@@ -14,11 +14,12 @@ from surgery.errors import UserError
 from surgery.importance.layout import LayerSite, ModelLayout
 from surgery.importance.scorefile import ScoreFile
 
-# Default metric per component, best first (docs/benchmarks.md (scoring section, when recorded): on the demo at 80% of the parameters,
-# head_delta beat head_ablate-on-fewer-tokens and head_grad; neuron_delta is left out: as a criterion for removing
-# a quarter of the neurons at once it did far worse than neuron_taylor).
+# Default metric per component, best first, from the demo benchmark at 80% of the parameters (docs/benchmarks.md,
+# scoring): uniform cuts did best with head_delta, per-layer (non-uniform) cuts with head_grad; neuron_delta is never
+# a default: for removing a quarter of the neurons at once it did far worse than neuron_taylor.
 PREFERRED = {
     "heads": ("head_delta", "head_ablate", "head_grad", "head_taylor", "head_act", "head_magnitude"),
+    "heads_non_uniform": ("head_grad", "head_taylor", "head_ablate", "head_delta", "head_act", "head_magnitude"),
     "neurons": ("neuron_taylor", "neuron_wanda", "neuron_act", "neuron_magnitude"),
     "layers": ("layer_ablate", "layer_bi"),
 }
@@ -150,14 +151,14 @@ def hull_allocate(options: list[list[tuple[float, float]]], budget: float) -> li
     return choice
 
 
-def pick_metric(scores: ScoreFile, kind: str, wanted: str | None) -> str:
+def pick_metric(scores: ScoreFile, kind: str, wanted: str | None, uniform: bool = True) -> str:
     have = scores.metrics()
     if wanted:
         metric = wanted.replace("-", "_")
         if metric not in have:
             raise UserError(f"the scores have no {metric!r} (they have: {', '.join(sorted(have))})")
         return metric
-    for metric in PREFERRED[kind]:
+    for metric in PREFERRED.get(f"{kind}_non_uniform" if not uniform else kind, PREFERRED[kind]):
         if metric in have:
             return metric
     raise UserError(
@@ -197,7 +198,7 @@ class Allocator:
     # -- scores ------------------------------------------------------------------------------------------------
     def _metric(self, kind: str) -> str:
         if kind not in self.used:
-            self.used[kind] = pick_metric(self.scores, kind, self.wanted.get(kind))
+            self.used[kind] = pick_metric(self.scores, kind, self.wanted.get(kind), self.uniform)
         return self.used[kind]
 
     def _head_sites(self) -> list[LayerSite]:

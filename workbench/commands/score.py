@@ -98,18 +98,11 @@ def score(
         if bar is not None:
             bar.stop()
     meta = scores.meta
-    rate = meta.tokens / meta.seconds if meta.seconds else None
     if json_out:
-        print_json({
-            "out": str(out_file),
-            "metrics": sorted(scores.metrics()),
-            "tensors": len(scores.tensors),
-            "tokens_per_second": round(rate, 1) if rate else None,
-            **meta.model_dump(exclude_none=True),
-        })
+        print_json({"out": str(out_file), "metrics": sorted(scores.metrics()), "tensors": len(scores.tensors),
+                    **meta.model_dump(exclude_none=True)})
         return
     out.print(
         f"[green]wrote[/] {out_file}: {len(scores.metrics())} metric(s), {fmt_int(len(scores.tensors))} tensors, "
-        f"{fmt_int(meta.tokens)} tokens in {meta.seconds:.1f}s"
-        + (f" ({rate:,.0f} tokens/s)" if rate else "")
+        f"{fmt_int(meta.tokens)} calibration tokens, {meta.seconds:.1f}s of scoring (passes and SVDs)"
     )
