@@ -34,7 +34,7 @@ _EXPORTS = {
 }
 
 
-def load(source: str, *, dtype: Any = "auto", device: str = "cpu", **kwargs: Any):
+def load(source: str, *, dtype: Any = "auto", device: str | None = None, **kwargs: Any):
     """Load any supported model source (HF dir, hub id, .gguf, demo alias, surgery output) and return the model."""
     from surgery.loading import load_model
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from surgery.errors import UserError
+from surgery.fingerprint import tokens_fingerprint
 
 TEXT_FIELDS = ("text", "content", "document")
 
@@ -94,11 +95,13 @@ def _read_hf_dataset(spec: str, text_field: str | None) -> str:
     return "\n\n".join(_pick_field(row, text_field, f"hf:{spec}") for row in ds)
 
 
-def tokens_fingerprint(ids: torch.Tensor) -> str:
-    """sha256 of token ids as int64 little-endian bytes."""
-    from surgery.fingerprint import tokens_fingerprint as fp
+def shared_data_file(relative: str) -> str:
+    """A file under the shared data folder beside the checkout (`../shared/data/<relative>`), or "" when absent.
 
-    return fp(ids)
+    The UI uses it for default calibration / evaluation text (e.g. "wikitext-2-raw/wiki.test.raw").
+    """
+    candidate = Path(__file__).parents[1].parent / "shared" / "data" / relative
+    return str(candidate) if candidate.is_file() else ""
 
 
 @dataclass

@@ -118,6 +118,62 @@ def check_device(device: str) -> torch.device:
     raise SourceError(f"unsupported device: {device!r} (use cpu, cuda, cuda:N or mps)")
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, str | int]
+
+
+def check_device_map(device_map: DeviceMap) -> DeviceMap:
+    """Check a device_map before anything loads: one of DEVICE_MAPS, or {module path: device} with devices here.
+
+    Raises:
+        SourceError: Unknown strategy, empty map, or a device this machine lacks.
+    """
+    if isinstance(device_map, str):
+        key = device_map.strip().lower()
+        if key not in DEVICE_MAPS:
+            raise SourceError(f"unknown device map {device_map!r} (use {', '.join(DEVICE_MAPS)})")
+        return key
+    if not isinstance(device_map, dict) or not device_map:
+        raise SourceError("a device map is a strategy (auto) or a non-empty {module path: device} mapping")
+    for name, dev in device_map.items():
+        if dev != "disk":  # accelerate offloads "disk" entries; scoring refuses offloaded weights later
+            check_device(f"cuda:{dev}" if isinstance(dev, int) else str(dev))
+    return device_map
+
+
+def check_placement(device: str | None, device_map: DeviceMap | None) -> tuple[str | None, DeviceMap | None]:
+    """Check where a model is to go: one device (default "cpu") or a device map, never both.
+
+    Returns:
+        (device, None) or (None, the normalised device map).
+
+    Raises:
+        SourceError: Both given, or a device / device map this machine cannot use.
+    """
+    if device is not None and device_map is not None:
+        raise SourceError("pass either a device (--device) or a device map (--device-map), not both")
+    if device_map is not None:
+        return None, check_device_map(device_map)
+    device = device or "cpu"
+    check_device(device)
+    return device, None
+
+
+def _dispatch(model: Any, device_map: DeviceMap) -> Any:
+    """Spread a model built on CPU over devices with accelerate (surgery checkpoints and pickled weights)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = getattr(model, "_no_split_modules", None)
+        max_memory = None
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    return dispatch_model(model, device_map)
+
+
 def read_config(resolved_or_path: ResolvedSource | Path | str) -> dict:
     """config.json of a resolved source, of a model directory, or at a given .json path, as a dict.
 
@@ -189,7 +245,8 @@ def load_model(
     source: str | ResolvedSource,
     *,
     dtype: str | torch.dtype = "float32",
-    device: str = "cpu",
+    device: str | None = None,
+    device_map: DeviceMap | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Progress = None,
@@ -199,7 +256,10 @@ def load_model(
     Args:
         source: What the user typed (see `resolve_source`) or an already resolved source.
         dtype: "float32", "float16", "bfloat16", "auto" (aliases fp32/fp16/bf16/half) or a torch dtype.
-        device: "cpu", "cuda", "cuda:N" or "mps".
+        device: "cpu" (the default), "cuda", "cuda:N" or "mps": the whole model on one device.
+        device_map: Instead of `device`, spread the layers over the devices (a model larger than one GPU):
+            "auto" / "balanced" / "balanced_low_0" / "sequential" or {module path: device}, as in
+            `from_pretrained(device_map=...)` (accelerate). On a CPU-only machine "auto" puts everything on CPU.
         allow_pickle: Accept pickled weights (see `resolve_source`).
         trust_remote_code: Let transformers run the model repo's own code.
         progress: Called with one-line status messages while a source is fetched or converted.
@@ -208,9 +268,10 @@ def load_model(
         The loaded model in eval mode, with tokenizer (or None), resolved source and config dict.
 
     Raises:
-        SourceError: Bad source, dtype or device, or weights that do not fit the config.
+        SourceError: Bad source, dtype, device or device map (or both a device and a device map), or weights
+            that do not fit the config.
     """
-    check_device(device)  # cheap checks first: don't fetch or convert anything for a doomed request
+    device, device_map = check_placement(device, device_map)  # cheap checks first: nothing fetched in vain
     if not isinstance(dtype, torch.dtype):
         parse_dtype(dtype)
     resolved = source if isinstance(source, ResolvedSource) else resolve_source(
@@ -222,7 +283,7 @@ def load_model(
     if "surgery_layers" in config_dict:
         from surgery.export import load_surgery_checkpoint  # lazy: export imports the whole surgery stack
 
-        model = load_surgery_checkpoint(resolved.path, dtype=torch_dtype, device=device)
+        model = load_surgery_checkpoint(resolved.path, dtype=torch_dtype, device=device or "cpu")
     elif resolved.pickle_weights:
         model = _load_pickled(resolved.path, torch_dtype, trust_remote_code)
     else:
@@ -236,6 +297,7 @@ def load_model(
                     trust_remote_code=trust_remote_code,
                     use_safetensors=True,  # never fall back to pickles lying next to the safetensors
                     output_loading_info=True,
+                    **({"device_map": device_map} if device_map is not None else {}),
                 )
         except _LOAD_ERRORS as e:
             raise SourceError(f"cannot load the model in {resolved.path} ({_line(e)})") from None
@@ -243,7 +305,10 @@ def load_model(
         missing = list(info.get("missing_keys") or [])
         if missing:
             raise SourceError(f"{len(missing)} weight(s) missing from {resolved.path} (e.g. {sorted(missing)[0]})")
-    model = model.to(device)
+    if device_map is None:
+        model = model.to(device)
+    elif "surgery_layers" in config_dict or resolved.pickle_weights:
+        model = _dispatch(model, device_map)  # built on CPU (not by from_pretrained): spread it now
     model.eval()
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, resolved=resolved, config_dict=config_dict)

@@ -16,6 +16,7 @@ import torch
 
 from surgery.apply import apply_resolution
 from surgery.errors import FingerprintMismatch, UserError
+from surgery.estimate import count_params, estimate  # count_params is also imported from here (jobs, rec, benchmarks)
 from surgery.export import check_output_dir, save_model_dir
 from surgery.plan import Plan
 from surgery.resolve import Resolution, resolve_plan
@@ -62,14 +63,6 @@ class Validation:
         return 1 - self.params_after / self.params_before if self.params_before else 0.0
 
 
-def params_before_after(config_dict: dict, resolution: Resolution) -> tuple[int, int]:
-    """Exact parameter counts before and after, from a meta-device model (see surgery.estimate)."""
-    from surgery.estimate import estimate
-
-    e = estimate(config_dict, resolution)
-    return e.params_before, e.params_after
-
-
 def pick_source(plan: Plan, model: str | None) -> str:
     """--model wins; else the plan's own model block; else a clear error."""
     if model:
@@ -100,15 +93,9 @@ def validate_for_source(
     fingerprint = source_fingerprint(resolved)
     expected = plan.model.fingerprint if plan.model else None
     ok = None if not expected else expected == fingerprint
-    before, after = params_before_after(config_dict, resolution)
-    return Validation(resolution, resolved, fingerprint, ok, before, after, list(resolution.warnings))
-
-
-def count_params(model) -> int:
-    """Parameters, a tied embedding counted once."""
-    from surgery.estimate import count_params as count
-
-    return count(model)
+    e = estimate(config_dict, resolution)  # exact counts from a meta-device model
+    return Validation(resolution, resolved, fingerprint, ok, e.params_before, e.params_after,
+                      list(resolution.warnings))
 
 
 @dataclass

@@ -8,7 +8,10 @@ A target is a fraction of parameters kept (`params`), and/or amounts per compone
    the heads outside the m best groups and, inside each kept group, all but its k best heads. Uniform (default):
    the same (m, k) in every layer, so the result keeps one shape and loads with plain transformers. Non-uniform:
    each layer gets its own state, allocated by a convex-hull greedy on (amount removed, score removed);
-3. neurons: uniform: the same number, each layer's lowest; non-uniform: the globally lowest (each layer keeps one).
+3. neurons: uniform: the same number, each layer's lowest; non-uniform: the globally lowest (each layer keeps one);
+4. low rank (`low_rank` + `rank_keep`, optional): each named Linear of the kept layers at the rank keeping that
+   fraction of its spectrum energy (sv), when that saves parameters; the named blocks are then not pruned
+   (see surgery.importance.ranks). The m KV groups of step 2 can be ranked by a KV-group metric instead.
 
 With `params` alone, attention and MLP give up the same fraction of their parameters (heads first, as close as
 their coarse granularity allows without overshooting), then neurons fill the rest, so the result is within one
@@ -24,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import PlanError, UserError
-from surgery.importance.allocate import Allocator, layer_costs, meta_model
+from surgery.importance.allocate import Allocator
+from surgery.importance.costs import layer_costs
 from surgery.importance.layout import model_layout
+from surgery.importance.ranks import check_keep
 from surgery.importance.scorefile import ScoreFile, load_scores
 from surgery.plan import ModelRef, Plan, parse_plan
 from surgery.resolve import resolve_plan
@@ -59,15 +64,24 @@ def parse_amount(text: str, what: str) -> Amount:
 
 @dataclass
 class Target:
-    """What to remove. `params`: fraction of all parameters kept, in (0, 1]."""
+    """What to remove. `params`: fraction of all parameters kept, in (0, 1].
+
+    `low_rank` (families "attn" / "mlp" or Linear names, see surgery.importance.ranks) with `rank_keep` (the
+    fraction of each matrix's spectrum energy kept) adds low_rank steps; the blocks they name are not pruned.
+    """
 
     params: float | None = None
     heads: Amount | None = None
     neurons: Amount | None = None
     layers: Amount | None = None
+    low_rank: tuple[str, ...] | None = None
+    rank_keep: float | None = None
 
     def describe(self) -> dict:
-        return {k: (v if isinstance(v, float) else str(v)) for k, v in vars(self).items() if v is not None}
+        def text(v):
+            return v if isinstance(v, float) else ",".join(v) if isinstance(v, tuple) else str(v)
+
+        return {k: text(v) for k, v in vars(self).items() if v is not None}
 
 
 @dataclass
@@ -79,7 +93,8 @@ class Suggestion:
         params_before, params_after: exact parameter counts (tied embeddings once).
         target_params: round(params_before * target.params), when a parameter target was given.
         granularity: parameters of the finest step used to approach the target.
-        summary: layers_dropped, and per original layer heads_removed, kv_groups_removed, neurons_removed.
+        summary: layers_dropped, per original layer heads_removed, kv_groups_removed, neurons_removed; low_rank
+            (module path -> rank) and low_rank_skipped (matrices whose rank would save nothing).
     """
 
     plan: Plan
@@ -117,17 +132,22 @@ def suggest_plan(
         config_dict: the model's config.json (shapes and parameter counts come from it; no weights read).
         target: what to remove (see Target).
         uniform: same cut in every layer (plain-transformers loadable); False lets each layer differ.
-        metrics: {"heads": "head_grad", "neurons": ..., "layers": ...} to override the preferred metrics.
+        metrics: {"heads": "head_grad", "neurons": ..., "layers": ..., "ranks": "sv"} to override the preferred
+            metrics; "kv": a KV-group metric (kv_group_grad) choosing which KV groups a layer keeps.
         model: the ModelRef written into the plan.
         force: merge score files of other data.
 
     Raises:
         UserError: missing metrics, an unreachable or contradictory target.
     """
-    from surgery.pipeline import count_params, params_before_after
+    from surgery.estimate import count_params, estimate, meta_model
 
     if target.params is not None and not 0 < target.params <= 1:
         raise UserError(f"--target-params {target.params}: expected the fraction of parameters kept, in (0, 1]")
+    if (target.low_rank is None) != (target.rank_keep is None):
+        raise UserError("--low-rank and --rank-keep go together, e.g. --low-rank mlp --rank-keep 0.9")
+    if target.rank_keep is not None:
+        check_keep(target.rank_keep)
     files = [scores] if isinstance(scores, ScoreFile) else list(scores)
     merged = merge_scores(files, force)
     skeleton = meta_model(config_dict)
@@ -148,7 +168,8 @@ def suggest_plan(
         resolution = resolve_plan(plan, shape_from_config(config_dict))
     except PlanError as exc:  # ours, not the user's: never hand out a plan that does not validate
         raise RuntimeError(f"plan suggest built an invalid plan: {exc}") from None
-    before, after = params_before_after(config_dict, resolution)
+    e = estimate(config_dict, resolution)  # exact counts from a meta-device model
+    before, after = e.params_before, e.params_after
     target_params = round(before * target.params) if target.params is not None else None
     provenance["params"] = {"before": before, "after": after, "target": target_params}
     plan = plan.model_copy(update={"provenance": provenance})

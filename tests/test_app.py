@@ -218,7 +218,7 @@ async def test_compare_screen_shows_original_and_plan_output(tiny_dir, tmp_path)
 
 async def test_score_in_the_app_is_cached_in_the_session_and_reused(tiny_dir, tmp_path):
     from sessions import Session, describe_source
-    from test_metrics import tiny_tokenizer
+    from tiny_models import tiny_tokenizer
 
     tiny_tokenizer().save_pretrained(tmp_path / tiny_dir)  # scoring tokenizes text: give the model a tokenizer
     text = tmp_path / "calib.txt"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from cli_helpers import call, one_error_line
 from tiny_models import make_model, tokens
-from workbench.cli import run
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +26,6 @@ def write_plan(tmp_path, steps, model=None, name="plan.json"):
     path = tmp_path / name
     path.write_text(json.dumps(doc))
     return path
-
-
-def call(capsys, *argv):
-    code = run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 UNIFORM = [{"op": "prune_heads", "layer": i, "heads": [1, 3]} for i in range(3)]

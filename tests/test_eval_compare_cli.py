@@ -13,23 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from surgery.data import load_blocks
 from surgery.pipeline import apply_to_source
 from surgery.plan import parse_plan
-from test_metrics import DATA, plain_block_ppl, save_tiny, text_file, tiny_tokenizer
-from workbench.cli import run
+from cli_helpers import call, one_error_line
+from test_metrics import DATA, plain_block_ppl, text_file
+from tiny_models import save_tiny, tiny_tokenizer
 
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def call(capsys, *argv):
-    code = run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

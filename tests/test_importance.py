@@ -292,3 +292,105 @@ def test_cli_score_bad_input_is_one_line(capsys, tmp_path, model_dir, text_file)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--data" in err[0]
     assert not (tmp_path / "s.safetensors").exists()
+
+
+# -- device maps (a model spread over devices; on this CPU machine every entry is "cpu") -------------------------
+DEVICE_MAP_METHODS = "head-grad,kv-group-grad,neuron-taylor,head-delta,head-act,neuron-wanda,layer-bi,sv-act,sv-grad"
+
+
+def cpu_device_map(model) -> dict[str, str]:
+    """{module path: "cpu"} at the granularity accelerate uses for a decoder: embedding, each layer, norm, head."""
+    layout = model_layout(model)
+    names = [n for n, _ in model.named_children()]
+    inner = layout.model_path
+    mapping = {f"{inner}.{n}": "cpu" for n, m in model.get_submodule(inner).named_children() if n != "layers"}
+    mapping.update({site.path: "cpu" for site in layout.layers})
+    mapping.update({n: "cpu" for n in names if n != inner})
+    return mapping
+
+
+def test_device_map_scores_equal_the_plain_path(model_dir, text_file):
+    """device_map="auto" (all CPU here) and a dict map through accelerate's hooks give the plain path's scores."""
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    from surgery.data import load_blocks
+    from surgery.importance import score_source
+    from surgery.loading import load_tokenizer
+
+    kwargs = dict(tokens=128, seq_len=32, batch_size=3)
+    plain = score_source(str(model_dir), str(text_file), DEVICE_MAP_METHODS, **kwargs)
+    auto = score_source(str(model_dir), str(text_file), DEVICE_MAP_METHODS, device_map="auto", **kwargs)
+    assert plain.tensors.keys() == auto.tensors.keys()
+    for key, value in plain.tensors.items():
+        torch.testing.assert_close(auto.tensors[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert plain.meta.device == "cpu" and auto.meta.device == "cpu"
+
+    # an explicit map, dispatched with accelerate's hooks forced on (what a multi-GPU map installs on every block)
+    batches = list(load_blocks(str(text_file), load_tokenizer(model_dir), 32, 128).batches(3))
+    methods = DEVICE_MAP_METHODS + ",head-ablate,layer-ablate"
+    reference = score_model(AutoModelForCausalLM.from_pretrained(model_dir), batches, methods)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = dispatch_model(model, cpu_device_map(model), force_hooks=True)
+    assert hasattr(model.get_submodule("model.layers.0"), "_hf_hook"), "the hooks under test are installed"
+    hooked = score_model(model, batches, methods)
+    assert hooked.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(hooked[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_offloaded_weights_are_refused(model_dir, tmp_path):
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    from surgery.importance.pipeline import check_on_devices
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    check_on_devices(model)  # all weights on a device: fine
+    mapping = cpu_device_map(model)
+    mapping["model.layers.1"] = "disk"
+    offloaded = len(list(model.get_submodule("model.layers.1").parameters()))
+    model = dispatch_model(model, mapping, offload_dir=str(tmp_path / "offload"))
+    with pytest.raises(UserError, match=f"offloads {offloaded} weight"):
+        check_on_devices(model)
+
+
+def test_cli_device_flags_are_checked_before_loading(capsys, tmp_path, model_dir, text_file):
+    from cli_helpers import call, one_error_line
+
+    base = ["score", model_dir, "--data", text_file, "--method", "head-grad", "--out", tmp_path / "s.safetensors"]
+    code, _, err = call(capsys, *base, "--device", "cpu", "--device-map", "auto")
+    assert code == 2 and "--device-map" in one_error_line(err)
+    code, _, err = call(capsys, *base, "--device-map", "everywhere")
+    assert code == 2 and "unknown device map" in one_error_line(err)
+    if not torch.cuda.is_available():
+        code, _, err = call(capsys, *base, "--device", "cuda")
+        assert code == 2 and "CUDA is not available" in one_error_line(err)
+    assert not (tmp_path / "s.safetensors").exists()
+    code, out, err = call(capsys, *base, "--device-map", "auto", "--tokens", "64", "--seq-len", "32", "--json")
+    assert code == 0, err
+    if not torch.cuda.is_available():
+        assert json.loads(out)["device"] == "cpu"  # "auto" on a machine without GPUs
+
+
+def test_surgery_checkpoint_loads_with_a_device_map(tmp_path):
+    """Checkpoints built on CPU (per-layer shapes, low-rank factors) are spread with accelerate's dispatch_model."""
+    from surgery.apply import apply_plan
+    from surgery.export import save_model_dir
+    from surgery.loading import load_model
+    from surgery.plan import parse_plan
+
+    model = make_model("llama")
+    plan = parse_plan({"version": 1, "steps": [{"op": "prune_heads", "layer": 0, "heads": [1, 3]},
+                                               {"op": "low_rank", "module": "model.layers.1.mlp.down_proj",
+                                                "rank": 8}]})
+    pruned, _ = apply_plan(model, plan)
+    save_model_dir(pruned, tmp_path / "ckpt")
+    plain = load_model(str(tmp_path / "ckpt")).model
+    spread = load_model(str(tmp_path / "ckpt"), device_map="auto").model
+    assert "surgery_layers" in spread.config.to_dict()
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(spread(ids).logits, plain(ids).logits)
+    with pytest.raises(UserError, match="not both"):
+        load_model(str(tmp_path / "ckpt"), device="cpu", device_map="auto")

@@ -27,8 +27,8 @@ from surgery.jobs.status import job_status, pid_alive
 from surgery.jobs.store import JobDir, create_job, list_jobs
 from surgery.jobs.worker import run_job
 from surgery.plan import parse_plan
+from cli_helpers import call, one_error_line
 from tiny_models import make_config, make_model
-from workbench.cli import run
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -98,19 +98,6 @@ def new_job(tmp_path, env, **over) -> JobDir:
 
 def events_of(job: JobDir) -> list[dict]:
     return read_events(job.events_file)[0]
-
-
-def call(capsys, *argv):
-    code = run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def output_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 Perplexity against plain-transformers loops (`labels=` loss, and Hugging Face's sliding-window recipe), agreement
 against torch's kl_div, the cached decode loop against `generate`, records, the comparison table, lm-eval plumbing.
-Also holds the tiny-model-directory helpers the CLI tests import.
 """
 
 from __future__ import annotations
@@ -31,45 +30,13 @@ from surgery.metrics.records import EvalRecord, Metric, ModelRef, RecordStore, r
 from surgery.metrics.runner import EvalSettings, ModelEval, evaluate_source
 from surgery.metrics.speed import measure_speed, timed_greedy_decode
 from surgery.metrics.table import MARK_DATA, build_comparison
-from tiny_models import FAMILIES, VOCAB, make_config, make_model
+from tiny_models import FAMILIES, VOCAB, make_model, save_tiny, tiny_tokenizer
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 
 
 # ------------------------------------------------------------------------------------------------ helpers ----
-
-def tiny_tokenizer(shuffle_seed: int = 0):
-    """A character-level fast tokenizer with < VOCAB ids (shuffled ids: same text, other tokens)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = list(dict.fromkeys(string.ascii_letters + string.digits + " .,;:'\"!?-()\n=@&$"))
-    if shuffle_seed:
-        random.Random(shuffle_seed).shuffle(chars)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    assert len(vocab) <= VOCAB
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def save_tiny(path: Path, family: str = "llama", *, seed: int = 0, shuffle_seed: int = 0, vocab: int | None = None):
-    """Write a tiny random model with a character tokenizer to `path`; returns the path."""
-    from transformers import AutoModelForCausalLM
-
-    if vocab is None:
-        model = make_model(family, seed=seed)
-    else:
-        cfg = make_config(family)
-        cfg.vocab_size = vocab
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(path)
-    tiny_tokenizer(shuffle_seed).save_pretrained(path)
-    return path
-
 
 def text_file(tmp_path: Path, chars: int = 3000) -> Path:
     """The first `chars` characters of tiny-shakespeare (or generated text when ../shared is missing)."""

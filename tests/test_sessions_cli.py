@@ -10,8 +10,8 @@ import pytest
 from sessions import Session
 from surgery.errors import UserError
 from surgery.plan import load_plan
+from cli_helpers import call, one_error_line
 from tiny_models import make_model
-from workbench.cli import run
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,6 @@ def model_dir(tmp_path_factory):
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
-
-
-def call(capsys, *argv):
-    code = run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def make_session(capsys, model_dir, name="smol", marks=True):

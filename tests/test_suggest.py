@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from surgery.errors import UserError
 from surgery.importance import ScoreFile, ScoreMeta, ScoreMismatch, save_scores, score_model
 from surgery.importance.allocate import head_states, hull_allocate
-from surgery.importance.layout import model_layout
-from surgery.pipeline import params_before_after
+from surgery.importance.layout import model_layout, weight_out_in
+from surgery.estimate import estimate
 from surgery.plan import parse_plan
 from surgery.resolve import resolve_plan
 from surgery.shapes import shape_from_config
@@ -41,8 +41,8 @@ def neuron_step(config_dict) -> int:
     """Parameters removed by one neuron in every layer, measured by applying such a plan."""
     n = shape_from_config(config_dict).num_layers
     plan = parse_plan({"version": 1, "steps": [{"op": "prune_neurons", "layer": i, "neurons": [0]} for i in range(n)]})
-    before, after = params_before_after(config_dict, resolve_plan(plan, shape_from_config(config_dict)))
-    return before - after
+    e = estimate(config_dict, resolve_plan(plan, shape_from_config(config_dict)))
+    return e.params_before - e.params_after
 
 
 @pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "non-uniform"])
@@ -55,7 +55,8 @@ def test_params_target_gives_a_valid_plan_within_one_step(family, uniform):
     for kept in (0.9, 0.7):
         s = suggest_plan(synthetic_scores(model), cfg, Target(params=kept), uniform=uniform)
         resolution = resolve_plan(parse_plan(json.loads(s.plan.to_json())), shape)  # survives a file round trip
-        before, after = params_before_after(cfg, resolution)
+        e = estimate(cfg, resolution)
+        before, after = e.params_before, e.params_after
         assert (before, after) == (s.params_before, s.params_after)
         assert abs(after - before * kept) <= step, (kept, after, before * kept, step)
         if kept < 0.8:
@@ -206,3 +207,123 @@ def test_default_metrics_follow_the_layout():
     assert uniform.plan.provenance["metrics"] == {"heads": "head_delta", "neurons": "neuron_taylor"}
     per_layer = suggest_plan(scores, cfg, Target(params=0.7), uniform=False, metrics={"neurons": "neuron_delta"})
     assert per_layer.plan.provenance["metrics"] == {"heads": "head_grad", "neurons": "neuron_delta"}
+
+
+# -- KV-group metric and low-rank suggestions ---------------------------------------------------------------------
+def test_kv_metric_decides_which_groups_stay():
+    model = make_model("llama")  # 4 query heads in 2 KV groups per layer
+    cfg, scores = model.config.to_dict(), synthetic_scores(model)
+    tensors = dict(scores.tensors)
+    for i in range(3):
+        tensors[f"model.layers.{i}.self_attn/head_grad"] = torch.tensor([1.0, 1.0, 2.0, 2.0])  # group 1 better
+        tensors[f"model.layers.{i}.self_attn/kv_group_grad"] = torch.tensor([10.0, 1.0])  # group 0 better
+    scores = ScoreFile(scores.meta, tensors)
+    three = Target(heads=parse_amount("75%", "heads"))  # 3 of 4 heads per layer: keep one group, one head
+    by_heads = resolve_plan(suggest_plan(scores, cfg, three).plan, shape_from_config(cfg))
+    assert all(c.kept_heads in ([2], [3]) for c in by_heads.layers)
+    s = suggest_plan(scores, cfg, three, metrics={"heads": "head_grad", "kv": "kv-group-grad"})
+    by_groups = resolve_plan(s.plan, shape_from_config(cfg))
+    assert all(c.kept_heads in ([0], [1]) for c in by_groups.layers)
+    assert s.plan.provenance["metrics"]["kv"] == "kv_group_grad"
+    with pytest.raises(UserError, match="no 'kv_group_grad'"):
+        suggest_plan(synthetic_scores(model), cfg, three, metrics={"kv": "kv_group_grad"})
+
+
+def spectra_scores(model, seed=0) -> ScoreFile:
+    """Synthetic head/neuron/layer scores plus the model's real sv and sv_act (on random tokens)."""
+    base = synthetic_scores(model, seed)
+    real = score_model(model, [tokens(2, 12)], "sv,sv-act")
+    return ScoreFile(base.meta, {**base.tensors, **real})
+
+
+def smallest_rank(values: torch.Tensor, keep: float) -> int:
+    """Reference: walk the descending squared values until `keep` of their sum is reached."""
+    energy = sorted((float(v) ** 2 for v in values), reverse=True)
+    total, acc = sum(energy), 0.0
+    for r, e in enumerate(energy, start=1):
+        acc += e
+        if acc >= keep * total:
+            return r
+    return len(energy)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def test_low_rank_suggestion_applies_with_the_estimated_params(family):
+    import copy
+
+    from surgery.apply import apply_plan
+    from surgery.estimate import count_params
+
+    model = make_model(family)
+    cfg, scores = model.config.to_dict(), spectra_scores(model)
+    layout = model_layout(model)
+    s = suggest_plan(scores, cfg, Target(params=0.55, low_rank=("mlp",), rank_keep=0.5))
+    ranks = {st.module: st.rank for st in s.plan.steps if st.op == "low_rank"}
+    mlp_linears = {p: m for site in layout.layers for p, m in site.linears.items() if p.startswith(site.mlp_path)}
+    assert ranks and set(ranks) | set(s.summary["low_rank_skipped"]) == set(mlp_linears)
+    for path, rank in ranks.items():
+        out_f, in_f = weight_out_in(mlp_linears[path], layout.conv1d).shape
+        assert rank == smallest_rank(scores.tensors[f"{path}/sv"], 0.5)
+        assert rank * (out_f + in_f) < out_f * in_f  # every step saves parameters
+    assert not any(st.op == "prune_neurons" for st in s.plan.steps), "the factorised MLP is not pruned"
+    assert any(st.op in ("prune_heads", "prune_kv_groups") for st in s.plan.steps), "heads fill the target"
+    resolution = resolve_plan(parse_plan(json.loads(s.plan.to_json())), shape_from_config(cfg))
+    assert not resolution.warnings
+    pruned, _ = apply_plan(copy.deepcopy(model), s.plan)
+    assert count_params(pruned) == s.params_after < s.params_before
+    with torch.no_grad():
+        assert torch.isfinite(pruned(tokens()).logits).all()
+    if family == "gpt2":  # attention and MLP both have a c_proj: a layer-relative path picks one
+        only = suggest_plan(scores, cfg, Target(low_rank=("mlp.c_proj",), rank_keep=0.3))
+        assert {st.module for st in only.plan.steps} == {f"transformer.h.{i}.mlp.c_proj" for i in range(3)}
+
+
+def test_low_rank_that_saves_nothing_is_omitted_and_bad_options_are_refused():
+    model = make_model("llama")
+    cfg, scores = model.config.to_dict(), spectra_scores(model)
+    full = suggest_plan(scores, cfg, Target(low_rank=("down_proj",), rank_keep=0.999999))
+    assert not full.plan.steps and full.params_after == full.params_before
+    assert full.summary["low_rank_skipped"] == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    only = suggest_plan(scores, cfg, Target(low_rank=("down_proj",), rank_keep=0.3))
+    assert {st.module for st in only.plan.steps} == {f"model.layers.{i}.mlp.down_proj" for i in range(3)}
+    act = suggest_plan(scores, cfg, Target(low_rank=("down_proj",), rank_keep=0.3), metrics={"ranks": "sv-act"})
+    assert act.plan.provenance["metrics"] == {"ranks": "sv_act"}
+    for st in act.plan.steps:
+        assert st.rank == smallest_rank(scores.tensors[f"{st.module}/sv_act"], 0.3)
+    bad = [
+        (Target(low_rank=("mlp",)), "go together"),
+        (Target(low_rank=("mlp",), rank_keep=1.0), "in \\(0, 1\\)"),
+        (Target(low_rank=("wq_proj",), rank_keep=0.5), "no such Linear"),
+        (Target(low_rank=("attn",), rank_keep=0.5, heads=parse_amount("1", "heads")), "pick one for attention"),
+        (Target(params=0.8, low_rank=("attn", "mlp"), rank_keep=0.5), "nothing to adjust"),
+    ]
+    for target, message in bad:
+        with pytest.raises(UserError, match=message):
+            suggest_plan(scores, cfg, target)
+    with pytest.raises(UserError, match="no rank metric"):
+        suggest_plan(synthetic_scores(model), cfg, Target(low_rank=("mlp",), rank_keep=0.5))
+
+
+def test_cli_low_rank_options(capsys, tmp_path, model_dir):
+    from cli_helpers import call, one_error_line
+    from surgery.pipeline import source_fingerprint
+    from surgery.sources import resolve_source
+
+    fingerprint = source_fingerprint(resolve_source(str(model_dir)))
+    base = spectra_scores(make_model("llama"))  # the weights model_dir holds
+    tensors = base.tensors
+    meta = base.meta.model_copy(update={"model_source": str(model_dir), "model_fingerprint": fingerprint})
+    scores_path = save_scores(tmp_path / "s.safetensors", ScoreFile(meta, tensors))
+    code, out, err = call(capsys, "plan", "suggest", "--scores", scores_path, "--low-rank", "mlp",
+                          "--rank-keep", "0.5", "--kv-metric", "head-grad", "--heads", "1", "--json")
+    assert code == 2 and "not a KV-group score" in one_error_line(err) and not out
+    code, out, err = call(capsys, "plan", "suggest", "--scores", scores_path, "--low-rank", "down_proj",
+                          "--rank-keep", "0.5", "--out", tmp_path / "plan.json", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [st["op"] for st in result["plan"]["steps"]] == ["low_rank"] * 3
+    assert result["plan"]["provenance"]["metrics"] == {"ranks": "sv"}
+    assert result["summary"]["low_rank"] == {st["module"]: st["rank"] for st in result["plan"]["steps"]}
+    code, out, err = call(capsys, "plan", "suggest", "--scores", scores_path, "--low-rank", "mlp",
+                          "--target-params", "0.9")
+    assert code == 2 and "--rank-keep" in one_error_line(err)

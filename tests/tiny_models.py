@@ -6,6 +6,10 @@ two near-constant outputs could not fail.
 
 from __future__ import annotations
 
+import random
+import string
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -58,3 +62,33 @@ def make_model(family: str, seed: int = 0):
 def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def tiny_tokenizer(shuffle_seed: int = 0):
+    """A character-level fast tokenizer with < VOCAB ids (shuffled ids: same text, other tokens)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(string.ascii_letters + string.digits + " .,;:'\"!?-()\n=@&$"))
+    if shuffle_seed:
+        random.Random(shuffle_seed).shuffle(chars)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(path: Path, family: str = "llama", *, seed: int = 0, shuffle_seed: int = 0, vocab: int | None = None):
+    """Write a tiny random model with a character tokenizer to `path`; returns the path."""
+    if vocab is None:
+        model = make_model(family, seed=seed)
+    else:
+        cfg = make_config(family)
+        cfg.vocab_size = vocab
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    tiny_tokenizer(shuffle_seed).save_pretrained(path)
+    return path

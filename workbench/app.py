@@ -229,12 +229,12 @@ class WorkbenchApp(App):
             return
 
     def action_score(self) -> None:
-        from workbench.screens.jobs import _default_data
+        from surgery.data import shared_data_file
         from workbench.screens.score import DEFAULT_METHODS, ScoreFormScreen
 
         if self.editor is None:
             return
-        data = _default_data().replace("tinyshakespeare/input.txt", "wikitext-2-raw/wiki.test.raw")
+        data = shared_data_file("wikitext-2-raw/wiki.test.raw")
         defaults = {"data": data, "tokens": "4096", "seq_len": "256", "methods": DEFAULT_METHODS}
         self.push_screen(ScoreFormScreen(defaults), self._start_scoring)
 
@@ -332,13 +332,13 @@ class WorkbenchApp(App):
         return sources
 
     def action_compare(self) -> None:
+        from surgery.data import shared_data_file
         from workbench.screens.compare import CompareScreen
-        from workbench.screens.jobs import _default_data
 
         if self.editor is None or isinstance(self.screen, CompareScreen):
             return
         records = self.session.path / "evals" if self.session is not None else None
-        data = _default_data().replace("tinyshakespeare/input.txt", "wikitext-2-raw/wiki.test.raw") or None
+        data = shared_data_file("wikitext-2-raw/wiki.test.raw") or None
         self.push_screen(CompareScreen(self.compare_sources(), data, records))
 
     def action_undo(self) -> None:

@@ -51,7 +51,8 @@ def _with_hidden(args, kwargs, hidden):
 def batch_loss_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies of a (B, T) batch, in float32."""
     logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+    targets = ids[:, 1:].flatten().to(logits.device)  # the last layer's device under a device_map
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum")
 
 
 class Ablator:

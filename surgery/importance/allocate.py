@@ -1,5 +1,5 @@
-"""Allocation for `surgery.suggest`: parameter costs per component, GQA-legal head states, and the choice of
-what to remove in every layer for a target (uniform or per layer).
+"""Allocation for `surgery.suggest`: GQA-legal head states and the choice of what to remove in every layer for a
+target (uniform or per layer); parameter costs come from `costs`, low-rank choices from `ranks`.
 
 Scores: higher = more important, for every metric; the lowest go first.
 """
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from surgery.errors import UserError
+from surgery.importance.costs import Costs
 from surgery.importance.layout import LayerSite, ModelLayout
+from surgery.importance.ranks import RankChoice, choose_ranks
 from surgery.importance.scorefile import ScoreFile
 
 # Default metric per component, best first, from the demo benchmark at 80% of the parameters (docs/benchmarks.md,
@@ -22,63 +24,14 @@ PREFERRED = {
     "heads_non_uniform": ("head_grad", "head_taylor", "head_ablate", "head_delta", "head_act", "head_magnitude"),
     "neurons": ("neuron_taylor", "neuron_wanda", "neuron_act", "neuron_magnitude"),
     "layers": ("layer_ablate", "layer_bi"),
+    # low_rank keeps the top singular vectors of W (plain truncated SVD, surgery.ops.low_rank): the energy of `sv`
+    # is exactly what that truncation keeps; sv_act describes an activation-aware factorisation ops does not do
+    # (on the demo both were ruinous without recovery: docs/scoring.md)
+    "ranks": ("sv", "sv_act"),
+    "kv": (),  # KV-group scores are only used when asked for (--kv-metric): no measurement favours them yet
 }
-_HOW = {"heads": "head-delta", "neurons": "neuron-taylor", "layers": "layer-bi"}
-
-
-@dataclass
-class Costs:
-    """Parameters owned by one query head, one KV group (its k/v heads), one neuron, one layer; per layer."""
-
-    head: list[int]
-    kv: list[int]
-    neuron: list[int]
-    layer: list[int]
-    total: int
-
-
-def meta_model(config_dict: dict):
-    """The model of a config.json dict on the meta device (shapes only, no memory); surgery checkpoints too."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**config_dict)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    if config_dict.get("surgery_layers"):
-        from surgery.export import restructure_to_config
-
-        restructure_to_config(model, config_dict)
-    return model
-
-
-def _numel(module, names=("weight", "bias")) -> int:
-    return sum(getattr(module, n).numel() for n in names if getattr(module, n, None) is not None)
-
-
-def _layer_costs(site: LayerSite, spec) -> tuple[int, int, int]:
-    head = kv = neuron = 0
-    if site.o_proj is not None and site.heads:
-        attn = site.module.get_submodule(spec.attn)
-        h, n_kv = site.heads, site.kv_heads
-        if spec.qkv:  # rows [q heads | k heads | v heads], every head the same number of rows
-            per = _numel(attn.get_submodule(spec.qkv)) // (h + 2 * n_kv)
-            head, kv = per, 2 * per
-        else:
-            head = _numel(attn.get_submodule(spec.q)) // h
-            kv = (_numel(attn.get_submodule(spec.k)) + _numel(attn.get_submodule(spec.v))) // n_kv
-        head += _numel(site.o_proj, ("weight",)) // h  # o_proj columns; its bias is not per head
-    if site.down is not None and site.width:
-        mlp = site.module.get_submodule(spec.mlp)
-        names = (spec.gate_up,) if spec.gate_up else tuple(n for n in (spec.gate, spec.up) if n)
-        neuron = sum(_numel(mlp.get_submodule(n)) for n in names) // site.width
-        neuron += _numel(site.down, ("weight",)) // site.width
-    return head, kv, neuron
-
-
-def layer_costs(layout: ModelLayout, total: int) -> Costs:
-    per = [_layer_costs(s, layout.spec) for s in layout.layers]
-    layer = [sum(p.numel() for p in s.module.parameters()) for s in layout.layers]
-    return Costs([p[0] for p in per], [p[1] for p in per], [p[2] for p in per], layer, total)
+_HOW = {"heads": "head-delta", "neurons": "neuron-taylor", "layers": "layer-bi", "ranks": "sv",
+        "kv": "kv-group-grad"}
 
 
 @dataclass
@@ -90,8 +43,14 @@ class HeadState:
     cost: float
 
 
-def head_states(scores: torch.Tensor, n_kv: int, head_cost: int, kv_cost: int) -> list[HeadState]:
-    """Every GQA-legal way to prune one layer, best heads kept for each (m groups x k heads); includes no cut."""
+def head_states(scores: torch.Tensor, n_kv: int, head_cost: int, kv_cost: int,
+                group_scores: torch.Tensor | None = None) -> list[HeadState]:
+    """Every GQA-legal way to prune one layer, best heads kept for each (m groups x k heads); includes no cut.
+
+    The m kept groups are those whose k best heads have the highest summed score, or, with `group_scores`
+    ([n_kv], e.g. kv_group_grad), the m highest-scored groups (ties: the summed head scores). The k heads kept in
+    a group and the cost of a state (summed score of the removed heads) always come from `scores`.
+    """
     h = scores.numel()
     g = h // n_kv
     s = scores.double().view(n_kv, g)
@@ -100,6 +59,8 @@ def head_states(scores: torch.Tensor, n_kv: int, head_cost: int, kv_cost: int) -
     for k in range(1, g + 1):
         kept_value = s.gather(1, order[:, :k]).sum(1)  # (n_kv,)
         groups = torch.argsort(-kept_value, stable=True)
+        if group_scores is not None:  # re-sort by the group score; stable, so equal ones keep the head-sum order
+            groups = groups[torch.argsort(-group_scores.double()[groups], stable=True)]
         for m in range(1, n_kv + 1):
             keep = {int(grp) * g + int(j) for grp in groups[:m] for j in order[int(grp), :k]}
             removed = [i for i in range(h) if i not in keep]
@@ -194,12 +155,22 @@ class Allocator:
         self.dropped: list[int] = []
         self.heads: dict[int, HeadState] = {}
         self.neurons: dict[int, list[int]] = {}
+        self.ranks: RankChoice | None = None
 
     # -- scores ------------------------------------------------------------------------------------------------
     def _metric(self, kind: str) -> str:
         if kind not in self.used:
             self.used[kind] = pick_metric(self.scores, kind, self.wanted.get(kind), self.uniform)
         return self.used[kind]
+
+    def _group_scores(self, site: LayerSite) -> torch.Tensor | None:
+        """The KV-group scores of a layer when --kv-metric asked for them, else None."""
+        if not self.wanted.get("kv"):
+            return None
+        metric = self._metric("kv")
+        if not metric.startswith("kv_"):
+            raise UserError(f"--kv-metric {metric}: not a KV-group score (use kv-group-grad)")
+        return scores_for(self.scores, site.attn_path, metric, site.kv_heads)
 
     def _head_sites(self) -> list[LayerSite]:
         return [s for s in self.layout.layers if s.index not in self.dropped and s.o_proj is not None and s.heads]
@@ -229,7 +200,8 @@ class Allocator:
         per_layer = []
         for site in sites:
             sc = scores_for(self.scores, site.attn_path, metric, site.heads)
-            per_layer.append(head_states(sc, site.kv_heads, self.costs.head[site.index], self.costs.kv[site.index]))
+            per_layer.append(head_states(sc, site.kv_heads, self.costs.head[site.index], self.costs.kv[site.index],
+                                         self._group_scores(site)))
 
         def amount(st: HeadState) -> float:
             return len(st.removed) if unit == "heads" else st.params
@@ -254,6 +226,15 @@ class Allocator:
             if st is not None and st.removed:
                 self.heads[site.index] = st
                 self.removed += st.params
+
+    def _choose_ranks(self) -> None:
+        """low_rank steps for the Linears the target names (`low_rank`), at the rank keeping `rank_keep`."""
+        t = self.target
+        kept = [s for s in self.layout.layers if s.index not in self.dropped]
+        metric = self._metric("ranks")
+        self.ranks = choose_ranks(self.layout, kept, t.low_rank, t.rank_keep,
+                                  lambda path, size: scores_for(self.scores, path, metric, size))
+        self.removed += self.ranks.removed
 
     def _choose_neurons(self, budget: float, unit: str) -> None:
         """Remove neurons so the amount (`unit`: "neurons" or "params") is closest to `budget`."""
@@ -300,10 +281,23 @@ class Allocator:
         goal = None if t.params is None else self.costs.total * (1 - t.params)
         if goal is not None and t.heads is not None and t.neurons is not None:
             raise UserError("--target-params with both --heads and --neurons leaves nothing to adjust; drop one")
-        if goal is None and not (t.heads or t.neurons or t.layers):
-            raise UserError("no target: pass --target-params 0.8, or --heads / --neurons / --layers amounts")
+        if goal is None and not (t.heads or t.neurons or t.layers or t.low_rank):
+            raise UserError("no target: pass --target-params 0.8, --heads / --neurons / --layers amounts, or "
+                            "--low-rank with --rank-keep")
         if t.layers is not None:
             self._drop_layers(t.layers)
+        if t.low_rank:
+            self._choose_ranks()
+        reserved = self.ranks.blocks if self.ranks else set()  # factorised blocks are not pruned
+        if "attn" in reserved and t.heads is not None:
+            raise UserError("--low-rank factorises attention and --heads prunes it: pick one for attention")
+        if "mlp" in reserved and t.neurons is not None:
+            raise UserError("--low-rank factorises the MLP and --neurons prunes it: pick one for the MLP")
+        heads_free = t.heads is None and "attn" not in reserved
+        neurons_free = t.neurons is None and "mlp" not in reserved
+        if goal is not None and not (heads_free or neurons_free):
+            raise UserError("--target-params leaves nothing to adjust: --low-rank and the component amounts "
+                            "cover both attention and the MLP; drop one")
         if t.heads is not None:
             total = sum(s.heads for s in self._head_sites())
             self._choose_heads(t.heads.count(total), "heads", float("inf"))
@@ -314,17 +308,18 @@ class Allocator:
             remaining = goal - self.removed
             if remaining < 0:
                 raise UserError(
-                    f"the component amounts already remove {self.removed:,} parameters, more than --target-params "
+                    f"the component amounts{' and low-rank factors' if self.ranks else ''} already remove "
+                    f"{self.removed:,} parameters, more than --target-params "
                     f"{t.params} allows ({round(goal):,}); lower them or raise the target"
                 )
-            if t.heads is None and t.neurons is None:
+            if heads_free and neurons_free:
                 attn = sum(s.heads * self.costs.head[s.index] + s.kv_heads * self.costs.kv[s.index]
                            for s in self._head_sites())
                 mlp = sum(s.width * self.costs.neuron[s.index] for s in self._mlp_sites())
                 # the same fraction from attention and MLP; heads are coarse, so never past the remaining budget
                 share = remaining * attn / (attn + mlp) if attn + mlp else 0
                 self._choose_heads(share, "params", remaining)
-            if t.neurons is None:
+            if neurons_free:
                 self._choose_neurons(goal - self.removed, "params")
             else:
                 self._choose_heads(goal - self.removed, "params", float("inf"))
@@ -360,6 +355,9 @@ class Allocator:
             if self.neurons.get(site.index):
                 steps.append({"op": "prune_neurons", "layer": site.index, "neurons": self.neurons[site.index]})
                 neurons_removed[site.index] = len(self.neurons[site.index])
+            for path in site.linears:
+                if self.ranks and path in self.ranks.ranks:
+                    steps.append({"op": "low_rank", "module": path, "rank": self.ranks.ranks[path]})
         if self.dropped:
             steps.append({"op": "drop_layers", "layers": self.dropped})
         self.summary = {
@@ -367,5 +365,7 @@ class Allocator:
             "heads_removed": heads_removed,
             "kv_groups_removed": groups_removed,
             "neurons_removed": neurons_removed,
+            "low_rank": dict(self.ranks.ranks) if self.ranks else {},
+            "low_rank_skipped": list(self.ranks.skipped) if self.ranks else [],
         }
         return steps

@@ -145,7 +145,9 @@ class CombinedHooks:
         def hook(module, args, kwargs, output):
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
-            cos = F.cosine_similarity(h_in.detach().float(), h_out.detach().float(), dim=-1)  # (B, T)
+            # under a device_map the hook sees the block's input where the previous block left it
+            h_in = h_in.detach().float().to(h_out.device)
+            cos = F.cosine_similarity(h_in, h_out.detach().float(), dim=-1)  # (B, T)
             self._add(key, cos.sum())
 
         return hook

@@ -30,6 +30,22 @@ def parse_autocast(name: str | None) -> torch.dtype | None:
     return dtype
 
 
+def check_on_devices(model: torch.nn.Module) -> None:
+    """Refuse a model whose weights accelerate offloaded (meta parameters, moved in at run time): the weight
+    scores need the weights, and sv-grad their gradients."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise UserError(
+            f"the device map offloads {len(offloaded)} weight(s) to CPU or disk (e.g. {offloaded[0]}); scoring "
+            "needs every weight on a device: use more GPUs, or --dtype bfloat16"
+        )
+
+
+def describe_devices(model: torch.nn.Module) -> str:
+    """"cuda:0,cuda:1": the devices holding the model's weights, in first-use order (the score file's device)."""
+    return ",".join(dict.fromkeys(str(p.device) for p in model.parameters()))
+
+
 def score_source(
     source: str,
     data: str | None,
@@ -38,7 +54,8 @@ def score_source(
     tokens: int | None = 16384,
     seq_len: int = 256,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str | None = None,
+    device_map: str | dict | None = None,
     dtype: str = "float32",
     autocast: str | None = None,
     text_field: str | None = None,
@@ -55,14 +72,16 @@ def score_source(
         data: calibration text (see surgery.data); may be None only for data-free methods (sv, *-magnitude).
         methods: comma-separated method names or aliases (see surgery.importance.methods).
         tokens, seq_len, batch_size: calibration size: the first tokens // seq_len blocks, batched in order.
-        device, dtype: where and in which dtype to load the weights.
+        device, dtype: where (default cpu) and in which dtype to load the weights.
+        device_map: instead of `device`, spread the layers over several devices (a model larger than one GPU):
+            "auto", "balanced", "balanced_low_0", "sequential" or {module path: device} (see load_model).
         autocast: "bf16"/"fp16" to run the passes under torch.autocast (GPU), None for the weights' dtype.
         progress: progress(tokens_done, tokens_total) during the passes.
         status: one-line messages while the model is fetched, loaded and the text tokenized.
         cancel: set it to stop between batches (raises Cancelled).
     """
     from surgery.data import load_blocks
-    from surgery.loading import check_device, load_model, parse_dtype
+    from surgery.loading import check_placement, load_model, parse_dtype
     from surgery.pipeline import source_fingerprint, versions
 
     chosen = parse_methods(methods)
@@ -76,13 +95,14 @@ def score_source(
     needs_data = bool(metrics - _DATA_FREE)
     if needs_data and not data:
         raise UserError("these methods need calibration text: pass --data FILE (e.g. wiki.test.raw)")
-    check_device(device)
+    device, device_map = check_placement(device, device_map)
     parse_dtype(dtype)
     autocast_dtype = parse_autocast(autocast)
 
     say = status or (lambda message: None)
-    loaded = load_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle,
+    loaded = load_model(source, dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
                         trust_remote_code=trust_remote_code, progress=status)
+    check_on_devices(loaded.model)
     say("fingerprinting weights")
     fingerprint = source_fingerprint(loaded.resolved)
     blocks = None
@@ -109,7 +129,7 @@ def score_source(
         batch_size=batch_size if blocks else None,
         dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         autocast=str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
-        device=device,
+        device=device if device_map is None else describe_devices(loaded.model),
         library_version=surgery.__version__,
         versions=versions(),
         seconds=round(seconds, 3),

@@ -37,6 +37,11 @@ def check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("scoring cancelled")
 
 
+def input_device(layout: ModelLayout) -> torch.device:
+    """Where token ids go: the embedding's device (the first device of a model spread with a device_map)."""
+    return layout.embed.weight.device
+
+
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
 
 
@@ -115,7 +120,7 @@ def score_model(
     if not batches and metrics - {"sv", "head_magnitude", "neuron_magnitude"}:
         raise UserError("no calibration tokens: pass --data with at least one block of --seq-len tokens")
     layout = model_layout(model)
-    device = next(model.parameters()).device
+    device = input_device(layout)
     autocast = autocast_context(device, autocast_dtype)
     tokens_per_pass = sum(b.numel() for b in batches)
     data_pass = bool(metrics & (GRAD_METRICS | FORWARD_METRICS | {"sv_grad"}))
@@ -154,7 +159,7 @@ def _combined_pass(model, layout, batches, metrics, hooks, autocast, step, cance
     """The one forward(+backward) per batch; returns accumulated dL/dW per Linear when sv_grad is asked for."""
     backward = bool(metrics & (GRAD_METRICS | {"sv_grad"}))
     num_targets = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
-    device = next(model.parameters()).device
+    device = input_device(layout)
     with _GradState(model, layout, "sv_grad" in metrics) as grad_state, hooks:
         for ids in batches:
             check_cancel(cancel)
@@ -163,7 +168,8 @@ def _combined_pass(model, layout, batches, metrics, hooks, autocast, step, cance
             hooks.start_batch(ids.shape, weight)
             with torch.set_grad_enabled(backward), autocast():
                 logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())  # L_b
+            targets = ids[:, 1:].flatten().to(logits.device)  # the last layer's device under a device_map
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets)  # L_b
             if backward:
                 # d(weight * L_b): parameter grads then add up to d(mean loss over all tokens)/dW
                 (loss * weight).backward()

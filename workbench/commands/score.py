@@ -68,7 +68,10 @@ def score(
     tokens: Annotated[int, typer.Option(help="Calibration tokens (the first tokens // seq-len blocks).")] = 16384,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per block.")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward+backward.")] = 8,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or mps.")] = None,
+    device_map: Annotated[str | None, typer.Option("--device-map", help="Spread the layers over all GPUs "
+                                                   "instead of --device: auto, balanced, balanced_low_0 or "
+                                                   "sequential (a model larger than one GPU).")] = None,
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16 or auto.")] = "float32",
     autocast: Annotated[str, typer.Option(help="Run the passes under torch.autocast: none, bf16 or fp16 "
                                           "(for GPUs).")] = "none",
@@ -88,7 +91,8 @@ def score(
         bar.start()
     try:
         scores = score_source(source, data, method, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-                              device=device, dtype=dtype, autocast=autocast, text_field=text_field,
+                              device=device, device_map=device_map, dtype=dtype, autocast=autocast,
+                              text_field=text_field,
                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
                               status=status)
         if status:

@@ -46,6 +46,16 @@ def suggest(
                                                       "neuron-wanda, neuron-act, neuron-magnitude.")] = None,
     layer_metric: Annotated[str | None, typer.Option("--layer-metric", help="Default: layer-ablate, "
                                                      "layer-bi.")] = None,
+    kv_metric: Annotated[str | None, typer.Option("--kv-metric", help="Rank KV groups by this group score "
+                                                  "(kv-group-grad) when whole groups are removed; default: the "
+                                                  "summed scores of the heads each group keeps.")] = None,
+    low_rank: Annotated[str | None, typer.Option("--low-rank", help="Factorise these Linears (attn, mlp or "
+                                                 "names such as down_proj); their blocks are not pruned. "
+                                                 "Needs --rank-keep.")] = None,
+    rank_keep: Annotated[float | None, typer.Option("--rank-keep", help="Per matrix, the fraction of its "
+                                                    "spectrum energy the rank keeps, e.g. 0.9.")] = None,
+    rank_metric: Annotated[str | None, typer.Option("--rank-metric", help="Spectrum for --rank-keep. Default: "
+                                                    "sv (what the truncation keeps), sv-act.")] = None,
     out_file: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file to write (default: print "
                                                   "the plan on stdout).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Use scores computed for other weights or data.")] = False,
@@ -54,6 +64,7 @@ def suggest(
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Turn scores into a valid plan for a size target (uniform across layers unless --non-uniform)."""
+    from surgery.importance.ranks import parse_low_rank
     from surgery.suggest import Target, parse_amount, suggest_for_source  # torch: imported only when needed
 
     if not scores:
@@ -63,8 +74,11 @@ def suggest(
         heads=parse_amount(heads, "heads") if heads is not None else None,
         neurons=parse_amount(neurons, "neurons") if neurons is not None else None,
         layers=parse_amount(layers, "layers") if layers is not None else None,
+        low_rank=parse_low_rank(low_rank) if low_rank is not None else None,
+        rank_keep=rank_keep,
     )
-    metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric}
+    metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric, "kv": kv_metric,
+               "ranks": rank_metric}
     with status(not json_out) as progress:
         s = suggest_for_source(source, scores, target, uniform=not non_uniform, metrics=metrics, force=force,
                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
@@ -89,10 +103,13 @@ def suggest(
         f"dropped layers {s.summary['layers_dropped']}" if s.summary.get("layers_dropped") else "",
         _per_layer(s.summary.get("heads_removed", {}), "heads"),
         _per_layer(s.summary.get("neurons_removed", {}), "neurons"),
+        f"{len(s.summary['low_rank'])} matrices low-rank" if s.summary.get("low_rank") else "",
     ) if p]
     target = f" (target {fmt_int(s.target_params)}, step {fmt_int(s.granularity)})" if s.target_params else ""
     where = f"wrote {out_file}" if out_file else "plan"
     loads = "plain transformers" if not non_uniform else "surgery.load (per-layer shapes)"
+    if s.summary.get("low_rank"):
+        loads = "surgery.load (low-rank factors)"
     (out if out_file else err).print(
         f"[green]{where}[/]: {len(s.plan.steps)} step(s); params {fmt_int(s.params_before)} -> "
         f"{fmt_int(s.params_after)} ({kept:.1%} kept){target}; removes {'; '.join(parts) or 'nothing'}; "

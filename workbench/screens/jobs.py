@@ -142,11 +142,13 @@ class JobsScreen(Screen):
         self.app.notify(request_cancel(find_job(self.root, job_id)), title=f"job {job_id}")
 
     def action_new_job(self) -> None:
+        from surgery.data import shared_data_file  # torch: imported only when needed
+
         app = self.app
         defaults = {
             "teacher": app.source,
             "student": getattr(app, "last_export", "") or "",
-            "data": _default_data(),
+            "data": shared_data_file("tinyshakespeare/input.txt"),
             "losses": "kl:1.0,ce:0.1",
             "steps": "100",
         }
@@ -162,11 +164,6 @@ class JobsScreen(Screen):
             return
         self.app.notify(f"started job {job_id}", title="jobs")
         self.poll()
-
-
-def _default_data() -> str:
-    candidate = Path(__file__).parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    return str(candidate) if candidate.is_file() else ""
 
 
 def start_distill(root: Path, fields: dict) -> str:
