@@ -8,10 +8,12 @@ kill -9 or a full disk leave no half-written output and never damage an existing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -82,15 +84,9 @@ def save_model_dir(
     filled in, in place.
     """
     from surgery.fingerprint import weights_fingerprint
-
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    tmp = _tmp_sibling(out)
     from surgery.sources import quiet_progress_bars
 
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         with quiet_progress_bars():
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
@@ -107,11 +103,29 @@ def save_model_dir(
                 )
                 write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             synced.result()
+    return Path(out)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty hidden sibling of `out` to fill; on success it replaces `out` (an old `out` is moved aside
+    and deleted only after the swap), on any error it is removed and `out` is untouched.
+
+    Raises:
+        UserError: `out` is a file, or a non-empty directory without `overwrite`.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(out)
+    tmp = _tmp_sibling(out)
+    try:
+        tmp.mkdir()
+        yield tmp
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _fsync_dir(path: Path) -> None:

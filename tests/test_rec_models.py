@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 import threading
 
 import pytest
 import torch
 
+from rec_helpers import write_cycle_ratings
 from surgery.errors import UserError
 from surgery.rec.data import prepare, save_rec_data
 from surgery.rec.distill import block_pairs, parse_losses
@@ -22,14 +22,7 @@ from workbench.cli import run
 @pytest.fixture(scope="module")
 def rec_data(tmp_path_factory):
     """A synthetic catalogue where each user walks items in a fixed cycle: easy to learn, cheap to train."""
-    root = tmp_path_factory.mktemp("rec")
-    rng = random.Random(0)
-    lines = ["userId,movieId,rating,timestamp"]
-    for u in range(48):
-        start = rng.randrange(20)
-        for t in range(rng.randint(7, 14)):
-            lines.append(f"{u},{(start + t) % 20},{rng.choice([4, 5])},{1000 + t}")
-    (root / "ratings.csv").write_text("\n".join(lines) + "\n")
+    root = write_cycle_ratings(tmp_path_factory.mktemp("rec"), seed=0)
     data = prepare(root, max_len=10)
     save_rec_data(data, root / "data")
     make_model("llama").save_pretrained(root / "backbone")

@@ -1,4 +1,5 @@
-"""Before/after metrics: size, perplexity, agreement with a teacher, speed, generation samples, lm-eval tasks.
+"""Before/after metrics: size, perplexity, agreement with a teacher, speed, generation samples, lm-eval tasks, and
+recommendation metrics (HR/NDCG/MRR) of rec model directories.
 
 Each metric is a plain function on an in-memory model (so distillation jobs and the TUI can call them directly);
 `runner` strings them together for `workbench eval` / `workbench compare` and keeps their results as versioned
@@ -44,6 +45,9 @@ _EXPORTS = {
     "Teacher": "surgery.metrics.runner",
     "evaluate_source": "surgery.metrics.runner",
     "compare_sources": "surgery.metrics.runner",
+    "RecDataRef": "surgery.metrics.records",
+    "evaluate_rec_model": "surgery.metrics.rec",
+    "RecEvalResult": "surgery.metrics.rec",
     "Comparison": "surgery.metrics.table",
     "build_comparison": "surgery.metrics.table",
     "format_value": "surgery.metrics.table",

@@ -1,8 +1,9 @@
 """Metric records: versioned JSON files, one per (kind of metric, model, data, settings), reused instead of recomputed.
 
-A record holds every number of one kind ("size", "perplexity", "agreement", "speed", "generation", "lm_eval") for
-one model, with what it was measured on and how: model fingerprint (sha256 of the weights), data (the token
-blocks' fingerprint), teacher, device, hardware, dtype, settings, library versions.
+A record holds every number of one kind ("size", "perplexity", "agreement", "speed", "generation", "lm_eval",
+"rec") for one model, with what it was measured on and how: model fingerprint (sha256 of the weights), data (the
+token blocks' fingerprint, or the prepared rec data's), teacher, device, hardware, dtype, settings, library
+versions.
 
 Its `key` is the sha256 of exactly the fields that change the numbers (see `record_key`); a later eval or compare
 that computes the same key finds the file `<kind>-<key>.json` in the records directory and reuses it. Batch size,
@@ -27,9 +28,10 @@ from surgery.cache import atomic_write_text
 from surgery.errors import UserError
 
 RECORD_VERSION = 1
-Kind = Literal["size", "perplexity", "agreement", "speed", "generation", "lm_eval"]
-KINDS: tuple[str, ...] = ("size", "perplexity", "agreement", "speed", "lm_eval", "generation")  # display order
-DATA_KINDS = frozenset({"perplexity", "agreement"})  # numbers that depend on the data's tokens
+Kind = Literal["size", "perplexity", "agreement", "speed", "generation", "lm_eval", "rec"]
+# display order: recommendation metrics right under size, as the issue's rec reports read
+KINDS: tuple[str, ...] = ("size", "rec", "perplexity", "agreement", "speed", "lm_eval", "generation")
+DATA_KINDS = frozenset({"perplexity", "agreement", "rec"})  # numbers that depend on the data (tokens, rec split)
 Scalar = str | int | float | bool | None
 
 
@@ -52,6 +54,16 @@ class DataRef(_Strict):
     seq_len: int
     blocks: int
     tokens: int
+
+
+class RecDataRef(_Strict):
+    """The prepared recommendation data a "rec" record was measured on (see surgery.rec.data)."""
+
+    source: str
+    fingerprint: str = Field(description="the prepared split's fingerprint (sequences + parameters)")
+    users: int
+    items: int
+    interactions: int
 
 
 class Metric(_Strict):
@@ -77,7 +89,7 @@ class EvalRecord(_Strict):
     kind: Kind
     key: str
     model: ModelRef
-    data: DataRef | None = None
+    data: DataRef | RecDataRef | None = None
     teacher: ModelRef | None = None
     device: str | None = None
     hardware: str | None = None

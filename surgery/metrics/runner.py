@@ -5,9 +5,13 @@ For each kind of metric the record key is computed first (model fingerprint + da
 records.py); a stored record with that key is reused, so weights are only loaded when something is missing.
 Cheap checks come first (device, dtype, source, data, teacher vocabulary/tokenization), before any weight is read.
 
-Order within one model: size, speed, perplexity, lm_eval, generation, agreement. Agreement comes last so that the
-teacher is never resident while speed (and its peak memory) is measured; `compare_sources` runs every model's
-agreement in a second pass for the same reason.
+Order within one model: size, speed, perplexity, lm_eval, generation, rec, agreement. Agreement comes last so
+that the teacher is never resident while speed (and its peak memory) is measured; `compare_sources` runs every
+model's agreement in a second pass for the same reason.
+
+Rec model directories (`surgery.metrics.rec`): an LLM recommender is an HF directory and gets every metric plus
+the "rec" record (with --rec-data); a baseline (SASRec, GRU4Rec) is not a language model and gets only its size and
+the "rec" record.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class EvalSettings:
     lm_eval_limit: int | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    rec_data: str | None = None  # a prepared rec data directory: HR/NDCG/MRR of rec model directories
+    rec_max_users: int | None = None  # None: every test user
 
     def check(self) -> None:
         """Reject impossible settings before anything is loaded.
@@ -68,7 +74,7 @@ class EvalSettings:
         positive = {"--batch-size": self.batch_size, "--top-k": self.top_k, "--prompt-len": self.prompt_len,
                     "--new-tokens": self.new_tokens, "--speed-batch": self.speed_batch, "--repeats": self.repeats,
                     "--gen-tokens": self.gen_tokens, "--tokens": self.max_tokens, "--stride": self.stride,
-                    "--lm-eval-limit": self.lm_eval_limit}
+                    "--lm-eval-limit": self.lm_eval_limit, "--rec-max-users": self.rec_max_users}
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
@@ -80,6 +86,11 @@ class EvalSettings:
             raise UserError("--stride needs --data (it sets the perplexity windows)")
         if self.teacher and not self.data:
             raise UserError("--teacher needs --data: agreement is measured on the data's tokens")
+        if self.rec_max_users is not None and not self.rec_data:
+            raise UserError("--rec-max-users needs --rec-data (it limits the users of the rec metrics)")
+        if self.rec_data and not (Path(self.rec_data).expanduser() / "data.json").is_file():
+            raise UserError(f"--rec-data {self.rec_data} is not a prepared rec data directory: make one with "
+                            "`workbench rec prepare`")
         if self.generate:
             from surgery.metrics.generation import pick_prompts
 
@@ -179,7 +190,11 @@ def effective_prompt_len(settings: EvalSettings, config: dict) -> int:
     return prompt_len
 
 
-def _kinds(settings: EvalSettings) -> list[str]:
+def _kinds(settings: EvalSettings, source: str | None = None) -> list[str]:
+    from surgery.metrics.rec import is_rec_baseline, is_rec_model
+
+    if source is not None and is_rec_baseline(source):  # not a language model: size and rec metrics only
+        return ["size", "rec"] if settings.rec_data else ["size"]
     kinds = ["size"]
     if settings.speed:
         kinds.append("speed")
@@ -189,6 +204,8 @@ def _kinds(settings: EvalSettings) -> list[str]:
         kinds.append("lm_eval")
     if settings.generate:
         kinds.append("generation")
+    if settings.rec_data and source is not None and is_rec_model(source):
+        kinds.append("rec")
     if settings.data and settings.teacher:
         kinds.append("agreement")
     return kinds
@@ -226,12 +243,18 @@ def evaluate_source(
     from surgery.data import load_blocks, read_text
     from surgery.loading import load_tokenizer, parse_dtype, read_config
     from surgery.metrics.agreement import TeacherMismatch, check_compatible
-    from surgery.pipeline import source_fingerprint, versions
+    from surgery.metrics.rec import (checked_rec_data, evaluate_baseline, is_rec_baseline, rec_data_ref,
+                                     rec_metrics, rec_settings)
+    from surgery.pipeline import source_fingerprint
     from surgery.sources import resolve_source
 
     settings.check()
     if store is not None:
         store.check_writable()
+    wanted = [k for k in _kinds(settings, source) if kinds is None or k in kinds]
+    rec_data = checked_rec_data(source, settings) if "rec" in wanted else None
+    if is_rec_baseline(source):
+        return evaluate_baseline(source, settings, wanted, rec_data, store, fresh, progress, cancel)
     emit(progress, "resolving", model=source, message="resolving source")
     resolved = resolve_source(source, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code)
     config = read_config(resolved)
@@ -240,7 +263,6 @@ def evaluate_source(
     prompt_len = effective_prompt_len(settings, config) if settings.speed else None
     emit(progress, "fingerprint", model=source, message="fingerprinting weights")
     result = ModelEval(source, ModelRef(source=source, fingerprint=source_fingerprint(resolved)))
-    wanted = [k for k in _kinds(settings) if kinds is None or k in kinds]
 
     blocks = data_ref = None
     if settings.data and {"perplexity", "agreement"} & set(wanted):
@@ -273,46 +295,65 @@ def evaluate_source(
         "generation": dict(common, settings=generation_settings(settings)),
         "agreement": dict(common, data=data_ref, teacher=teacher.ref if teacher else None,
                           settings={"seq_len": seq_len, "top_k": settings.top_k}),
+        "rec": dict(common, device=settings.device, hardware=device_name(settings.device),
+                    data=rec_data_ref(rec_data, settings.rec_data) if rec_data else None,
+                    settings=rec_settings(settings)),
     }
     loaded = None
-    for kind in wanted:
-        spec = specs[kind]
-        key = record_key(kind, result.model.fingerprint,
-                         data_fingerprint=spec["data"].fingerprint if spec.get("data") else None,
-                         teacher_fingerprint=spec["teacher"].fingerprint if spec.get("teacher") else None,
-                         device=spec.get("device"), hardware=spec.get("hardware"), dtype=spec.get("dtype"),
-                         settings=spec["settings"])
-        if store is not None and not fresh and (old := store.get(kind, key)) is not None:
-            result.records.append(old)
-            result.reused.add(key)
-            continue
-        check_cancel(cancel)
+
+    def compute(kind: str):
+        nonlocal loaded
+        if kind == "rec":
+            return rec_metrics(source, rec_data, settings, dtype, source, progress, cancel)
         if kind != "size" and loaded is None:
             from surgery.loading import load_model
 
             emit(progress, "loading", model=source, message="loading weights")
             loaded = load_model(resolved, dtype=dtype, device=settings.device, allow_pickle=settings.allow_pickle,
                                 trust_remote_code=settings.trust_remote_code)
-        t0 = time.perf_counter()
+        return compute_kind(kind, settings, resolved, loaded, blocks, teacher, seq_len, source, progress, cancel,
+                            prompt_len=prompt_len)
+
+    for kind in wanted:
         try:
-            metrics, run = compute_kind(kind, settings, resolved, loaded, blocks, teacher, seq_len, source,
-                                        progress, cancel, prompt_len=prompt_len)
+            add_record(kind, specs[kind], result, store, fresh, cancel, compute)
         except TeacherMismatch as exc:
             result.skipped[kind] = str(exc)
-            continue
-        run = {**run, "seconds": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads()}
-        record = EvalRecord(kind=kind, key=key, model=result.model, data=spec.get("data"),
-                            teacher=spec.get("teacher"), device=spec.get("device"), hardware=spec.get("hardware"),
-                            dtype=spec.get("dtype"), settings=spec["settings"], run=run, versions=versions(),
-                            created=now_iso(), metrics=metrics)
-        if store is not None:
-            store.put(record)
-        result.records.append(record)
     del loaded
     if own_teacher:
         teacher.release()
     _free_memory()
     return result
+
+
+def add_record(kind: str, spec: dict, result: ModelEval, store: RecordStore | None, fresh: bool,
+               cancel: threading.Event | None, compute) -> None:
+    """Add the record of `kind` to `result`: the stored one when its key matches, else `compute(kind)`'s.
+
+    `spec` holds the record's keyed fields (settings; data, teacher, device, hardware, dtype when they apply);
+    `compute(kind)` returns (metrics, run details) and is only called when no stored record matches.
+    """
+    from surgery.pipeline import versions
+
+    data = spec.get("data")
+    key = record_key(kind, result.model.fingerprint, data_fingerprint=data.fingerprint if data else None,
+                     teacher_fingerprint=spec["teacher"].fingerprint if spec.get("teacher") else None,
+                     device=spec.get("device"), hardware=spec.get("hardware"), dtype=spec.get("dtype"),
+                     settings=spec["settings"])
+    if store is not None and not fresh and (old := store.get(kind, key)) is not None:
+        result.records.append(old)
+        result.reused.add(key)
+        return
+    check_cancel(cancel)
+    t0 = time.perf_counter()
+    metrics, run = compute(kind)
+    run = {**run, "seconds": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads()}
+    record = EvalRecord(kind=kind, key=key, model=result.model, data=data, teacher=spec.get("teacher"),
+                        device=spec.get("device"), hardware=spec.get("hardware"), dtype=spec.get("dtype"),
+                        settings=spec["settings"], run=run, versions=versions(), created=now_iso(), metrics=metrics)
+    if store is not None:
+        store.put(record)
+    result.records.append(record)
 
 
 def compare_sources(
@@ -335,15 +376,20 @@ def compare_sources(
     if store is not None:
         store.check_writable()
     from surgery.loading import read_config
+    from surgery.metrics.rec import checked_rec_data, is_rec_baseline, is_rec_model
     from surgery.sources import resolve_source
 
     for source in sources:  # every source must be a model before the first one is evaluated
+        if settings.rec_data and is_rec_model(source):
+            checked_rec_data(source, settings)  # trained on other data: refused before anything runs
+        if is_rec_baseline(source):
+            continue
         config = read_config(resolve_source(source, allow_pickle=settings.allow_pickle,
                                             trust_remote_code=settings.trust_remote_code))
         effective_seq_len(settings, config)
         if settings.speed:
             effective_prompt_len(settings, config)
-    results = [evaluate_source(s, settings, store=store, kinds=[k for k in _kinds(settings) if k != "agreement"],
+    results = [evaluate_source(s, settings, store=store, kinds=[k for k in _kinds(settings, s) if k != "agreement"],
                                fresh=fresh, progress=progress, cancel=cancel) for s in sources]
     if "agreement" in _kinds(settings):
         teacher = Teacher(settings.teacher, settings, progress)

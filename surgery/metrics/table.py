@@ -5,7 +5,8 @@ here:
 
 - a cell of a data-dependent metric (perplexity, agreement) whose data fingerprint differs from the first column's
   is marked with a dagger and gets no delta: numbers measured on different tokens (another tokenizer, other
-  blocks) are not comparable, and the note under the table says so;
+  blocks) are not comparable, and the note under the table says so; the same for rec metrics measured on another
+  prepared split (a first column without rec metrics, a plain language model, marks nothing);
 - a metric that was asked for but skipped (a teacher with another vocabulary) shows "skipped", with the reason in
   the notes;
 - a timed metric whose difference is within the two spreads is "same" (noise), not better or worse.
@@ -127,6 +128,8 @@ def format_value(value: int | float | str | None, unit: str, spread: float | Non
         text = _si(value, "FLOPs")
     elif unit == "fraction":
         text = f"{value:.1%}"
+    elif unit == "s":
+        text = f"{value:.3g} s"
     elif unit in ("ms", "tokens/s", "MiB"):
         text = f"{value:,.1f} {unit}"
     elif unit in ("nats", "score"):
@@ -170,7 +173,7 @@ def build_comparison(evals: list) -> Comparison:
                     order.append((rec.kind, m.name))
         by_col.append(found)
     order.sort(key=lambda km: KINDS.index(km[0]))  # stable: keeps appearance order within a kind
-    data_note_cols: set[int] = set()
+    data_note_cols: set[tuple[int, bool]] = set()  # (column, rec metrics?)
     for kind, name in order:
         first = next(m for col in by_col if (kind, name) in col for m in [col[(kind, name)][1]])
         row = Row(kind, name, first.unit, first.better, [], note=first.note if kind == "generation" else None)
@@ -182,16 +185,16 @@ def build_comparison(evals: list) -> Comparison:
                 continue
             rec, m = col[(kind, name)]
             cell = Cell(m.value, format_value(m.value, m.unit, m.spread), reused=rec.key in e.reused)
-            if i > 0 and kind in DATA_KINDS and (base is None or _data_fp(base[0]) != _data_fp(rec)):
+            if i > 0 and kind in DATA_KINDS and _other_data(kind, base, rec):
                 cell.mark = MARK_DATA
-                data_note_cols.add(i)
+                data_note_cols.add((i, kind == "rec"))
             elif i > 0 and base is not None and _numeric(m.value) and _numeric(base[1].value) and base[1].value:
                 cell.delta = (float(m.value) - float(base[1].value)) / abs(float(base[1].value))
                 cell.verdict = _verdict(base[1], m, cell.delta)
             row.cells.append(cell)
         comp.rows.append(row)
-    for i in sorted(data_note_cols):
-        comp.notes.append(_data_note(labels[i], by_col[i], by_col[0], labels[0]))
+    for i, is_rec in sorted(data_note_cols):
+        comp.notes.append(_data_note(labels[i], by_col[i], by_col[0], labels[0], is_rec))
     for lab, e in zip(labels, evals):
         for kind, reason in e.skipped.items():
             comp.notes.append(f"{lab}: {reason}")
@@ -206,14 +209,26 @@ def _data_fp(rec: EvalRecord) -> str | None:
     return rec.data.fingerprint if rec.data else None
 
 
-def _data_note(label: str, col: dict, base_col: dict, base_label: str) -> str:
+def _other_data(kind: str, base: tuple[EvalRecord, Metric] | None, rec: EvalRecord) -> bool:
+    """Measured on other data than the first column (for rec metrics: only when the first column has them too)."""
+    if base is None:
+        return kind != "rec"
+    return _data_fp(base[0]) != _data_fp(rec)
+
+
+def _data_note(label: str, col: dict, base_col: dict, base_label: str, is_rec: bool = False) -> str:
     def fp(c: dict) -> str:
-        recs = [rec for (kind, _), (rec, _) in c.items() if kind in DATA_KINDS]
+        recs = [rec for (kind, _), (rec, _) in c.items() if kind in DATA_KINDS and (kind == "rec") == is_rec]
         if not recs or recs[0].data is None:
             return "none"
         d = recs[0].data
+        if is_rec:
+            return f"{d.fingerprint.removeprefix('sha256:')[:12]} ({d.users} users, {d.items} items)"
         return f"{d.fingerprint.removeprefix('sha256:')[:12]} ({d.blocks} x {d.seq_len} tokens)"
 
+    if is_rec:
+        return (f"{MARK_DATA} {label}: rec metrics measured on another split than {base_label}'s (data {fp(col)} vs "
+                f"{fp(base_col)}): not comparable, no delta")
     return (f"{MARK_DATA} {label}: measured on other tokens than {base_label} (data {fp(col)} vs {fp(base_col)}; "
             "a different tokenizer or other blocks): not comparable, no delta")
 

@@ -280,37 +280,18 @@ def fingerprint(data: RecData) -> str:
 
 def save_rec_data(data: RecData, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write `data` to directory `out` atomically (a temp sibling renamed into place); returns `out`."""
-    import os
-    import shutil
-    import uuid
-
     from safetensors.torch import save_file
 
-    from surgery.export import check_output_dir
+    from surgery.export import atomic_dir
 
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     meta = {"version": DATA_VERSION, "kind": "rec-data", "fingerprint": data.fingerprint,
             "users": data.num_users, "items": data.num_items, "interactions": data.num_interactions,
             "params": data.params, "source": data.source, "user_ids": data.user_ids, "item_ids": data.item_ids,
             "titles": data.titles}
-    try:
-        tmp.mkdir()
+    with atomic_dir(out, overwrite) as tmp:
         save_file({"items": data.items, "offsets": data.offsets, "timestamps": data.timestamps},
                   str(tmp / SEQUENCES), metadata={"format": "pt", "fingerprint": data.fingerprint})
         (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        if out.exists():
-            aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, aside)
-            os.replace(tmp, out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -29,8 +29,13 @@ from surgery.rec.models import next_item_ce
 REC_LOSSES = ("ce", "hidden-cos", "hidden-l2", "block-ce")
 
 
-def parse_losses(text: str) -> dict[str, float]:
-    """"ce:1,hidden-cos:1,hidden-l2:0.1,block-ce:0.1" -> {name: weight}.
+def parse_weights(text: str, names: tuple[str, ...], option: str, noun: str, example: str,
+                  all_zero: str) -> dict[str, float]:
+    """"a:1,b:0.1" -> {name: weight} for a weighted-terms option (a name without ":w" weighs 1).
+
+    Args:
+        names: Allowed names. option: The option's flag, for messages. noun: What a name is ("loss", "term").
+        example: A valid value, shown with an unknown name. all_zero: The message when every weight is 0.
 
     Raises:
         UserError: An unknown name, a weight that is not a non-negative number, or every weight 0.
@@ -38,18 +43,24 @@ def parse_losses(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition(":")
-        if name not in REC_LOSSES:
-            raise UserError(f"unknown loss {name!r} in --loss: use {', '.join(REC_LOSSES)} (e.g. ce:1,hidden-cos:1)")
+        if name not in names:
+            raise UserError(f"unknown {noun} {name!r} in {option}: use {', '.join(names)} (e.g. {example})")
         try:
             weight = float(value) if sep else 1.0
         except ValueError:
-            raise UserError(f"--loss weight for {name} is not a number: {value!r}") from None
+            raise UserError(f"{option} weight for {name} is not a number: {value!r}") from None
         if weight < 0:
-            raise UserError(f"--loss weight for {name} must be >= 0 (got {weight})")
+            raise UserError(f"{option} weight for {name} must be >= 0 (got {weight})")
         out[name] = weight
     if not any(out.values()):
-        raise UserError("--loss gives every term weight 0: nothing to train")
+        raise UserError(all_zero)
     return out
+
+
+def parse_losses(text: str) -> dict[str, float]:
+    """"ce:1,hidden-cos:1,hidden-l2:0.1,block-ce:0.1" -> {name: weight} (see `parse_weights`)."""
+    return parse_weights(text, REC_LOSSES, "--loss", "loss", "ce:1,hidden-cos:1",
+                         "--loss gives every term weight 0: nothing to train")
 
 
 def block_pairs(n_student: int, n_teacher: int, blocks: int) -> list[tuple[int, int]]:

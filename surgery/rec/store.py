@@ -13,14 +13,12 @@ Writes go to a hidden temporary sibling renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from surgery.errors import UserError
+from surgery.export import atomic_dir
 
 REC_VERSION = 1
 REC_JSON = "rec.json"
@@ -29,6 +27,22 @@ REC_TENSORS = "rec.safetensors"
 
 def is_rec_dir(path: str | Path) -> bool:
     return (Path(path) / REC_JSON).is_file()
+
+
+def trained_on(doc: dict) -> str | None:
+    """The data fingerprint a rec.json records (None when it records none)."""
+    return (doc.get("data") or {}).get("fingerprint")
+
+
+def check_same_data(doc: dict, data, what: str, where: str | Path) -> None:
+    """Refuse a model (`what`, its rec.json `doc`) trained on other data than `data` (read from `where`).
+
+    Raises:
+        UserError: The fingerprints differ.
+    """
+    if trained_on(doc) != data.fingerprint:
+        raise UserError(f"{what} was trained on other data ({(trained_on(doc) or '?')[:19]}...) than {where} "
+                        f"({data.fingerprint[:19]}...)")
 
 
 def save_rec_model(model, out: str | Path, *, record: dict, tokenizer=None, overwrite: bool = False) -> Path:
@@ -43,37 +57,18 @@ def save_rec_model(model, out: str | Path, *, record: dict, tokenizer=None, over
     """
     from safetensors.torch import save_file
 
-    from surgery.export import check_output_dir
-
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         if model.kind == "llm":
             from surgery.export import save_model_dir
             from surgery.pipeline import versions
 
             manifest = {"version": 1, "kind": "rec-llm", "rec": model.spec(), "versions": versions()}
-            save_model_dir(model.lm, tmp, tokenizer=tokenizer, manifest=manifest)
-            tensors = model.head_state_dict()
-        else:
-            tmp.mkdir()
-            tensors = model.state_dict()
+            save_model_dir(model.lm, tmp, tokenizer=tokenizer, manifest=manifest, overwrite=True)
+        tensors = model.head_state_dict() if model.kind == "llm" else model.state_dict()
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(tensors, str(tmp / REC_TENSORS), metadata={"format": "pt"})
         doc = {"version": REC_VERSION, "kind": "rec-model", "model": model.spec(), **record}
         (tmp / REC_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-        if out.exists():
-            aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, aside)
-            os.replace(tmp, out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -36,7 +36,7 @@ class RecJob(BaseModel):
 
     version: int = JOB_VERSION
     kind: Literal["rec-train"] = "rec-train"
-    model: Literal["sasrec", "gru4rec", "llm", "distill"]
+    model: Literal["sasrec", "gru4rec", "llm", "distill", "dllm2rec"]
     data: str = Field(description="prepared data directory (`workbench rec prepare`)")
     out: str
     overwrite: bool = False
@@ -67,6 +67,16 @@ class RecJob(BaseModel):
     layer_pick: Literal["first", "spaced"] = "first"
     blocks: int | None = Field(default=None, ge=1)
     losses: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0})
+    # DLLM2Rec (surgery.rec.dllm2rec): teacher = the LLM recommender, student = the baseline trained
+    student: Literal["sasrec", "gru4rec"] | None = None
+    top_k: int = Field(default=10, ge=1, description="teacher candidates per training prefix")
+    rank_weights: dict[str, float] = Field(default_factory=lambda: {"position": 0.3, "confidence": 0.5,
+                                                                      "consistency": 0.1})
+    rank_lambda: float = Field(default=0.8, ge=0, description="weight of the ranking distillation loss")
+    embed_distill: float = Field(default=0.2, ge=0, description="w in e + w * P(e_teacher)")
+    position_beta: float = Field(default=1.0, gt=0)
+    confidence_beta: float = Field(default=1.0, gt=0)
+    teacher_cache: str | None = Field(default=None, description="teacher rankings file (default: workbench cache)")
 
     @model_validator(mode="after")
     def _needs(self) -> RecJob:
@@ -74,6 +84,8 @@ class RecJob(BaseModel):
             raise ValueError("an llm job needs a backbone")
         if self.model == "distill" and (not self.teacher or not self.student_layers):
             raise ValueError("a distill job needs a teacher and student_layers")
+        if self.model == "dllm2rec" and (not self.teacher or not self.student):
+            raise ValueError("a dllm2rec job needs a teacher and a student (sasrec or gru4rec)")
         return self
 
 
@@ -111,16 +123,52 @@ def create_rec_job(cfg: RecJob, num_users: int, root: str | Path | None = None):
                       kind="rec")
 
 
+def _baseline(kind: str, cfg: RecJob, data):
+    """A freshly initialised SASRec or GRU4Rec (seeded) for the job's data."""
+    from surgery.rec.models import GRU4Rec, SASRec
+
+    torch.manual_seed(cfg.seed)
+    return (SASRec(data.num_items, data.max_len, dim=cfg.dim, layers=cfg.layers) if kind == "sasrec"
+            else GRU4Rec(data.num_items, dim=cfg.dim, layers=cfg.layers))
+
+
+def _build_dllm2rec(cfg: RecJob, data, progress=None):
+    """(distiller, student, None, record) for a DLLM2Rec job; the teacher runs only when its rankings are not
+    cached yet."""
+    from surgery.rec.dllm2rec import DLLM2RecDistiller
+    from surgery.rec.teacher_cache import load_or_build
+
+    needs_rankings = cfg.rank_lambda > 0 and any(cfg.rank_weights.values())
+    rankings = None
+    if needs_rankings or cfg.embed_distill > 0:
+        rankings = load_or_build(cfg.teacher, data, cfg.top_k, path=cfg.teacher_cache, device=cfg.device,
+                                 dtype=cfg.dtype, progress=progress)
+    student = _baseline(cfg.student, cfg, data)
+    module = DLLM2RecDistiller(student, rankings.candidates if needs_rankings else None,
+                               rankings.distances if needs_rankings else None,
+                               rankings.items if rankings is not None else None, gammas=cfg.rank_weights,
+                               lam=cfg.rank_lambda if needs_rankings else 0.0, embed_distill=cfg.embed_distill,
+                               position_beta=cfg.position_beta, confidence_beta=cfg.confidence_beta).to(cfg.device)
+    record = {"teacher": {"path": str(cfg.teacher), "fingerprint": rankings.key["teacher"] if rankings else None},
+              "dllm2rec": {"top_k": cfg.top_k, "weights": cfg.rank_weights, "lambda": cfg.rank_lambda,
+                           "embed_distill": cfg.embed_distill, "position_beta": cfg.position_beta,
+                           "confidence_beta": cfg.confidence_beta,
+                           "embedding": "e + w * P(e_teacher), folded into items.weight" if cfg.embed_distill > 0
+                           else "plain",
+                           "teacher_cache": None if rankings is None else {
+                               "path": str(rankings.path), "hit": rankings.hit,
+                               "candidates": rankings.key["candidates"]}}}
+    return module, student, None, record
+
+
 def build(cfg: RecJob, data, progress=None):
     """(trainable module, model to save, tokenizer, record fields) for a job."""
     say = progress or (lambda _m: None)
     if cfg.model in ("sasrec", "gru4rec"):
-        from surgery.rec.models import GRU4Rec, SASRec
-
-        torch.manual_seed(cfg.seed)
-        model = (SASRec(data.num_items, data.max_len, dim=cfg.dim, layers=cfg.layers) if cfg.model == "sasrec"
-                 else GRU4Rec(data.num_items, dim=cfg.dim, layers=cfg.layers))
+        model = _baseline(cfg.model, cfg, data)
         return model, model, None, {}
+    if cfg.model == "dllm2rec":
+        return _build_dllm2rec(cfg, data, say)
     from surgery.rec.llm import LLMRec, add_lora, pick_layers, shallow_copy
 
     if cfg.model == "llm":
@@ -138,15 +186,13 @@ def build(cfg: RecJob, data, progress=None):
     if cfg.lora:
         raise UserError("LoRA is not supported for distillation yet: the student is fully fine-tuned (drop --lora)")
     from surgery.rec.distill import SLMRecDistiller
-    from surgery.rec.store import load_rec_model
+    from surgery.rec.store import check_same_data, load_rec_model
 
     say(f"loading the teacher {cfg.teacher}")
     teacher, doc, tokenizer = load_rec_model(cfg.teacher, device=cfg.device, dtype=cfg.dtype)
     if teacher.kind != "llm":
         raise UserError(f"the teacher {cfg.teacher} is a {teacher.kind} model: distillation needs an LLM recommender")
-    if doc.get("data", {}).get("fingerprint") != data.fingerprint:
-        raise UserError(f"the teacher was trained on other data ({doc.get('data', {}).get('fingerprint', '?')[:19]}"
-                        f"...) than {cfg.data} ({data.fingerprint[:19]}...)")
+    check_same_data(doc, data, "the teacher", cfg.data)
     keep = pick_layers(teacher.num_layers, cfg.student_layers, cfg.layer_pick)
     student = shallow_copy(teacher, keep)
     torch.manual_seed(cfg.seed)
@@ -201,6 +247,7 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
         module, model, tokenizer, record = build(cfg, data, say)
         users = train_users(data.num_users, cfg.max_users, cfg.seed)
         inputs, targets = data.train_examples(users)  # (U, L) each
+        user_ids = torch.tensor(users, dtype=torch.long)  # row -> user id
         per_epoch = math.ceil(len(users) / cfg.batch_size)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -236,7 +283,10 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
             x, y = inputs[idx, :width].to(cfg.device), targets[idx, :width].to(cfg.device)
             t0 = time.perf_counter()
             module.train()
-            loss, terms = module.train_loss(x, y)
+            if getattr(module, "uses_users", False):  # DLLM2Rec looks up the batch's cached teacher rankings
+                loss, terms = module.train_loss(x, y, users=user_ids[idx].to(cfg.device))
+            else:
+                loss, terms = module.train_loss(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -263,6 +313,8 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
             from surgery.rec.llm import merge_lora
 
             merge_lora(model)
+        if hasattr(module, "fold"):  # DLLM2Rec: e + w * P(e_teacher) becomes the plain item table
+            module.fold()
         from surgery.pipeline import count_params
 
         full_record = {**record, "data": {**data.describe(), "path": str(cfg.data)}, "job": job.id,
@@ -270,10 +322,10 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
                                  "epoch_seconds": epoch_seconds},
                        "params": count_params(model), "valid": valid["full"]}
         say(f"saving to {cfg.out}")
-        from surgery.rec.store import read_rec_json
+        from surgery.rec.store import is_rec_dir, read_rec_json
 
         out = Path(cfg.out).expanduser()
-        owned = out.is_dir() and (out / "rec.json").is_file() and read_rec_json(out).get("job") == job.id
+        owned = out.is_dir() and is_rec_dir(out) and read_rec_json(out).get("job") == job.id
         save_rec_model(model, out, record=full_record, tokenizer=tokenizer, overwrite=cfg.overwrite or owned)
         return log.append("done", sync=True, step=step, output=str(out), eval=valid["full"])
     except BaseException as exc:

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from surgery.errors import UserError
-from workbench.cli_common import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, err, out, print_json
+from workbench.cli_common import (AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, err, eval_settings, out, print_json,
+                                  shared_options)
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from surgery.metrics.runner import EvalSettings
     from surgery.metrics.table import Comparison
 
 _DATA = "Data and teacher"
@@ -69,26 +68,26 @@ RecordsOpt = Annotated[Path | None, typer.Option(
 FreshOpt = Annotated[bool, typer.Option("--fresh", help="Recompute even when a matching record exists.")]
 ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", help="torch CPU threads (default: torch's choice; fewer is steadier on a shared machine).")]
+_REC = "Recommendation"
+RecDataOpt = Annotated[str | None, typer.Option(
+    "--rec-data", help="Prepared rec data (`workbench rec prepare`): HR/NDCG/MRR rows for rec model directories.",
+    rich_help_panel=_REC)]
+RecMaxUsersOpt = Annotated[int | None, typer.Option(
+    "--rec-max-users", help="Score only the first N test users of --rec-data (default: all).", rich_help_panel=_REC)]
 
-
-def set_threads(threads: int | None) -> None:
-    """Apply --threads before any model runs (speed records key on the thread count)."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}")
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def make_settings(**kw) -> EvalSettings:
-    """EvalSettings from the shared CLI options (lm_eval given as "a,b")."""
-    from surgery.metrics.lm_eval_tasks import parse_tasks
-    from surgery.metrics.runner import EvalSettings
-
-    kw["lm_eval"] = parse_tasks(kw.get("lm_eval"))
-    return EvalSettings(**kw)
+# The options `workbench eval` and `workbench compare` share (name -> (type, default)), in --help order; both
+# commands receive them as one dict and turn it into EvalSettings with `cli_common.eval_settings`.
+EVAL_OPTIONS = {
+    "data": (DataOpt, None), "seq_len": (SeqLenOpt, None), "stride": (StrideOpt, None), "tokens": (TokensOpt, None),
+    "batch_size": (BatchOpt, 1), "teacher": (TeacherOpt, None), "top_k": (TopKOpt, 5),
+    "device": (DeviceOpt, "cpu"), "dtype": (DtypeOpt, "auto"), "speed": (SpeedOpt, True),
+    "prompt_len": (PromptLenOpt, None), "new_tokens": (NewTokensOpt, 16), "speed_batch": (SpeedBatchOpt, 4),
+    "repeats": (RepeatsOpt, 3), "warmup": (WarmupOpt, 1), "generate": (GenerateOpt, 0),
+    "gen_tokens": (GenTokensOpt, 32), "lm_eval": (LmEvalOpt, None), "lm_eval_limit": (LmEvalLimitOpt, None),
+    "text_field": (TextFieldOpt, None), "rec_data": (RecDataOpt, None), "rec_max_users": (RecMaxUsersOpt, None),
+    "records": (RecordsOpt, None), "fresh": (FreshOpt, False), "threads": (ThreadsOpt, None),
+    "allow_pickle": (AllowPickleOpt, False), "trust_remote_code": (TrustRemoteCodeOpt, False),
+}
 
 
 @contextmanager
@@ -167,51 +166,21 @@ def fail_on_skipped(evals) -> None:
         raise typer.Exit(2)
 
 
+@shared_options(EVAL_OPTIONS)
 def evaluate(
-    source: Annotated[str, typer.Argument(help="Model: HF directory, hub id, .gguf file or smollm2-135m.")],
-    data: DataOpt = None,
-    seq_len: SeqLenOpt = None,
-    stride: StrideOpt = None,
-    tokens: TokensOpt = None,
-    batch_size: BatchOpt = 1,
-    teacher: TeacherOpt = None,
-    top_k: TopKOpt = 5,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    speed: SpeedOpt = True,
-    prompt_len: PromptLenOpt = None,
-    new_tokens: NewTokensOpt = 16,
-    speed_batch: SpeedBatchOpt = 4,
-    repeats: RepeatsOpt = 3,
-    warmup: WarmupOpt = 1,
-    generate: GenerateOpt = 0,
-    gen_tokens: GenTokensOpt = 32,
-    lm_eval: LmEvalOpt = None,
-    lm_eval_limit: LmEvalLimitOpt = None,
-    text_field: TextFieldOpt = None,
-    records: RecordsOpt = None,
-    fresh: FreshOpt = False,
-    threads: ThreadsOpt = None,
+    source: Annotated[str, typer.Argument(help="Model: HF directory, hub id, .gguf file, smollm2-135m or a rec "
+                                               "model directory.")],
     json_out: JsonOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    *,
+    options: dict,
 ) -> None:
-    """Measure one model: size, perplexity, agreement with a teacher, speed, generation samples, lm-eval tasks."""
-    from surgery.metrics.records import RecordStore
+    """Measure one model: size, perplexity, agreement, speed, generation samples, lm-eval tasks, rec metrics."""
     from surgery.metrics.runner import evaluate_source
     from surgery.metrics.table import build_comparison
 
-    settings = make_settings(
-        data=data, text_field=text_field, seq_len=seq_len, stride=stride, max_tokens=tokens, batch_size=batch_size,
-        teacher=teacher, top_k=top_k, device=device, dtype=dtype, speed=speed, prompt_len=prompt_len,
-        new_tokens=new_tokens, speed_batch=speed_batch, repeats=repeats, warmup=warmup, generate=generate,
-        gen_tokens=gen_tokens, lm_eval=lm_eval, lm_eval_limit=lm_eval_limit, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-    )
-    set_threads(threads)
-    store = RecordStore(records)
+    settings, store = eval_settings(options)
     with progress_bar() as progress:
-        result = evaluate_source(source, settings, store=store, fresh=fresh, progress=progress)
+        result = evaluate_source(source, settings, store=store, fresh=options["fresh"], progress=progress)
     if json_out:
         print_json({
             "model": result.model.model_dump(),

@@ -1,7 +1,10 @@
-"""`workbench rec ...`: sequential-recommendation data, training (as jobs), SLMRec distillation, evaluation."""
+"""`workbench rec ...`: sequential-recommendation data, training (as jobs), SLMRec and DLLM2Rec distillation,
+evaluation."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +12,8 @@ import typer
 
 from workbench.cli_common import JsonOpt, err, out, print_json, status
 
-app = typer.Typer(no_args_is_help=True, help="Recommendation tasks: prepare, train, distill, eval.")
+app = typer.Typer(no_args_is_help=True,
+                  help="Recommendation tasks: prepare, train, distill, distill-to, eval.")
 
 DataOpt = Annotated[Path, typer.Option("--data", help="Prepared data directory (`workbench rec prepare`).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
@@ -22,6 +26,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for init, batch order
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
 JobsDirOpt = Annotated[Path | None, typer.Option("--jobs-dir", help="Jobs root (default $WORKBENCH_JOBS or user data).")]
 DetachOpt = Annotated[bool, typer.Option("--detach", help="Run as a background job and return at once.")]
+DimOpt = Annotated[int, typer.Option("--dim", help="Baselines: embedding width.")]
+LayersOpt = Annotated[int, typer.Option("--layers", help="Baselines: blocks / GRU layers.")]
 
 
 @app.command("prepare")
@@ -50,22 +56,76 @@ def prepare_cmd(
               f"{out_dir}\nfingerprint {data.fingerprint}")
 
 
-def _run(cfg, json_out: bool, jobs_dir: Path | None, detach: bool) -> None:
-    from surgery.rec.data import load_rec_data
-    from surgery.rec.train import create_rec_job, run_rec_job, start_rec_job
+def _job_options(batch_size: int):
+    """Give a job command the options every rec job shares, after its own (the order `--help` shows).
+
+    The command receives them as one dict, `job`: out, overwrite, epochs, batch_size, lr, max_users, seed, device
+    (job-file fields) and jobs_dir, detach, json_out (how to run it). typer reads the rewritten signature.
+    """
+    K = inspect.Parameter.KEYWORD_ONLY
+    shared = [inspect.Parameter("epochs", K, default=1, annotation=EpochsOpt),
+              inspect.Parameter("batch_size", K, default=batch_size, annotation=BatchOpt),
+              inspect.Parameter("lr", K, default=None, annotation=LrOpt),
+              inspect.Parameter("max_users", K, default=None, annotation=UsersOpt),
+              inspect.Parameter("seed", K, default=0, annotation=SeedOpt),
+              inspect.Parameter("device", K, default="cpu", annotation=DeviceOpt),
+              inspect.Parameter("jobs_dir", K, default=None, annotation=JobsDirOpt),
+              inspect.Parameter("detach", K, default=False, annotation=DetachOpt),
+              inspect.Parameter("overwrite", K, default=False, annotation=OverwriteOpt),
+              inspect.Parameter("json_out", K, default=False, annotation=JsonOpt)]
+    names = [p.name for p in shared]
+
+    def wrap(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "job"]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            return fn(**{k: v for k, v in kwargs.items() if k not in names},
+                      job={k: kwargs[k] for k in names})
+
+        params = own + shared
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
+
+
+def _job_fields(job: dict, out_dir: Path, default_lr: float) -> dict:
+    """The job-file fields of the shared options (paths made absolute)."""
+    return {"out": _abs(out_dir), "overwrite": job["overwrite"], "epochs": job["epochs"],
+            "batch_size": job["batch_size"], "lr": job["lr"] or default_lr, "max_users": job["max_users"],
+            "seed": job["seed"], "device": job["device"]}
+
+
+def _run(cfg, job: dict, check=None) -> None:
+    """Create the job (after `check(data)`, which raises on bad input) and launch it."""
     from surgery.export import check_output_dir
+    from surgery.rec.data import load_rec_data
+    from surgery.rec.train import create_rec_job
 
     check_output_dir(Path(cfg.out), cfg.overwrite)
     data = load_rec_data(cfg.data)
-    job = create_rec_job(cfg, data.num_users, jobs_dir)
+    if check is not None:
+        check(data)
+    _launch(create_rec_job(cfg, data.num_users, job["jobs_dir"]), job["json_out"], job["detach"], resumed=False)
+
+
+def _launch(job, json_out: bool, detach: bool, *, resumed: bool) -> None:
+    """Run a created or stopped rec job: detached (report the pid) or in the foreground (report the result)."""
+    from surgery.rec.train import run_rec_job, start_rec_job
+
     if detach:
         pid = start_rec_job(job)
-        if json_out:
+        if resumed:
+            out.print(f"job {job.id} resumed (pid {pid})")
+        elif json_out:
             print_json({"job": job.id, "path": str(job.path), "pid": pid})
         else:
             out.print(f"job {job.id} started (pid {pid}); follow it with `workbench jobs show {job.id}`")
         return
-    err.print(f"job {job.id} (foreground; Ctrl-C stops it, `workbench rec resume {job.id}` continues it)")
+    if not resumed:
+        err.print(f"job {job.id} (foreground; Ctrl-C stops it, `workbench rec resume {job.id}` continues it)")
     with status(not json_out) as say:
         final = run_rec_job(job.path, progress=say)
     _report(final, job, json_out)
@@ -89,6 +149,7 @@ def _abs(p: Path | str) -> str:
 
 
 @app.command("train")
+@_job_options(batch_size=64)
 def train_cmd(
     model: Annotated[str, typer.Argument(help="sasrec, gru4rec or llm.")],
     data: DataOpt,
@@ -98,18 +159,10 @@ def train_cmd(
     lora: Annotated[bool, typer.Option("--lora/--full", help="LLM: LoRA adapters (peft) or full fine-tuning.")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank")] = 8,
     item_dim: Annotated[int, typer.Option("--item-dim", help="LLM: item embedding width.")] = 64,
-    dim: Annotated[int, typer.Option("--dim", help="Baselines: embedding width.")] = 64,
-    layers: Annotated[int, typer.Option("--layers", help="Baselines: blocks / GRU layers.")] = 2,
-    epochs: EpochsOpt = 1,
-    batch_size: BatchOpt = 64,
-    lr: LrOpt = None,
-    max_users: UsersOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    jobs_dir: JobsDirOpt = None,
-    detach: DetachOpt = False,
-    overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = False,
+    dim: DimOpt = 64,
+    layers: LayersOpt = 2,
+    *,
+    job: dict,
 ) -> None:
     """Train SASRec, GRU4Rec or the LLM recommender (next item at every position) as a job."""
     from surgery.errors import UserError
@@ -120,14 +173,14 @@ def train_cmd(
     if model == "llm" and not backbone:
         raise UserError("`rec train llm` needs --backbone SOURCE (e.g. smollm2-135m)")
     backbone_ref = None if backbone is None else (_abs(backbone) if Path(backbone).expanduser().exists() else backbone)
-    cfg = parse_job({"model": model, "data": _abs(data), "out": _abs(out_dir), "overwrite": overwrite,
-                     "epochs": epochs, "batch_size": batch_size, "lr": lr or (1e-4 if model == "llm" else 1e-3),
-                     "max_users": max_users, "seed": seed, "device": device, "backbone": backbone_ref, "lora": lora,
-                     "lora_rank": lora_rank, "item_dim": item_dim, "dim": dim, "layers": layers})
-    _run(cfg, json_out, jobs_dir, detach)
+    cfg = parse_job({"model": model, "data": _abs(data), **_job_fields(job, out_dir, 1e-4 if model == "llm" else 1e-3),
+                     "backbone": backbone_ref, "lora": lora, "lora_rank": lora_rank, "item_dim": item_dim, "dim": dim,
+                     "layers": layers})
+    _run(cfg, job)
 
 
 @app.command("distill")
+@_job_options(batch_size=16)
 def distill_cmd(
     teacher: Annotated[Path, typer.Option("--teacher", help="Trained LLM recommender directory.")],
     student_layers: Annotated[int, typer.Option("--student-layers", help="Blocks the student keeps.")],
@@ -139,16 +192,8 @@ def distill_cmd(
         "first"),
     blocks: Annotated[int | None, typer.Option("--blocks", help="Boundaries matched (default: every student "
                                                                "block).")] = None,
-    epochs: EpochsOpt = 1,
-    batch_size: BatchOpt = 16,
-    lr: LrOpt = None,
-    max_users: UsersOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    jobs_dir: JobsDirOpt = None,
-    detach: DetachOpt = False,
-    overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = False,
+    *,
+    job: dict,
 ) -> None:
     """SLMRec: train a shallow copy of an LLM recommender on its block-boundary hidden states (a job)."""
     from surgery.rec.distill import parse_losses
@@ -156,9 +201,55 @@ def distill_cmd(
 
     cfg = parse_job({"model": "distill", "teacher": _abs(teacher), "student_layers": student_layers,
                      "losses": parse_losses(loss), "layer_pick": layer_pick, "blocks": blocks, "data": _abs(data),
-                     "out": _abs(out_dir), "overwrite": overwrite, "epochs": epochs, "batch_size": batch_size,
-                     "lr": lr or 1e-4, "max_users": max_users, "seed": seed, "device": device})
-    _run(cfg, json_out, jobs_dir, detach)
+                     **_job_fields(job, out_dir, 1e-4)})
+    _run(cfg, job)
+
+
+@app.command("distill-to")
+@_job_options(batch_size=64)
+def distill_to_cmd(
+    student: Annotated[str, typer.Argument(help="sasrec or gru4rec.")],
+    teacher: Annotated[Path, typer.Option("--teacher", help="Trained LLM recommender directory.")],
+    data: DataOpt,
+    out_dir: OutOpt,
+    top_k: Annotated[int, typer.Option("--top-k", help="Teacher candidates per training prefix.")] = 10,
+    weights: Annotated[str, typer.Option("--weights", help="Importance weights of the ranking distillation: "
+                                                           "position, confidence, consistency.")] = (
+        "position:0.3,confidence:0.5,consistency:0.1"),
+    lam: Annotated[float, typer.Option("--lambda", help="Weight of the ranking distillation loss (0: off).")] = 0.8,
+    embed_distill: Annotated[float, typer.Option("--embed-distill", help="w in e + w * P(e_teacher) (0: "
+                                                                         "off).")] = 0.2,
+    position_beta: Annotated[float, typer.Option("--position-beta", help="Temperature of the position "
+                                                                         "weights.")] = 1.0,
+    confidence_beta: Annotated[float, typer.Option("--confidence-beta", help="Temperature of the confidence "
+                                                                             "weights.")] = 1.0,
+    teacher_cache: Annotated[Path | None, typer.Option("--teacher-cache", help="Teacher rankings file (default: "
+                                                                               "the workbench cache).")] = None,
+    dim: DimOpt = 64,
+    layers: LayersOpt = 2,
+    *,
+    job: dict,
+) -> None:
+    """DLLM2Rec: train SASRec or GRU4Rec with an LLM recommender's rankings and item embeddings (a job)."""
+    from surgery.errors import UserError
+    from surgery.rec.dllm2rec import parse_rank_weights
+    from surgery.rec.store import check_same_data, read_rec_json
+    from surgery.rec.teacher_cache import check_top_k
+    from surgery.rec.train import parse_job
+
+    if student not in ("sasrec", "gru4rec"):
+        raise UserError(f"unknown student {student!r}: use sasrec or gru4rec")
+    doc = read_rec_json(teacher)
+
+    def check(rec_data) -> None:  # fail before a job is created
+        check_top_k(top_k, rec_data)
+        check_same_data(doc, rec_data, f"the teacher {teacher}", data)
+    cfg = parse_job({"model": "dllm2rec", "student": student, "teacher": _abs(teacher), "top_k": top_k,
+                     "rank_weights": parse_rank_weights(weights), "rank_lambda": lam, "embed_distill": embed_distill,
+                     "position_beta": position_beta, "confidence_beta": confidence_beta,
+                     "teacher_cache": None if teacher_cache is None else _abs(teacher_cache), "dim": dim,
+                     "layers": layers, "data": _abs(data), **_job_fields(job, out_dir, 1e-3)})
+    _run(cfg, job, check)
 
 
 @app.command("resume")
@@ -170,16 +261,8 @@ def resume_cmd(
 ) -> None:
     """Continue a cancelled or interrupted rec job from its last checkpoint."""
     from surgery.jobs.store import find_job, jobs_root
-    from surgery.rec.train import run_rec_job, start_rec_job
 
-    job = find_job(jobs_root(jobs_dir), job_id)
-    if detach:
-        pid = start_rec_job(job)
-        out.print(f"job {job.id} resumed (pid {pid})")
-        return
-    with status(not json_out) as say:
-        final = run_rec_job(job.path, progress=say)
-    _report(final, job, json_out)
+    _launch(find_job(jobs_root(jobs_dir), job_id), json_out, detach, resumed=True)
 
 
 @app.command("eval")
@@ -199,7 +282,7 @@ def eval_cmd(
 
     from surgery.rec.data import load_rec_data
     from surgery.rec.metrics import evaluate, parse_protocol
-    from surgery.rec.store import load_rec_model
+    from surgery.rec.store import load_rec_model, trained_on
 
     protocols = tuple(protocol or ["full"])
     for p in protocols:
@@ -209,7 +292,7 @@ def eval_cmd(
     with status(not json_out) as say:
         say("loading the model")
         net, doc, _ = load_rec_model(model, device=device)
-        if doc.get("data", {}).get("fingerprint") not in (None, rec_data.fingerprint):
+        if trained_on(doc) not in (None, rec_data.fingerprint):
             err.print(f"warning: {model} was trained on other data ({doc['data'].get('path', '?')})")
         t0 = time.perf_counter()
         results = evaluate(lambda h, n: net.score(h.to(device), n), rec_data, split=split, protocols=protocols,
