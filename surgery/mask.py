@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from surgery.linalg import svd64
 from surgery.ops import get_module, linear_weight
 from surgery.resolve import Resolution
 
@@ -46,7 +47,7 @@ def _identity_layer(module, args, kwargs, output):
 
 
 def _dense_low_rank(weight: torch.Tensor, rank: int) -> torch.Tensor:
-    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    u, s, vh = svd64(weight)
     return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(weight.dtype)  # (out, in)
 
 

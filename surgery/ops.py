@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from surgery.arch.base import ArchSpec
+from surgery.linalg import svd64
 from surgery.modules import LowRankLinear, Placeholder, SkippedAttention, SkippedMLP
 
 
@@ -139,10 +140,10 @@ def linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
 def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of W (out x in): returns B (out x r), A (r x in) with B @ A the best rank-r approximation.
 
-    sqrt(sigma) goes to each side so both factors have the same scale (friendlier to later fine-tuning). The SVD
-    runs in float64 so that full rank reproduces W to float32 round-off.
+    sqrt(sigma) goes to each side so both factors have the same scale (friendlier to later fine-tuning); the SVD is
+    float64 (`surgery.linalg.svd64`).
     """
-    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    u, s, vh = svd64(weight)
     root = s[:rank].sqrt()
     b = u[:, :rank] * root  # (out, r)
     a = root[:, None] * vh[:rank]  # (r, in)
