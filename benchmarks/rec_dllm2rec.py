@@ -5,8 +5,11 @@ training seconds per epoch and inference seconds per 1k users. Prints a markdown
 The teacher: the LLM recommender of benchmarks/rec_movielens.py (`<rec-bench>/llm30` and its `<rec-bench>/data`)
 when it exists, else one trained here with that script's command (smollm2-135m, 96 users, 1 epoch).
 
-Usage: python benchmarks/rec_dllm2rec.py [--work DIR] [--rec-bench DIR] [--epochs N] [--eval-users N]
-       [--distill-args "..."]
+`--teacher DIR --data DIR` use any trained LLM recommender and its prepared data instead (e.g. an E4SRec-style
+teacher trained with `rec train llm --item-init <sasrec>`; docs/benchmarks.md, DLLM2Rec section).
+
+Usage: python benchmarks/rec_dllm2rec.py [--work DIR] [--rec-bench DIR | --teacher DIR --data DIR] [--epochs N]
+       [--eval-users N] [--threads T] [--distill-args "..."]
 """
 
 from __future__ import annotations
@@ -47,6 +50,17 @@ def teacher_dirs(rec_bench: Path, work: Path, common: list[str]) -> tuple[Path, 
     return teacher, data, " ".join(cmd)
 
 
+def teacher_name(teacher: Path) -> str:
+    """The teacher row's label: backbone, layers and, for an E4SRec-style teacher, where its item table came from."""
+    doc = json.loads((teacher / "rec.json").read_text())
+    layers = json.loads((teacher / "config.json").read_text()).get("num_hidden_layers")
+    name = f"LLM teacher ({(doc.get('backbone') or {}).get('source', '?')}, {layers} layers"
+    init = doc.get("item_init")
+    if init:
+        name += f", items from {init['kind']}{' (frozen)' if init.get('frozen') else ''}"
+    return name + ")"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/dllm-bench"))
@@ -54,14 +68,24 @@ def main() -> None:
     ap.add_argument("--epochs", default="30", help="student epochs (same for plain and distilled)")
     ap.add_argument("--eval-users", type=int, default=None, help="evaluate the first N users (default: all)")
     ap.add_argument("--distill-args", default="", help="extra `rec distill-to` options (default: the paper's)")
+    ap.add_argument("--teacher", type=Path, default=None, help="an existing LLM recommender (needs --data)")
+    ap.add_argument("--data", type=Path, default=None, help="the prepared data the --teacher was trained on")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every command")
     a = ap.parse_args()
+    if (a.teacher is None) != (a.data is None):
+        sys.exit("--teacher and --data go together")
+    if a.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by every workbench command below
     w = a.work
     w.mkdir(parents=True, exist_ok=True)
     common = ["--overwrite", "--json", "--jobs-dir", str(w / "jobs")]
-    teacher, data, teacher_how = teacher_dirs(a.rec_bench, w, common)
+    if a.teacher is not None:
+        teacher, data, teacher_how = a.teacher, a.data, f"given: {a.teacher}"
+    else:
+        teacher, data, teacher_how = teacher_dirs(a.rec_bench, w, common)
     d = ["--data", str(data)]
     train = ["--epochs", a.epochs, "--batch-size", "64"]
-    runs = {"LLM teacher (smollm2-135m, 30 layers)": None}
+    runs = {teacher_name(teacher): None}
     for kind, name in (("sasrec", "SASRec"), ("gru4rec", "GRU4Rec")):
         runs[name] = ["workbench", "rec", "train", kind, *d, "--out", str(w / kind), *train, *common]
         runs[f"{name} + DLLM2Rec"] = ["workbench", "rec", "distill-to", kind, "--teacher", str(teacher), *d, "--out",

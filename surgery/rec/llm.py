@@ -12,6 +12,7 @@ fine-tuned or adapted with LoRA (peft), merged back before saving.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -78,6 +79,44 @@ class LLMRec(RecModel):
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that are not the backbone: items.weight, in_proj.*, out_proj.*."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
+
+
+def item_table(source: str | Path, data, item_dim: int) -> tuple[torch.Tensor, dict]:
+    """The item table (`items.weight`, (N + 1, d)) of a trained rec model directory, checked against `data`.
+
+    E4SRec / LLaRA start the LLM recommender from item-ID embeddings a conventional sequential recommender
+    learned: every rec model here (SASRec, GRU4Rec, a DLLM2Rec student, an LLM recommender) stores its table
+    as `items.weight`, so any of them can be the source.
+
+    Args:
+        source: A rec model directory (`surgery.rec.store`).
+        data: The `RecData` the new model trains on (the source must have been trained on the same data).
+        item_dim: The width d of the new model's item table.
+
+    Returns:
+        (the (N + 1, d) float32 table, a provenance record for rec.json).
+
+    Raises:
+        UserError: Not a rec model, other data, or another width.
+    """
+    from safetensors import safe_open
+
+    from surgery.rec.store import REC_TENSORS, check_same_data, read_rec_json
+
+    path = Path(source).expanduser()
+    doc = read_rec_json(path)
+    check_same_data(doc, data, f"the --item-init model {path}", "--data")
+    with safe_open(str(path / REC_TENSORS), framework="pt") as f:
+        if "items.weight" not in f.keys():
+            raise UserError(f"{path / REC_TENSORS} has no items.weight: --item-init needs a rec model directory")
+        table = f.get_tensor("items.weight").float()  # (N + 1, d)
+    if table.shape != (data.num_items + 1, item_dim):
+        raise UserError(f"--item-init {path} has {table.shape[1]}-d item embeddings for {table.shape[0] - 1} items; "
+                        f"this model needs {item_dim}-d for {data.num_items} (pass --item-dim {table.shape[1]})")
+    import hashlib
+
+    digest = hashlib.sha256(table.numpy().tobytes()).hexdigest()
+    return table, {"path": str(path), "kind": doc["model"]["kind"], "job": doc.get("job"), "sha256": digest}
 
 
 def add_lora(model: LLMRec, rank: int = 8, alpha: int = 16, dropout: float = 0.0) -> LLMRec:

@@ -61,6 +61,8 @@ class RecJob(BaseModel):
     item_dim: int = Field(default=64, ge=1)
     lora: bool = False
     lora_rank: int = Field(default=8, ge=1)
+    item_init: str | None = Field(default=None, description="rec model dir whose items.weight starts the table")
+    freeze_items: bool = Field(default=False, description="keep the initialised item table fixed (E4SRec)")
     # distillation
     teacher: str | None = None
     student_layers: int | None = Field(default=None, ge=1)
@@ -82,6 +84,10 @@ class RecJob(BaseModel):
     def _needs(self) -> RecJob:
         if self.model == "llm" and not self.backbone:
             raise ValueError("an llm job needs a backbone")
+        if self.item_init and self.model != "llm":
+            raise ValueError("item_init is for the LLM recommender (rec train llm)")
+        if self.freeze_items and not self.item_init:
+            raise ValueError("freeze_items needs item_init (a random table kept fixed learns nothing)")
         if self.model == "distill" and (not self.teacher or not self.student_layers):
             raise ValueError("a distill job needs a teacher and student_layers")
         if self.model == "dllm2rec" and (not self.teacher or not self.student):
@@ -179,9 +185,17 @@ def build(cfg: RecJob, data, progress=None):
         loaded = load_model(cfg.backbone, dtype=cfg.dtype, device=cfg.device)
         torch.manual_seed(cfg.seed)
         model = LLMRec(loaded.model, data.num_items, item_dim=cfg.item_dim, max_len=data.max_len).to(cfg.device)
+        record = {"backbone": {"source": cfg.backbone, "fingerprint": source_fingerprint(loaded.resolved)}}
+        if cfg.item_init:
+            from surgery.rec.llm import item_table
+
+            table, record["item_init"] = item_table(cfg.item_init, data, cfg.item_dim)
+            with torch.no_grad():
+                model.items.weight.copy_(table)
+            model.items.weight.requires_grad_(not cfg.freeze_items)  # frozen: left out of the optimiser
+            record["item_init"]["frozen"] = cfg.freeze_items
         if cfg.lora:
             add_lora(model, cfg.lora_rank)
-        record = {"backbone": {"source": cfg.backbone, "fingerprint": source_fingerprint(loaded.resolved)}}
         return model, model, loaded.tokenizer, record
     if cfg.lora:
         raise UserError("LoRA is not supported for distillation yet: the student is fully fine-tuned (drop --lora)")
@@ -263,7 +277,13 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
                    device=cfg.device, train={"users": len(users), **data.describe()})
 
         def checkpoint(n: int) -> str:
-            tensors = {f"student.{k}": v for k, v in module.state_dict().items()}
+            tensors, seen = {}, set()
+            for k, v in module.state_dict().items():
+                # tied weights (a backbone's embed_tokens / lm_head) share storage, which safetensors refuses: the
+                # second name gets a copy; loading writes both back into the one tied parameter
+                ptr = v.untyped_storage().data_ptr()
+                tensors[f"student.{k}"] = v.clone() if ptr in seen else v
+                seen.add(ptr)
             optim, groups = _optim_tensors(opt)
             p = save_checkpoint(job.checkpoints_dir, n, {**tensors, **optim, "rng.cpu": torch.get_rng_state()},
                                 {"param_groups": groups, "epoch_seconds": epoch_seconds},

@@ -22,6 +22,8 @@ EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the traini
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Users per step.")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 1e-3; 1e-4 for LLMs).")]
 UsersOpt = Annotated[int | None, typer.Option("--max-users", help="Train on this many users (a seeded choice).")]
+EvalUsersOpt = Annotated[int | None, typer.Option("--eval-users", help="End-of-job validation: the first N "
+                                                                      "users (default: all).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for init, batch order and negatives.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
 JobsDirOpt = Annotated[Path | None, typer.Option("--jobs-dir", help="Jobs root (default $WORKBENCH_JOBS or user data).")]
@@ -59,14 +61,15 @@ def prepare_cmd(
 def _job_options(batch_size: int):
     """Give a job command the options every rec job shares, after its own (the order `--help` shows).
 
-    The command receives them as one dict, `job`: out, overwrite, epochs, batch_size, lr, max_users, seed, device
-    (job-file fields) and jobs_dir, detach, json_out (how to run it). typer reads the rewritten signature.
+    The command receives them as one dict, `job`: out, overwrite, epochs, batch_size, lr, max_users, eval_users,
+    seed, device (job-file fields) and jobs_dir, detach, json_out (how to run it). typer reads the rewritten signature.
     """
     K = inspect.Parameter.KEYWORD_ONLY
     shared = [inspect.Parameter("epochs", K, default=1, annotation=EpochsOpt),
               inspect.Parameter("batch_size", K, default=batch_size, annotation=BatchOpt),
               inspect.Parameter("lr", K, default=None, annotation=LrOpt),
               inspect.Parameter("max_users", K, default=None, annotation=UsersOpt),
+              inspect.Parameter("eval_users", K, default=None, annotation=EvalUsersOpt),
               inspect.Parameter("seed", K, default=0, annotation=SeedOpt),
               inspect.Parameter("device", K, default="cpu", annotation=DeviceOpt),
               inspect.Parameter("jobs_dir", K, default=None, annotation=JobsDirOpt),
@@ -95,7 +98,7 @@ def _job_fields(job: dict, out_dir: Path, default_lr: float) -> dict:
     """The job-file fields of the shared options (paths made absolute)."""
     return {"out": _abs(out_dir), "overwrite": job["overwrite"], "epochs": job["epochs"],
             "batch_size": job["batch_size"], "lr": job["lr"] or default_lr, "max_users": job["max_users"],
-            "seed": job["seed"], "device": job["device"]}
+            "eval_users": job["eval_users"], "seed": job["seed"], "device": job["device"]}
 
 
 def _run(cfg, job: dict, check=None) -> None:
@@ -159,6 +162,10 @@ def train_cmd(
     lora: Annotated[bool, typer.Option("--lora/--full", help="LLM: LoRA adapters (peft) or full fine-tuning.")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank")] = 8,
     item_dim: Annotated[int, typer.Option("--item-dim", help="LLM: item embedding width.")] = 64,
+    item_init: Annotated[Path | None, typer.Option("--item-init", help="LLM: copy the item table of this trained rec "
+                                                                       "model (SASRec, GRU4Rec...; E4SRec).")] = None,
+    freeze_items: Annotated[bool, typer.Option("--freeze-items", help="LLM: keep the --item-init table "
+                                                                      "fixed.")] = False,
     dim: DimOpt = 64,
     layers: LayersOpt = 2,
     *,
@@ -172,11 +179,22 @@ def train_cmd(
         raise UserError(f"unknown model {model!r}: use sasrec, gru4rec or llm")
     if model == "llm" and not backbone:
         raise UserError("`rec train llm` needs --backbone SOURCE (e.g. smollm2-135m)")
+    if (item_init or freeze_items) and model != "llm":
+        raise UserError("--item-init and --freeze-items are for `rec train llm`")
+    if freeze_items and not item_init:
+        raise UserError("--freeze-items needs --item-init MODEL (a random table kept fixed learns nothing)")
     backbone_ref = None if backbone is None else (_abs(backbone) if Path(backbone).expanduser().exists() else backbone)
     cfg = parse_job({"model": model, "data": _abs(data), **_job_fields(job, out_dir, 1e-4 if model == "llm" else 1e-3),
                      "backbone": backbone_ref, "lora": lora, "lora_rank": lora_rank, "item_dim": item_dim, "dim": dim,
-                     "layers": layers})
-    _run(cfg, job)
+                     "layers": layers, "item_init": None if item_init is None else _abs(item_init),
+                     "freeze_items": freeze_items})
+
+    def check(rec_data) -> None:  # fail before a job is created
+        if item_init is not None:
+            from surgery.rec.llm import item_table
+
+            item_table(item_init, rec_data, item_dim)
+    _run(cfg, job, check)
 
 
 @app.command("distill")
@@ -278,10 +296,9 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """HR@1/5/10, NDCG@5/10 and MRR of the held-out items."""
-    import time
-
+    from surgery.metrics.rec import evaluate_rec_model
     from surgery.rec.data import load_rec_data
-    from surgery.rec.metrics import evaluate, parse_protocol
+    from surgery.rec.metrics import parse_protocol
     from surgery.rec.store import load_rec_model, trained_on
 
     protocols = tuple(protocol or ["full"])
@@ -294,14 +311,12 @@ def eval_cmd(
         net, doc, _ = load_rec_model(model, device=device)
         if trained_on(doc) not in (None, rec_data.fingerprint):
             err.print(f"warning: {model} was trained on other data ({doc['data'].get('path', '?')})")
-        t0 = time.perf_counter()
-        results = evaluate(lambda h, n: net.score(h.to(device), n), rec_data, split=split, protocols=protocols,
-                           seed=seed, batch_size=batch_size, users=users,
-                           progress=lambda d, t: say(f"scored {d}/{t} users"))
-        seconds = time.perf_counter() - t0
+        result = evaluate_rec_model(net, rec_data, protocols=protocols, split=split, users=users, seed=seed,
+                                    batch_size=batch_size, device=device,
+                                    progress=lambda d, t: say(f"scored {d}/{t} users"))
+    results = result.metrics
     record = {"model": str(model), "kind": doc["model"]["kind"], "params": doc.get("params"),
-              "seconds_per_1k_users": round(seconds * 1000 / next(iter(results.values()))["users"], 3),
-              "metrics": results}
+              "seconds_per_1k_users": result.seconds_per_1k_users, "metrics": results}
     if json_out:
         print_json(record)
         return
