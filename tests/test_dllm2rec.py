@@ -296,3 +296,25 @@ def test_distill_to_refuses_a_teacher_of_other_data(rec, tmp_path, monkeypatch, 
     code, _, err = call(capsys, "rec", "distill-to", "sasrec", "--teacher", root / "teacher", "--data",
                         tmp_path / "other", "--out", tmp_path / "o", "--jobs-dir", tmp_path / "jobs")
     assert code == 2 and "other data" in one_error_line(err)
+
+
+def test_cancel_while_ranking_the_teacher_is_a_cancel_and_caches_nothing(rec, tmp_path, monkeypatch):
+    from surgery.rec.train import RecJob, create_rec_job, run_rec_job
+
+    root, data = rec
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("WORKBENCH_CACHE", str(cache))
+    cfg = RecJob(model="dllm2rec", student="sasrec", teacher=str(root / "teacher"), top_k=3,
+                 data=str(root / "data"), out=str(tmp_path / "s"), epochs=1, batch_size=16)
+    job = create_rec_job(cfg, data.num_users, tmp_path / "jobs")
+
+    def cancel_on_rankings(message):  # the user runs `workbench jobs cancel` while the teacher ranks
+        if message.startswith("loading the teacher"):
+            job.cancel_file.write_text("")
+
+    final = run_rec_job(job.path, progress=cancel_on_rankings)
+    assert final["event"] == "cancelled" and final["step"] == 0 and final["checkpoint"] is None
+    assert not list(cache.rglob("*.safetensors")), "a cancelled ranking must not be cached"
+    assert not (tmp_path / "s").exists()
+    job.cancel_file.unlink()
+    assert run_rec_job(job.path)["event"] == "done"

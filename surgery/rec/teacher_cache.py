@@ -61,6 +61,10 @@ def default_cache_path(key: dict) -> Path:
     return cache_root() / "rec-teacher" / f"{digest}.safetensors"
 
 
+class RankingsCancelled(Exception):
+    """The user cancelled while the teacher's rankings were being computed (nothing was cached)."""
+
+
 def teacher_top_k(teacher, inputs: torch.Tensor, targets: torch.Tensor, k: int, *, batch_size: int = 32,
                   device: str = "cpu", progress: Callable[[str], None] | None = None,
                   cancel: threading.Event | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +86,7 @@ def teacher_top_k(teacher, inputs: torch.Tensor, targets: torch.Tensor, k: int, 
         items = teacher.item_embeddings().float()  # (N + 1, d_T)
         for start in range(0, inputs.shape[0], batch_size):
             if cancel is not None and cancel.is_set():
-                raise UserError("teacher rankings cancelled")
+                raise RankingsCancelled("teacher rankings cancelled")
             sl = slice(start, start + batch_size)
             x = inputs[sl].to(device)
             h = teacher.hidden(x).float()  # (B, L, d_T)

@@ -138,7 +138,7 @@ def _baseline(kind: str, cfg: RecJob, data):
             else GRU4Rec(data.num_items, dim=cfg.dim, layers=cfg.layers))
 
 
-def _build_dllm2rec(cfg: RecJob, data, progress=None):
+def _build_dllm2rec(cfg: RecJob, data, progress=None, cancel=None):
     """(distiller, student, None, record) for a DLLM2Rec job; the teacher runs only when its rankings are not
     cached yet."""
     from surgery.rec.dllm2rec import DLLM2RecDistiller
@@ -148,7 +148,7 @@ def _build_dllm2rec(cfg: RecJob, data, progress=None):
     rankings = None
     if needs_rankings or cfg.embed_distill > 0:
         rankings = load_or_build(cfg.teacher, data, cfg.top_k, path=cfg.teacher_cache, device=cfg.device,
-                                 dtype=cfg.dtype, progress=progress)
+                                 dtype=cfg.dtype, progress=progress, cancel=cancel)
     student = _baseline(cfg.student, cfg, data)
     module = DLLM2RecDistiller(student, rankings.candidates if needs_rankings else None,
                                rankings.distances if needs_rankings else None,
@@ -167,14 +167,17 @@ def _build_dllm2rec(cfg: RecJob, data, progress=None):
     return module, student, None, record
 
 
-def build(cfg: RecJob, data, progress=None):
-    """(trainable module, model to save, tokenizer, record fields) for a job."""
+def build(cfg: RecJob, data, progress=None, cancel=None):
+    """(trainable module, model to save, tokenizer, record fields) for a job.
+
+    `cancel` (anything with `is_set()`) is polled by the one long step before training: DLLM2Rec's teacher rankings.
+    """
     say = progress or (lambda _m: None)
     if cfg.model in ("sasrec", "gru4rec"):
         model = _baseline(cfg.model, cfg, data)
         return model, model, None, {}
     if cfg.model == "dllm2rec":
-        return _build_dllm2rec(cfg, data, say)
+        return _build_dllm2rec(cfg, data, say, cancel)
     from surgery.rec.llm import LLMRec, add_lora, pick_layers, shallow_copy
 
     if cfg.model == "llm":
@@ -232,6 +235,16 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], gr
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+class _CancelSignal:
+    """`is_set()` when the job's cancel file exists (workbench jobs/rec cancel) or the caller's event is set."""
+
+    def __init__(self, cancel_file: Path, event: threading.Event | None):
+        self.cancel_file, self.event = cancel_file, event
+
+    def is_set(self) -> bool:
+        return self.cancel_file.exists() or (self.event is not None and self.event.is_set())
+
+
 def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = None,
                 cancel: threading.Event | None = None) -> dict:
     """Run (or resume) the rec job in directory `path` in this process; returns its final event.
@@ -246,6 +259,7 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
     from surgery.rec.data import load_rec_data
     from surgery.rec.metrics import evaluate
     from surgery.rec.store import save_rec_model
+    from surgery.rec.teacher_cache import RankingsCancelled
 
     job = JobDir(Path(path).resolve())
     log = EventLog(job.events_file)
@@ -258,7 +272,10 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
             log.append("launch", pid=os.getpid(), attempt=None, nproc=1, resume=False)
         cfg = parse_job(json.loads(job.job_file.read_text(encoding="utf-8")), str(job.job_file))
         data = load_rec_data(cfg.data)
-        module, model, tokenizer, record = build(cfg, data, say)
+        try:
+            module, model, tokenizer, record = build(cfg, data, say, _CancelSignal(job.cancel_file, cancel))
+        except RankingsCancelled:  # stopped before the first step: nothing to checkpoint, resume starts over
+            return log.append("cancelled", sync=True, step=0, checkpoint=None)
         users = train_users(data.num_users, cfg.max_users, cfg.seed)
         inputs, targets = data.train_examples(users)  # (U, L) each
         user_ids = torch.tensor(users, dtype=torch.long)  # row -> user id
