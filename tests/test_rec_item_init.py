@@ -65,6 +65,10 @@ def test_cli_records_provenance(trained, tmp_path, capsys):
     doc = json.loads((out / "rec.json").read_text())
     assert doc["item_init"]["path"] == str(trained / "sasrec") and doc["item_init"]["frozen"] is True
     assert doc["train"]["freeze_items"] is True and doc["valid"]["users"] == 5
+    # defaults differ by model: one epoch for an LLM job, tens for a SASRec (the fixture passed no --epochs)
+    sasrec = json.loads((trained / "sasrec" / "rec.json").read_text())
+    assert (doc["train"]["epochs"], doc["train"]["lr"]) == (1, 1e-4)
+    assert (sasrec["train"]["epochs"], sasrec["train"]["lr"]) == (30, 1e-3)
     assert torch.equal(load_file(str(out / "rec.safetensors"))["items.weight"], _source_table(trained))
 
 

@@ -18,7 +18,8 @@ app = typer.Typer(no_args_is_help=True,
 DataOpt = Annotated[Path, typer.Option("--data", help="Prepared data directory (`workbench rec prepare`).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
-EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training users.")]
+EpochsOpt = Annotated[int | None, typer.Option(
+    "--epochs", help="Passes over the training users (default 30 for SASRec/GRU4Rec students, 1 for LLM jobs).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Users per step.")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 1e-3; 1e-4 for LLMs).")]
 UsersOpt = Annotated[int | None, typer.Option("--max-users", help="Train on this many users (a seeded choice).")]
@@ -65,7 +66,7 @@ def _job_options(batch_size: int):
     seed, device (job-file fields) and jobs_dir, detach, json_out (how to run it). typer reads the rewritten signature.
     """
     K = inspect.Parameter.KEYWORD_ONLY
-    shared = [inspect.Parameter("epochs", K, default=1, annotation=EpochsOpt),
+    shared = [inspect.Parameter("epochs", K, default=None, annotation=EpochsOpt),
               inspect.Parameter("batch_size", K, default=batch_size, annotation=BatchOpt),
               inspect.Parameter("lr", K, default=None, annotation=LrOpt),
               inspect.Parameter("max_users", K, default=None, annotation=UsersOpt),
@@ -94,10 +95,16 @@ def _job_options(batch_size: int):
     return wrap
 
 
-def _job_fields(job: dict, out_dir: Path, default_lr: float) -> dict:
+# Defaults per kind of model: a small SASRec/GRU4Rec needs tens of cheap epochs (2-4 s each on a CPU; one epoch
+# leaves it near chance), an LLM recommender one expensive epoch and a lower rate.
+BASELINE_EPOCHS, LLM_EPOCHS = 30, 1
+
+
+def _job_fields(job: dict, out_dir: Path, default_lr: float, default_epochs: int) -> dict:
     """The job-file fields of the shared options (paths made absolute)."""
-    return {"out": _abs(out_dir), "overwrite": job["overwrite"], "epochs": job["epochs"],
-            "batch_size": job["batch_size"], "lr": job["lr"] or default_lr, "max_users": job["max_users"],
+    return {"out": _abs(out_dir), "overwrite": job["overwrite"],
+            "epochs": default_epochs if job["epochs"] is None else job["epochs"], "batch_size": job["batch_size"],
+            "lr": default_lr if job["lr"] is None else job["lr"], "max_users": job["max_users"],
             "eval_users": job["eval_users"], "seed": job["seed"], "device": job["device"]}
 
 
@@ -184,7 +191,8 @@ def train_cmd(
     if freeze_items and not item_init:
         raise UserError("--freeze-items needs --item-init MODEL (a random table kept fixed learns nothing)")
     backbone_ref = None if backbone is None else (_abs(backbone) if Path(backbone).expanduser().exists() else backbone)
-    cfg = parse_job({"model": model, "data": _abs(data), **_job_fields(job, out_dir, 1e-4 if model == "llm" else 1e-3),
+    defaults = (1e-4, LLM_EPOCHS) if model == "llm" else (1e-3, BASELINE_EPOCHS)
+    cfg = parse_job({"model": model, "data": _abs(data), **_job_fields(job, out_dir, *defaults),
                      "backbone": backbone_ref, "lora": lora, "lora_rank": lora_rank, "item_dim": item_dim, "dim": dim,
                      "layers": layers, "item_init": None if item_init is None else _abs(item_init),
                      "freeze_items": freeze_items})
@@ -219,7 +227,7 @@ def distill_cmd(
 
     cfg = parse_job({"model": "distill", "teacher": _abs(teacher), "student_layers": student_layers,
                      "losses": parse_losses(loss), "layer_pick": layer_pick, "blocks": blocks, "data": _abs(data),
-                     **_job_fields(job, out_dir, 1e-4)})
+                     **_job_fields(job, out_dir, 1e-4, LLM_EPOCHS)})
     _run(cfg, job)
 
 
@@ -266,7 +274,7 @@ def distill_to_cmd(
                      "rank_weights": parse_rank_weights(weights), "rank_lambda": lam, "embed_distill": embed_distill,
                      "position_beta": position_beta, "confidence_beta": confidence_beta,
                      "teacher_cache": None if teacher_cache is None else _abs(teacher_cache), "dim": dim,
-                     "layers": layers, "data": _abs(data), **_job_fields(job, out_dir, 1e-3)})
+                     "layers": layers, "data": _abs(data), **_job_fields(job, out_dir, 1e-3, BASELINE_EPOCHS)})
     _run(cfg, job, check)
 
 
