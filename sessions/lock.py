@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sessions.fsio import atomic_write_bytes
 from sessions.paths import LOCK_FILE
+from surgery.processes import pid_alive, process_start_time
 
 try:
     import fcntl
@@ -42,42 +43,6 @@ class LockInfo:
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.since))
         return f"pid {self.pid} on {self.host} since {when}"
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot, from /proc (None where there is no /proc)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X")
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def pid_alive(pid: int, started: int | None = None) -> bool:
-    """Whether process `pid` (started at `started`, when known) still runs on this host."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    if _zombie(pid):
-        return False
-    if started is not None:
-        now = process_start(pid)
-        if now is not None and now != started:
-            return False  # the pid was reused by a newer process
-    return True
 
 
 def read_lock(path: Path) -> LockInfo | None | str:
@@ -147,7 +112,7 @@ class SessionLock:
                 notice = f"took over a stale lock left by {current.describe()} (no longer running)"
             elif current == "corrupt":
                 notice = f"replaced an unreadable lock file {self.path}"
-            mine = LockInfo(os.getpid(), host, process_start(os.getpid()), time.time(), secrets.token_hex(8))
+            mine = LockInfo(os.getpid(), host, process_start_time(os.getpid()), time.time(), secrets.token_hex(8))
             atomic_write_bytes(self.path, (json.dumps(asdict(mine), sort_keys=True) + "\n").encode())
             self.mine = mine
             return LockResult(True, notice, mine)

@@ -23,7 +23,8 @@ from surgery.export import save_model_dir
 from surgery.jobs import checkpoint as ckpt
 from surgery.jobs.events import read_events
 from surgery.jobs.runner import request_cancel, request_checkpoint, start_job
-from surgery.jobs.status import job_status, pid_alive
+from surgery.jobs.status import job_status
+from surgery.processes import pid_alive
 from surgery.jobs.store import JobDir, create_job, list_jobs
 from surgery.jobs.worker import run_job
 from surgery.plan import parse_plan

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from surgery.errors import UserError
 from surgery.jobs.events import EventLog, read_events
-from surgery.jobs.status import job_status, process_start_time
+from surgery.jobs.status import job_status
+from surgery.processes import process_start_time
 from surgery.jobs.store import JobDir
 
 try:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from surgery.jobs.events import last_final, last_step, read_events
 from surgery.jobs.store import JobDir
+from surgery.processes import pid_alive
 
 try:  # POSIX
     import fcntl
@@ -23,36 +23,6 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 STATES = ("created", "running", "cancelling", "done", "failed", "cancelled", "lost")
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state is fields[0]
-    try:
-        return int(fields[19])  # field 22 of stat(5)
-    except (IndexError, ValueError):
-        return None
-
-
-def pid_alive(pid: int, start_time: int | None = None) -> bool:
-    """Whether `pid` is a live process (not a zombie) and, when `start_time` is given, the same process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat[stat.rfind(")") + 2 :].split()[0] in ("Z", "X"):  # exited, not yet reaped by its parent
-            return False
-    except OSError:
-        return True  # no /proc: trust kill(0)
-    return start_time is None or process_start_time(pid) == start_time
 
 
 def lock_held(job: JobDir) -> bool | None:
