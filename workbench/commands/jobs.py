@@ -102,7 +102,11 @@ def distill(
 def _launch(job_json: str, nproc: int, jobs_dir: Path | None, foreground: bool, json_out: bool) -> None:
     from surgery.jobs.store import create_job, jobs_root
 
-    job = create_job(jobs_root(jobs_dir), job_json)
+    _run(create_job(jobs_root(jobs_dir), job_json), nproc, foreground, json_out, resume=False)
+
+
+def _run(job, nproc: int, foreground: bool, json_out: bool, *, resume: bool) -> None:
+    """Run `job` here (`foreground`: report its end, exit with its code) or detached (report the pid at once)."""
     if foreground:
         from surgery.jobs.worker import run_job
 
@@ -113,12 +117,14 @@ def _launch(job_json: str, nproc: int, jobs_dir: Path | None, foreground: bool, 
         return
     from surgery.jobs.runner import start_job
 
-    proc = start_job(job, nproc=nproc)
+    proc = start_job(job, nproc=nproc, resume=resume)
     if json_out:
         print_json({"id": job.id, "path": str(job.path), "pid": proc.pid, "state": "running"})
-        return
-    out.print(f"[green]started[/] job {job.id} (pid {proc.pid}) in {job.path}")
-    out.print(f"follow it with: workbench jobs logs {job.id} --follow")
+    elif resume:
+        out.print(f"[green]resumed[/] job {job.id} (pid {proc.pid}); follow it with: workbench jobs logs {job.id} -f")
+    else:
+        out.print(f"[green]started[/] job {job.id} (pid {proc.pid}) in {job.path}")
+        out.print(f"follow it with: workbench jobs logs {job.id} --follow")
 
 
 def _report(job, json_out: bool) -> None:
@@ -284,23 +290,9 @@ def resume(
     json_out: JsonOpt = False,
 ) -> None:
     """Continue a failed, cancelled or lost job from its last checkpoint (refused while it runs)."""
-    from surgery.jobs.runner import start_job
     from surgery.jobs.store import find_job, jobs_root
 
-    job = find_job(jobs_root(jobs_dir), job_id)
-    if foreground:
-        from surgery.jobs.worker import run_job
-
-        code = run_job(job.path)
-        _report(job, json_out)
-        if code:
-            raise typer.Exit(code)
-        return
-    proc = start_job(job, nproc=nproc, resume=True)
-    if json_out:
-        print_json({"id": job.id, "path": str(job.path), "pid": proc.pid, "state": "running"})
-        return
-    out.print(f"[green]resumed[/] job {job.id} (pid {proc.pid}); follow it with: workbench jobs logs {job.id} -f")
+    _run(find_job(jobs_root(jobs_dir), job_id), nproc, foreground, json_out, resume=True)
 
 
 @app.command("pipeline")
