@@ -21,9 +21,7 @@ parameters). Same file, same seeds, CPU deterministic mode: the same output weig
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -274,17 +272,11 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, *, jobs_root: Path, overwr
 
 
 def _publish(final: Path, out: Path, record: dict) -> None:
-    """Copy the final model to `out` with the record, via a temporary sibling renamed into place."""
+    """Copy the final model to `out` with the record, via a temporary sibling renamed into place (`out` was checked
+    when the pipeline started; whatever is there now is replaced)."""
+    from surgery.export import atomic_dir
     from surgery.plan import write_text_atomic
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copytree(final, tmp)
+    with atomic_dir(out, overwrite=True) as tmp:
+        shutil.copytree(final, tmp, dirs_exist_ok=True)
         write_text_atomic(tmp / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
