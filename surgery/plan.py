@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -155,19 +156,29 @@ def parse_plan(data: Any) -> Plan:
         raise PlanError([f"{_loc(e['loc'])}: {_message(e)}" for e in exc.errors()]) from None
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read and validate a plan file; bad JSON or fields give a PlanError whose message names the spot."""
-    path = Path(path)
+def read_json_file(path: Path, what: str, *, malformed: Callable[[str], Exception] = UserError) -> Any:
+    """The decoded JSON of the `what` file at `path` (plan, job ...); one-line errors that name the spot.
+
+    Raises:
+        UserError: Missing or unreadable file.
+        `malformed(message)`: The text is not JSON (line and column in the message).
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"no such plan file: {path}") from None
+        raise UserError(f"no such {what} file: {path}") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read plan file {path}: {exc}") from None
+        raise UserError(f"cannot read {what} file {path}: {exc}") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PlanError([f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]) from None
+        raise malformed(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan file; bad JSON or fields give a PlanError whose message names the spot."""
+    path = Path(path)
+    data = read_json_file(path, "plan", malformed=lambda message: PlanError([message]))
     try:
         return parse_plan(data)
     except PlanError as exc:

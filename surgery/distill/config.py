@@ -199,15 +199,7 @@ def load_config(path: str | Path) -> DistillConfig:
     Raises:
         UserError: Missing file, malformed JSON, or an invalid job (see `parse_config`).
     """
+    from surgery.plan import read_json_file
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"no such job file: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read job file {path}: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    return parse_config(data, str(path))
+    return parse_config(read_json_file(path, "job"), str(path))
