@@ -46,6 +46,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give every name its own storage: safetensors refuses tensors that share memory, as tied weights (a
+    backbone's embed_tokens / lm_head) do in a state_dict. The second name gets a copy; loading writes both back
+    into the one tied parameter."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
 def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
                     keep: int = 2) -> Path:
     """Write a checkpoint for `step` atomically and prune old ones; returns its directory.
@@ -72,7 +85,7 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
     try:
         tmp.mkdir()
         for group, prefixes in _GROUPS:
-            part = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if k.startswith(prefixes)}
+            part = _unshared({k: v.detach().cpu().contiguous() for k, v in tensors.items() if k.startswith(prefixes)})
             if part:
                 save_file(part, str(tmp / f"{group}.safetensors"), metadata={"format": "pt"})
                 files[group] = f"{group}.safetensors"

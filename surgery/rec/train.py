@@ -264,6 +264,7 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
     job = JobDir(Path(path).resolve())
     log = EventLog(job.events_file)
     say = progress or (lambda _m: None)
+    stop = _CancelSignal(job.cancel_file, cancel)  # polled by the ranking build and by every step
     lock_fd = None if LOCK_FD_ENV in os.environ else acquire_lock(job)
     step = 0
     try:
@@ -273,7 +274,7 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
         cfg = parse_job(json.loads(job.job_file.read_text(encoding="utf-8")), str(job.job_file))
         data = load_rec_data(cfg.data)
         try:
-            module, model, tokenizer, record = build(cfg, data, say, _CancelSignal(job.cancel_file, cancel))
+            module, model, tokenizer, record = build(cfg, data, say, stop)
         except RankingsCancelled:  # stopped before the first step: nothing to checkpoint, resume starts over
             return log.append("cancelled", sync=True, step=0, checkpoint=None)
         users = train_users(data.num_users, cfg.max_users, cfg.seed)
@@ -294,13 +295,7 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
                    device=cfg.device, train={"users": len(users), **data.describe()})
 
         def checkpoint(n: int) -> str:
-            tensors, seen = {}, set()
-            for k, v in module.state_dict().items():
-                # tied weights (a backbone's embed_tokens / lm_head) share storage, which safetensors refuses: the
-                # second name gets a copy; loading writes both back into the one tied parameter
-                ptr = v.untyped_storage().data_ptr()
-                tensors[f"student.{k}"] = v.clone() if ptr in seen else v
-                seen.add(ptr)
+            tensors = {f"student.{k}": v for k, v in module.state_dict().items()}  # tied weights: save_checkpoint
             optim, groups = _optim_tensors(opt)
             p = save_checkpoint(job.checkpoints_dir, n, {**tensors, **optim, "rng.cpu": torch.get_rng_state()},
                                 {"param_groups": groups, "epoch_seconds": epoch_seconds},
@@ -310,7 +305,7 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
 
         t_epoch = time.perf_counter()
         while step < cfg.steps:
-            if job.cancel_file.exists() or (cancel is not None and cancel.is_set()):
+            if stop.is_set():
                 name = checkpoint(step)
                 return log.append("cancelled", sync=True, step=step, checkpoint=name)
             epoch, pos = divmod(step, per_epoch)
