@@ -99,7 +99,7 @@ def step_overhead(teacher: str, student: Path, args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     tokens = args.batch_size * args.seq_len
-    from surgery.pipeline import count_params
+    from surgery.estimate import count_params
 
     return {
         "tokens_per_step": tokens,

@@ -38,7 +38,7 @@ from surgery.fingerprint import tokens_fingerprint
 from surgery.importance import ScoreFile, ScoreMeta, score_model
 from surgery.importance.layout import model_layout
 from surgery.loading import load_model
-from surgery.pipeline import count_params
+from surgery.estimate import count_params
 from surgery.suggest import Target, suggest_plan
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"

@@ -16,7 +16,7 @@ import torch
 
 from surgery.apply import apply_resolution
 from surgery.errors import FingerprintMismatch, UserError
-from surgery.estimate import count_params, estimate  # count_params is also imported from here (jobs, rec, benchmarks)
+from surgery.estimate import count_params, estimate
 from surgery.export import check_output_dir, save_model_dir
 from surgery.plan import Plan
 from surgery.resolve import Resolution, resolve_plan

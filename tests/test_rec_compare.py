@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cli_helpers import call, one_error_line
-from surgery.pipeline import count_params
+from surgery.estimate import count_params
 from surgery.rec.data import prepare, save_rec_data
 from surgery.rec.llm import LLMRec
 from surgery.rec.metrics import evaluate

@@ -199,7 +199,7 @@ def _train(pipeline: Pipeline, stage, i: int, teacher: str, student: str, out: P
 def _metrics(source: str, spec: EvalSpec | None, tokenizer_source: str) -> dict:
     from surgery.data import load_blocks
     from surgery.loading import load_model
-    from surgery.pipeline import count_params
+    from surgery.estimate import count_params
 
     loaded = load_model(source)
     record: dict[str, Any] = {"source": source, "params": count_params(loaded.model)}

@@ -128,7 +128,7 @@ def rec_metrics(source: str, data, settings, dtype: str, label: str, progress: P
     Returns:
         (the Metric list, unkeyed run details).
     """
-    from surgery.pipeline import count_params
+    from surgery.estimate import count_params
     from surgery.rec.store import load_rec_model
 
     check_cancel(cancel)

@@ -347,7 +347,7 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
             merge_lora(model)
         if hasattr(module, "fold"):  # DLLM2Rec: e + w * P(e_teacher) becomes the plain item table
             module.fold()
-        from surgery.pipeline import count_params
+        from surgery.estimate import count_params
 
         full_record = {**record, "data": {**data.describe(), "path": str(cfg.data)}, "job": job.id,
                        "train": {**cfg.model_dump(mode="json"), "train_users": len(users),
