@@ -121,7 +121,7 @@ def test_interrupted_save_leaves_no_output_and_keeps_the_old_one(tmp_path, monke
     def explode(*args, **kwargs):
         raise Boom
 
-    monkeypatch.setattr("surgery.export._fsync_dir", explode)  # fail after the weights are written
+    monkeypatch.setattr("surgery.export.hf._fsync_dir", explode)  # fail after the weights are written
     with pytest.raises(Boom):
         save_model_dir(model, out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
