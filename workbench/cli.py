@@ -16,6 +16,7 @@ from surgery.errors import PlanError, UserError
 from workbench.commands import apply as apply_cmd
 from workbench.commands import compare as compare_cmd
 from workbench.commands import evaluate as evaluate_cmd
+from workbench.commands import export as export_cmd
 from workbench.commands import inspect as inspect_cmd
 from workbench.commands import jobs as jobs_cmd
 from workbench.commands import models as models_cmd
@@ -48,6 +49,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("score")(score_cmd.score)
 plan_cmd.app.command("suggest")(suggest_cmd.suggest)
 app.command("apply")(apply_cmd.apply)
+app.command("export")(export_cmd.export)
 app.command("eval")(evaluate_cmd.evaluate)
 app.command("compare")(compare_cmd.compare)
 app.command("distill")(jobs_cmd.distill)
