@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from surgery.cache import atomic_write_text, cache_root
 from surgery.errors import SourceError
+from surgery.shards import index_shards
 
 _CHUNK = 8 * 1024 * 1024
 _CACHE_FILE = "fingerprints.json"
@@ -33,6 +35,11 @@ def weight_files(directory: Path) -> list[Path]:
     """
     files = sorted(p for p in directory.iterdir() if p.is_file())
     safetensors = [p for p in files if p.suffix == ".safetensors"]
+    # Every shard the index names is covered too, wherever inside the directory it lies and whatever its type:
+    # those are the bytes the loader reads.
+    shards = [directory / os.path.normpath(s) for s in index_shards(directory) or []]
+    if shards:
+        return sorted(set(safetensors) | set(shards), key=lambda p: p.relative_to(directory).as_posix())
     if safetensors:
         return safetensors
     pickles = [p for p in files if p.suffix in _PICKLE_SUFFIXES]
@@ -98,7 +105,7 @@ def weights_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for f in files:
         if named:
-            h.update(f.name.encode("utf-8"))
+            h.update(f.relative_to(path).as_posix().encode("utf-8"))
         _hash_file(h, f)
     digest = "sha256:" + h.hexdigest()
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from surgery.arch import ArchSpec, spec_for_config
 from surgery.errors import SourceError
 from surgery.shapes import LayerShape, shape_from_config
+from surgery.shards import INDEX_NAME, read_index
 
 # Bytes per element of safetensors dtypes (sub-byte float formats are left out: their size is taken from the
 # offsets without a check).
@@ -182,12 +183,9 @@ def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
 def read_checkpoint_headers(directory: Path | str) -> dict[str, TensorInfo]:
     """Tensor infos of an HF directory: sharded (model.safetensors.index.json) or a single model.safetensors."""
     directory = Path(directory)
-    index_path = directory / "model.safetensors.index.json"
-    if index_path.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SourceError(f"unreadable shard index: {index_path} ({e})") from None
+    weight_map = read_index(directory)  # checked: every shard inside the directory
+    if weight_map is not None:
+        index_path = directory / INDEX_NAME
         tensors: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
             tensors.update(read_safetensors_header(directory / shard))

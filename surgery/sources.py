@@ -18,6 +18,7 @@ from typing import Literal
 
 from surgery.cache import building_dir, cache_root, file_lock, is_complete
 from surgery.errors import SourceError
+from surgery.shards import index_shards
 
 SourceKind = Literal["hf_dir", "gguf", "hub", "demo"]
 Progress = Callable[[str], None] | None
@@ -99,15 +100,17 @@ def read_config_file(directory: Path) -> dict:
 def _check_hf_dir(directory: Path, *, allow_pickle: bool) -> bool:
     """Validate a HF directory; returns True when its weights are pickles (allowed by `allow_pickle`)."""
     read_config_file(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SourceError(f"corrupt safetensors index: {index} ({_first_line(e)})") from None
+    shards = index_shards(directory)  # refuses shards outside the directory
+    if shards is not None:
         missing = sorted(s for s in shards if not (directory / s).is_file())
         if missing:
             raise SourceError(f"missing safetensors shard(s) in {directory}: {', '.join(missing)}")
+        pickled = [s for s in shards if not s.endswith(".safetensors")]
+        if pickled and not allow_pickle:
+            raise SourceError(
+                f"the safetensors index of {directory} names non-safetensors shard(s) ({', '.join(pickled)}); "
+                "pickles can run code when loaded: pass --allow-pickle if you trust them"
+            )
         return False
     if any(p.suffix == ".safetensors" for p in directory.iterdir() if p.is_file()):
         return False

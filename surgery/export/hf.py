@@ -21,6 +21,7 @@ from surgery.errors import SourceError
 from surgery.export.atomic import _fsync_dir, atomic_dir
 from surgery.plan import write_text_atomic
 from surgery.shapes import SURGERY_LAYERS_KEY, shape_from_config
+from surgery.shards import index_shards
 
 MANIFEST = "surgery.json"
 MANIFEST_VERSION = 1
@@ -99,9 +100,7 @@ def restructure_to_config(model: nn.Module, config_dict: dict) -> None:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []
-    files = [path / f for f in files] or sorted(path.glob("*.safetensors"))
+    files = [path / f for f in index_shards(path) or []] or sorted(path.glob("*.safetensors"))
     if not files:
         raise SourceError(f"no safetensors files in {path}")
     state: dict[str, torch.Tensor] = {}
