@@ -49,6 +49,8 @@ def apply_layer_cut(layer: nn.Module, cut: LayerCut, spec, position: int, factor
         elif cut.neurons:
             ops.prune_mlp_neurons(ops.get_module(layer, spec.mlp), spec, cut.kept_neurons, s.mlp)
     for rel, rank in sorted(cut.low_rank.items()):
+        if factorize and cut.low_rank_method.get(rel) == "whitened":
+            continue  # factorised from calibration activations, layer by layer (surgery.reconstruct)
         if cut._module_kept(rel):
             (ops.low_rank if factorize else ops.empty_low_rank)(layer, rel, rank, spec.conv1d)
 
@@ -79,9 +81,19 @@ def apply_resolution(
     return model
 
 
-def apply_plan(model: nn.Module, plan: Plan, progress: Progress | None = None) -> tuple[nn.Module, Resolution]:
-    """Validate `plan` against `model`, then apply it in place."""
+def apply_plan(
+    model: nn.Module, plan: Plan, progress: Progress | None = None, tokenizer=None
+) -> tuple[nn.Module, Resolution]:
+    """Validate `plan` against `model`, then apply it in place.
+
+    A plan with data-driven steps (reconstruct, whitened low_rank) needs `tokenizer` to read its calibration text.
+    """
     resolution = validate_plan(plan, model)
+    if resolution.needs_data:
+        from surgery.reconstruct import apply_calibrated
+
+        apply_calibrated(model, resolution, tokenizer)
+        return model, resolution
     return apply_resolution(model, resolution, progress), resolution
 
 

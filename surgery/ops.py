@@ -150,13 +150,15 @@ def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return b.to(weight.dtype), a.to(weight.dtype)
 
 
-def make_low_rank(linear: nn.Module, rank: int, conv1d: bool) -> LowRankLinear:
-    """A LowRankLinear equal to `linear` up to its rank-`rank` truncation."""
+def make_low_rank(
+    linear: nn.Module, rank: int, conv1d: bool, factors: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> LowRankLinear:
+    """A LowRankLinear equal to `linear` up to its rank-`rank` truncation (or holding the given (B, A) factors)."""
     weight = linear_weight(linear, conv1d)
     out_features, in_features = weight.shape
     bias = getattr(linear, "bias", None)
     new = LowRankLinear(in_features, out_features, rank, bias is not None, dtype=weight.dtype, device=weight.device)
-    b, a = low_rank_factors(weight, rank)
+    b, a = factors if factors is not None else low_rank_factors(weight, rank)
     with torch.no_grad():
         new.a.weight.copy_(a)
         new.b.weight.copy_(b)

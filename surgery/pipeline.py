@@ -98,6 +98,17 @@ def validate_for_source(
                       list(resolution.warnings))
 
 
+def calibration_blocks(v: Validation, trust_remote_code: bool = False):
+    """The plan's calibration tokens, checked (fingerprint, enough tokens) before any weight is read."""
+    from surgery.loading import load_tokenizer
+    from surgery.reconstruct import check_enough_tokens, load_calibration
+
+    tokenizer = load_tokenizer(v.resolved, trust_remote_code=trust_remote_code)
+    blocks = load_calibration(v.resolution.calibration, tokenizer)
+    check_enough_tokens(v.resolution, blocks)
+    return blocks
+
+
 @dataclass
 class ApplyResult:
     out: Path
@@ -134,12 +145,19 @@ def apply_to_source(
             f"the plan was made for weights {plan.model.fingerprint[:19]}... but {v.resolved.original} has "
             f"{v.fingerprint[:19]}... (pass --force to apply anyway)"
         )
+    blocks = calibration_blocks(v, trust_remote_code) if v.resolution.needs_data else None
     if progress:
         progress("loading weights")
     loaded = load_model(v.resolved, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if progress:
         progress("applying plan")
-    apply_resolution(loaded.model, v.resolution)
+    data_report = None
+    if blocks is not None:
+        from surgery.reconstruct import apply_calibrated
+
+        data_report = apply_calibrated(loaded.model, v.resolution, loaded.tokenizer, blocks=blocks).describe()
+    else:
+        apply_resolution(loaded.model, v.resolution)
     manifest = {
         "version": 1,
         "plan": plan.model_dump(mode="json", exclude_none=True),
@@ -150,6 +168,8 @@ def apply_to_source(
         "versions": versions(),
         "command": " ".join(sys.argv[:1] + sys.argv[1:]) if sys.argv else "",
     }
+    if data_report is not None:
+        manifest["calibration"] = data_report
     if progress:
         progress("writing output")
     save_model_dir(loaded.model, out, tokenizer=loaded.tokenizer, manifest=manifest, overwrite=overwrite)

@@ -88,13 +88,50 @@ class LowRank(_Strict):
     op: Literal["low_rank"]
     module: str = Field(min_length=1, description="HF module path, e.g. model.layers.5.mlp.down_proj")
     rank: Annotated[int, Field(ge=1)]
+    method: Literal["svd", "whitened"] | None = Field(
+        default=None,
+        description="svd (default): truncated SVD of W. whitened: SVD of W S, S the Cholesky factor of the input "
+        "Gram matrix on the plan's calibration text (SVD-LLM); needs the plan's `calibration` block",
+    )
+
+
+class Reconstruct(_Strict):
+    """Refit the projections that read cut activations (o_proj after heads, down_proj after neurons).
+
+    Closed-form ridge least squares, layer by layer, on the plan's calibration text: the refit layer's output
+    stays as close as possible to the original model's (surgery.reconstruct).
+    """
+
+    op: Literal["reconstruct"]
+    inputs: Literal["pruned", "original"] = Field(
+        default="pruned",
+        description="where each layer's inputs come from: the already-pruned (and refit) prefix, or the original "
+        "model; the target is always the original model's output",
+    )
+    ridge: Annotated[float, Field(ge=0)] = Field(
+        default=1e-3, description="ridge term, relative to the mean diagonal of each input Gram matrix"
+    )
+    layers: IndexList | None = Field(default=None, description="original layers to refit (default: every cut one)")
+
+
+class Calibration(_Strict):
+    """The calibration text data-driven steps (reconstruct, whitened low_rank) are computed on (surgery.data)."""
+
+    source: str = Field(min_length=1, description="data file (.txt, .jsonl, .parquet) or hf:NAME[:CONFIG[:SPLIT]]")
+    fingerprint: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="sha256 of the kept token ids; apply "
+                             "refuses data whose tokens differ")
+    tokens: Annotated[int, Field(ge=2)] = Field(description="tokens kept: the first tokens // seq_len blocks")
+    seq_len: Annotated[int, Field(ge=2)]
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    text_field: str | None = None
 
 
 Step = Annotated[
-    Union[PruneHeads, PruneKVGroups, PruneNeurons, DropLayers, DropAttention, DropMLP, LowRank],
+    Union[PruneHeads, PruneKVGroups, PruneNeurons, DropLayers, DropAttention, DropMLP, LowRank, Reconstruct],
     Field(discriminator="op"),
 ]
-OP_NAMES = ("prune_heads", "prune_kv_groups", "prune_neurons", "drop_layers", "drop_attention", "drop_mlp", "low_rank")
+OP_NAMES = ("prune_heads", "prune_kv_groups", "prune_neurons", "drop_layers", "drop_attention", "drop_mlp", "low_rank",
+            "reconstruct")
 
 
 class Plan(_Strict):
@@ -102,6 +139,7 @@ class Plan(_Strict):
 
     version: Literal[1] = PLAN_VERSION
     model: ModelRef | None = None
+    calibration: Calibration | None = None
     steps: list[Step] = Field(default_factory=list)
     provenance: dict[str, Any] = Field(default_factory=dict, description="free-form: scores, data fingerprint, who")
 

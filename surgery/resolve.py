@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from surgery.errors import PlanError
 from surgery.plan import (
+    Calibration,
     DropAttention,
     DropLayers,
     DropMLP,
@@ -20,6 +21,7 @@ from surgery.plan import (
     PruneHeads,
     PruneKVGroups,
     PruneNeurons,
+    Reconstruct,
 )
 from surgery.shapes import LayerShape, ModelShape
 
@@ -40,6 +42,8 @@ class LayerCut:
     head_steps: list[str] = field(default_factory=list)  # "steps[3].heads", for blame
     neuron_steps: list[str] = field(default_factory=list)
     low_rank_steps: dict[str, int] = field(default_factory=dict)
+    low_rank_method: dict[str, str] = field(default_factory=dict)  # "mlp.down_proj" -> "svd" | "whitened"
+    refit: set[str] = field(default_factory=set)  # "attn" (o_proj) and/or "mlp" (down_proj): see Reconstruct
 
     @property
     def kept_heads(self) -> list[int]:
@@ -87,6 +91,13 @@ class Resolution:
     shape: ModelShape
     layers: list[LayerCut]
     warnings: list[str]
+    reconstruct: Reconstruct | None = None
+    calibration: Calibration | None = None
+
+    @property
+    def needs_data(self) -> bool:
+        """True when a step is computed from calibration text (reconstruct, whitened low_rank)."""
+        return any(c.refit or "whitened" in c.low_rank_method.values() for c in self.kept_layers)
 
     @property
     def kept_layers(self) -> list[LayerCut]:
@@ -152,6 +163,7 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
     warnings: list[str] = []
     cuts = [LayerCut(i, s, shape.spec.attn) for i, s in enumerate(shape.layers)]
     n = len(cuts)
+    reconstruct_at: int | None = None
 
     def layer_ok(where: str, layer: int) -> bool:
         if layer >= n:
@@ -208,12 +220,80 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
                 else:
                     cuts[layer].low_rank[rel] = step.rank
                     cuts[layer].low_rank_steps[rel] = i
+                    cuts[layer].low_rank_method[rel] = step.method or "svd"
+        elif isinstance(step, Reconstruct):
+            if reconstruct_at is not None:
+                problems.append(f"{at}: a plan has at most one reconstruct step (steps[{reconstruct_at}] is one)")
+                continue
+            reconstruct_at = i
+            for layer in step.layers or []:
+                layer_ok(f"{at}.layers", layer)
 
     _check_layers(cuts, shape, problems, warnings)
     _check_ranks(cuts, shape, problems, warnings)
+    reconstruct = plan.steps[reconstruct_at] if reconstruct_at is not None else None
+    if not problems:
+        _mark_refits(cuts, shape, reconstruct, reconstruct_at, warnings)
+        _check_calibration(plan.calibration, cuts, shape, reconstruct_at, problems)
     if problems:
         raise PlanError(problems)
-    return Resolution(shape, cuts, warnings)
+    return Resolution(shape, cuts, warnings, reconstruct, plan.calibration)
+
+
+def _mark_refits(cuts: list[LayerCut], shape: ModelShape, step: Reconstruct | None, at: int | None,
+                 warnings: list[str]) -> None:
+    """Set `LayerCut.refit`: every layer that lost heads / neurons, or the layers the step names."""
+    if step is None:
+        return
+    spec, chosen = shape.spec, set(step.layers or [])
+    for cut in cuts:
+        if cut.dropped or (chosen and cut.index not in chosen):
+            continue
+        for kind, kept, cut_any, reader in (("attn", cut.attention_kept, cut.heads, f"{spec.attn}.{spec.o}"),
+                                             ("mlp", cut.mlp_kept, cut.neurons, f"{spec.mlp}.{spec.down}")):
+            if not kept or not (cut_any or chosen):
+                continue
+            if reader in cut.low_rank or reader in cut.shape.low_rank:
+                # the refit solves for a dense matrix; a factorised one keeps its factors
+                warnings.append(f"steps[{at}]: layer {cut.index} {reader} is low-rank; not refit")
+                continue
+            cut.refit.add(kind)
+    if not any(c.refit for c in cuts):
+        warnings.append(f"steps[{at}]: no layer loses heads or neurons, so reconstruct refits nothing")
+
+
+def data_inputs(cut: LayerCut, shape: ModelShape) -> dict[str, int]:
+    """Input width of every Linear of `cut` that a data-driven step fits (refit readers, whitened low rank)."""
+    spec, widths = shape.spec, {}
+    for kind, name, block in (("attn", spec.o, spec.attn), ("mlp", spec.down, spec.mlp)):
+        if kind in cut.refit:
+            widths[f"{block}.{name}"] = linear_dims(cut, kind, name, shape)[1]
+    for rel, method in cut.low_rank_method.items():
+        block, name = rel.split(".")
+        if method == "whitened" and cut._module_kept(rel) and not cut.dropped:
+            widths[rel] = linear_dims(cut, "attn" if block == spec.attn else "mlp", name, shape)[1]
+    return widths
+
+
+def _check_calibration(cal: Calibration | None, cuts: list[LayerCut], shape: ModelShape, reconstruct_at: int | None,
+                       problems: list[str]) -> None:
+    """Data-driven steps need the plan's calibration block, with enough tokens for full-rank Gram matrices."""
+    needs = [(cut, rel, width) for cut in cuts for rel, width in data_inputs(cut, shape).items()]
+    if not needs:
+        return
+    if cal is None:
+        first = reconstruct_at if reconstruct_at is not None else min(
+            i for c in cuts for rel, i in c.low_rank_steps.items() if c.low_rank_method.get(rel) == "whitened")
+        problems.append(f"steps[{first}]: needs calibration data: the plan has no `calibration` block "
+                        "(plan suggest --data FILE writes one)")
+        return
+    cut, rel, width = max(needs, key=lambda n: n[2])
+    have = cal.tokens // cal.seq_len * cal.seq_len
+    if have < width + 1:
+        problems.append(
+            f"calibration.tokens: {have} tokens give rank-deficient Gram matrices (layer {cut.index} {rel} has "
+            f"{width} inputs): need at least {width + 1} tokens in whole blocks of {cal.seq_len}"
+        )
 
 
 def _check_layers(cuts: list[LayerCut], shape: ModelShape, problems: list[str], warnings: list[str]) -> None:
