@@ -25,6 +25,7 @@ class Estimate:
     flops_before: int
     flops_after: int
     context: int
+    layer_params_after: tuple[int, ...] = ()  # per ORIGINAL layer (0 when dropped): the TUI's params column
 
     @property
     def removed_fraction(self) -> float:
@@ -83,7 +84,9 @@ def estimate(config_dict: dict, resolution: Resolution, context: int = 2048) -> 
     model = meta_model(config_dict)
     params_before = count_params(model)
     flops_before = linear_flops(model) + attention_flops(config_dict, list(enumerate(resolution.shape.layers)), context)
+    layers = list(model.get_submodule(resolution.shape.spec.layers))  # the same objects survive the cuts
     apply_resolution(model, resolution, factorize=False)
     kept = [(c.index, c.result_shape()) for c in resolution.kept_layers]
     flops_after = linear_flops(model) + attention_flops(config_dict, kept, context)
-    return Estimate(params_before, count_params(model), flops_before, flops_after, context)
+    per_layer = tuple(0 if c.dropped else count_params(layer) for c, layer in zip(resolution.layers, layers))
+    return Estimate(params_before, count_params(model), flops_before, flops_after, context, per_layer)

@@ -44,18 +44,21 @@ async def test_mark_refuse_undo_redo_save_apply(tiny_dir, tmp_path):
         await pilot.press("down", "enter")  # layer 1
         await pilot.pause()
         assert isinstance(app.screen, LayerScreen) and app.screen.layer_index == 1
-        await pilot.press("space")  # head 0 alone: group 0 would keep 1 head, group 1 keeps 2 -> refused
+        await pilot.press("space")  # head 0 alone: group 0 would keep 1 head, group 1 keeps 2 -> pending
         await pilot.pause()
-        assert app.editor.layers[1].heads == set()
-        assert any("GQA" in n.message for n in app._notifications)
-        await pilot.press("right", "right", "space")  # head 2 (group 1): still unequal -> refused
-        await pilot.press("left", "left", "g")  # the whole of group 0 -> legal
+        assert app.editor.layers[1].heads == set() and app.editor.pending == {1: {0}}
+        assert any("GQA" in n.message and "1 in group 1" in n.message for n in app._notifications)
+        assert "pending" in str(app.screen.query_one("#summary").render())
+        await pilot.press("right", "right", "space")  # head 2 (group 1): one head from each group -> in the plan
         await pilot.pause()
-        assert app.editor.layers[1].heads == {0, 1}
+        assert app.editor.layers[1].heads == {0, 2} and app.editor.pending == {}
         await pilot.press("u")
         assert app.editor.layers[1].heads == set()
         await pilot.press("U")
-        assert app.editor.layers[1].heads == {0, 1}
+        assert app.editor.layers[1].heads == {0, 2}
+        await pilot.press("left", "left", "g")  # the whole of group 0 (+ head 2 of group 1): still legal
+        await pilot.pause()
+        assert app.editor.layers[1].heads == {0, 1, 2}
         await pilot.press("escape", "down", "m")  # drop the MLP of layer 2
         await pilot.pause()
         assert app.editor.layers[2].drop_mlp
@@ -68,10 +71,14 @@ async def test_mark_refuse_undo_redo_save_apply(tiny_dir, tmp_path):
         await pilot.press(*"../saved.json")  # appended to the default "plan.json"? clear first
         app.screen.query_one("Input").value = str(tmp_path / "saved.json")
         await pilot.press("enter")
+        await app.workers.wait_for_complete()
         await pilot.pause()
     plan = load_plan(tmp_path / "saved.json")
     assert [s.op for s in plan.steps] == ["prune_heads"]
-    assert plan.steps[0].layer == 1 and plan.steps[0].heads == [0, 1]
+    assert plan.steps[0].layer == 1 and plan.steps[0].heads == [0, 1, 2]
+    # the file replays alone: it names the model (absolute path) and its weights, like a `plan suggest` plan
+    assert plan.model.source == str(tmp_path / "tiny-llama") and plan.model.fingerprint.startswith("sha256:")
+    assert plan.provenance["tool"] == "workbench TUI"
 
 
 async def test_apply_from_the_app_writes_a_plain_loadable_model(tiny_dir, tmp_path):
@@ -242,3 +249,88 @@ async def test_score_in_the_app_is_cached_in_the_session_and_reused(tiny_dir, tm
         await pilot.pause(0.2)
         assert app.scores is not None  # reused, not recomputed
     session.close()
+
+
+async def test_pending_heads_scores_loaded_with_o_and_opened_plans_stay_in_the_session(tiny_dir, tmp_path):
+    """Item by item from issue 16: a pending (GQA-illegal) head pick survives `q`; a score file loaded with `o` is
+    kept in the session; a plan file opened in the TUI is one undoable edit."""
+    from sessions import Session, describe_source
+    from surgery.importance import ScoreFile, ScoreMeta, save_scores
+
+    model = describe_source(tiny_dir)
+    meta = ScoreMeta(methods=["head-grad"], model_source=tiny_dir, model_fingerprint=model.fingerprint,
+                     library_version="test")
+    heads = {f"model.layers.{i}.self_attn/head_grad": torch.tensor([4.0, 3.0, 2.0, 1.0]) for i in range(3)}
+    save_scores(tmp_path / "elsewhere.safetensors", ScoreFile(meta, heads))
+    plan_file = tmp_path / "suggested.json"
+    plan_file.write_text(json.dumps({"version": 1, "steps": [{"op": "drop_layers", "layers": [1]}]}))
+    session, _ = Session.open_or_create("p", model, root=tmp_path / "home")
+    app = WorkbenchApp(tiny_dir, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        assert app.open_plan_file(str(plan_file)) and app.editor.layers[1].dropped
+        await pilot.press("u")  # the whole file in one undo
+        assert not app.editor.layers[1].dropped
+        app.edit(lambda e: e.toggle_head(0, 1))  # pending: group 1 would keep both
+        app.read_scores(str(tmp_path / "elsewhere.safetensors"))
+        await app.workers.wait_for_complete()
+    session.close()
+    kept = list((tmp_path / "home" / "p" / "scores").glob("*.safetensors"))
+    assert len(kept) == 1
+    session = Session.open("p", root=tmp_path / "home")
+    app = WorkbenchApp(tiny_dir, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        await pilot.pause(0.2)
+        assert app.editor.pending == {0: {1}} and app.editor.layers[0].heads == set()
+        assert app.scores is not None and app.scores.head(0, "head_grad") == [4.0, 3.0, 2.0, 1.0]
+        await pilot.press("enter")  # layer 0: `k` adds the weakest head of every group: 1 (kept) and 3
+        await pilot.press("k")
+        await pilot.pause()
+        assert app.editor.layers[0].heads == {1, 3} and app.editor.pending == {}
+    session.close()
+
+
+async def test_params_column_follows_the_plan_and_ranks_past_break_even_are_refused(tiny_dir):
+    from workbench.editor import useful_rank
+    from workbench.screens.model import ModelScreen
+
+    app = WorkbenchApp(tiny_dir, load_weights=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        table = app.screen.query_one("#layers")
+        full = str(table.get_row_at(0)[4])
+        await pilot.press("space")  # drop layer 0
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, ModelScreen) and str(table.get_row_at(0)[4]) == "0" != full
+        out_f, in_f = app.editor.linear_shape(1, "mlp.down_proj")  # 64 x 96: break-even 38
+        assert not app.edit(lambda e: e.set_rank(1, "mlp.down_proj", useful_rank(out_f, in_f) + 1))
+        await pilot.pause()
+        assert any("break-even" in n.message for n in app._notifications)
+        await pilot.press("down", "enter")
+        app.screen.query_one("#linear").value = "mlp.down_proj"
+        await pilot.pause()
+        await pilot.press("left_square_bracket")  # from full rank straight to the largest rank that saves
+        assert app.editor.layers[1].ranks == {"mlp.down_proj": useful_rank(out_f, in_f)}
+        await pilot.press("right_square_bracket")  # past break-even again: back to full rank
+        assert app.editor.layers[1].ranks == {}
+
+
+async def test_tui_apply_records_the_fingerprint_the_cli_records(tiny_dir, tmp_path, capsys):
+    from cli_helpers import call
+
+    app = WorkbenchApp(tiny_dir, load_weights=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        app.edit(lambda e: e.toggle_group(0, 1))
+        app.run_apply(str(tmp_path / "tui-out"))
+        await app.workers.wait_for_complete()
+        app.save_plan_file(str(tmp_path / "tui-plan.json"))
+        await app.workers.wait_for_complete()
+    # the TUI's plan file replays alone, and both outputs name the same input
+    code, out, err = call(capsys, "apply", tmp_path / "tui-plan.json", "--out", tmp_path / "cli-out")
+    assert code == 0, err
+    tui = json.loads((tmp_path / "tui-out" / "surgery.json").read_text())["input"]
+    cli = json.loads((tmp_path / "cli-out" / "surgery.json").read_text())["input"]
+    assert tui["fingerprint"] == cli["fingerprint"] and tui["source"] == cli["source"]

@@ -190,3 +190,26 @@ def test_corrupt_session_json_is_reported_and_recovered(capsys, home, model_dir)
     code, out, err = call(capsys, "sessions", "show", "smol")
     assert code == 0 and "session.json is corrupt" in err and "rebuilt the session from journal.jsonl" in err
     assert "marks     7" in out
+
+
+def test_open_with_a_plan_file_loads_it_as_one_undoable_edit(capsys, home, model_dir, tmp_path):
+    plan_file = tmp_path / "suggested.json"
+    plan_file.write_text(json.dumps({"version": 1, "steps": [
+        {"op": "prune_heads", "layer": 0, "heads": [1, 3]}, {"op": "drop_mlp", "layer": 2}]}))
+    make_session(capsys, model_dir, marks=False)
+    code, out, err = call(capsys, "open", model_dir, "--session", "smol", "--plan", plan_file)
+    assert code == 0, err
+    with Session.open("smol") as s:
+        assert [st.op for st in s.plan().steps] == ["prune_heads", "drop_mlp"] and s.undo_depth == 1
+        s.undo()  # one undo takes the whole file back
+        assert s.plan().steps == []
+
+
+def test_open_refuses_a_plan_that_does_not_fit_with_every_problem(capsys, home, model_dir, tmp_path):
+    plan_file = tmp_path / "bad.json"
+    plan_file.write_text(json.dumps({"version": 1, "steps": [
+        {"op": "prune_heads", "layer": 0, "heads": [1]}, {"op": "prune_neurons", "layer": 9, "neurons": [1]}]}))
+    code, out, err = call(capsys, "open", model_dir, "--session", "fresh", "--plan", plan_file)
+    assert code == 2
+    assert "steps[0]" in err and "steps[1]" in err  # both problems, before any session exists
+    assert not (home / "sessions" / "fresh").exists()

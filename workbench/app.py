@@ -71,6 +71,7 @@ class WorkbenchApp(App):
         self.revision = 0  # bumped by every accepted change; estimates carry the revision they were made for
         self.shown_revision = -1
         self._weights_started = False
+        self._model_ref = None  # surgery.plan.ModelRef, from model_ref()
         self.started = time.perf_counter()
         self.first_paint: float | None = None
 
@@ -116,12 +117,30 @@ class WorkbenchApp(App):
 
     @work(thread=True, exclusive=True, group="fingerprint", exit_on_error=False, description="fingerprinting")
     def fingerprint_source(self) -> None:
-        from surgery.fingerprint import weights_fingerprint  # numpy only: no torch import in this thread
-        from surgery.sources import resolve_source
+        self.model_ref()
+        self.call_from_thread(setattr, self.totals, "fingerprint", self._model_ref.fingerprint)
 
-        resolved = resolve_source(self.source)
-        fp = weights_fingerprint(resolved.gguf_file or resolved.path)  # = surgery.pipeline.source_fingerprint
-        self.call_from_thread(setattr, self.totals, "fingerprint", fp)
+    def model_ref(self):
+        """The model a saved plan names: the opened source as `describe_source` records it (absolute paths, the
+        .gguf itself for GGUF sources), so its fingerprint is the one the CLI computes. Blocks on the first call
+        (fingerprinting is cached by path, size and mtime): call it from a worker."""
+        from sessions.check import describe_source
+        from surgery.plan import ModelRef
+
+        if self._model_ref is None:
+            model = describe_source(self.source)
+            self._model_ref = ModelRef(source=model.source, fingerprint=model.fingerprint)
+        return self._model_ref
+
+    def plan_for_file(self):
+        """The plan under edit as a file that replays alone (`workbench plan validate/apply FILE`): model source,
+        fingerprint and provenance, like a plan from `plan suggest`."""
+        provenance = {"tool": "workbench TUI"}
+        if self.session is not None:
+            provenance.update(session=self.session.name, journal_seq=self.session.seq)
+        if self.scores is not None and self.scores.source:
+            provenance["scores"] = self.scores.source
+        return self.editor.plan().model_copy(update={"model": self.model_ref(), "provenance": provenance})
 
     @work(thread=True, exclusive=True, group="weights", exit_on_error=False, description="loading weights")
     def load_model_weights(self) -> None:
@@ -191,6 +210,8 @@ class WorkbenchApp(App):
             self.shown_revision = message.revision
             self.totals.estimate = message.estimate
             self.set_status("totals", "" if message.revision == self.revision else "updating…")
+            if self.screen_stack[1].is_mounted:  # the model screen: its params column follows the estimate
+                self.screen_stack[1].refresh_table()
         if self.load_weights and self.loaded is None and not self._weights_started:
             # after the first totals: a weight load holds the model-build lock for seconds
             self._weights_started = True
@@ -206,6 +227,24 @@ class WorkbenchApp(App):
     @work(thread=True, exclusive=True, group="scores", exit_on_error=False, description="reading scores")
     def read_scores(self, path: str) -> None:
         self.post_message(ScoresReady(ScoreView.from_file(path, self.editor.shape.spec)))
+        if self.session is not None and not self.session.readonly:
+            self.keep_scores_in_session(Path(path))
+
+    def keep_scores_in_session(self, path: Path) -> None:
+        """Copy a loaded score file into the session's scores/ (atomically), so reopening the session shows it;
+        only a score file of these weights, which is what `reuse_session_scores` picks up."""
+        from sessions.fsio import atomic_write_bytes
+        from surgery.importance import ScoreMismatch, load_scores
+
+        folder = self.session.path / "scores"
+        if path.resolve().parent == folder.resolve():
+            return
+        try:
+            load_scores(path, model_fingerprint=self.session.model.fingerprint)
+        except (ScoreMismatch, UserError) as exc:
+            self.call_from_thread(self.notify, f"not kept in the session: {exc}", title="scores", severity="warning")
+            return
+        atomic_write_bytes(folder / f"loaded-{time.strftime('%Y%m%d-%H%M%S')}-{path.name}", path.read_bytes())
 
     def on_scores_ready(self, message: ScoresReady) -> None:
         self.scores = message.scores
@@ -371,11 +410,44 @@ class WorkbenchApp(App):
     def action_save_plan(self) -> None:
         def done(path: str | None) -> None:
             if path:
-                plan = self.editor.plan()
-                plan.save(path)
-                self.notify(f"saved {len(plan.steps)} op(s) to {path}")
+                self.save_plan_file(path)
 
         self.push_screen(PromptScreen("Save plan as:", "plan.json"), done)
+
+    @work(thread=True, exclusive=True, group="save", exit_on_error=False, description="saving the plan")
+    def save_plan_file(self, path: str) -> None:
+        plan = self.plan_for_file()
+        try:
+            plan.save(path)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        self.call_from_thread(self.notify, f"saved {len(plan.steps)} op(s) to {path} (replays with: workbench apply "
+                                           f"{path} --out DIR)")
+
+    def action_open_plan(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                self.open_plan_file(path)
+
+        self.push_screen(PromptScreen("Open plan file (its ops replace the marks; one undo takes it back):",
+                                      "plan.json"), done)
+
+    def open_plan_file(self, path: str) -> bool:
+        """Load a plan file's ops as the marks: one undoable edit (refused, nothing changed, if it does not fit)."""
+        from surgery.plan import load_plan
+
+        try:
+            plan = load_plan(path)
+        except UserError as exc:
+            self.notify(str(exc), title="plan", severity="error", timeout=8)
+            return False
+        known = self._model_ref.fingerprint if self._model_ref is not None else None
+        if plan.model and plan.model.fingerprint and known and plan.model.fingerprint != known:
+            self.notify(f"{path} was made for other weights ({plan.model.source})", title="plan", severity="warning")
+        if self.edit(lambda e: e.set_plan(plan, f"open plan {path}")):
+            self.notify(f"{len(plan.steps)} op(s) from {path} (u undoes)", title="plan")
+            return True
+        return False
 
     def action_validate_plan(self) -> None:
         res = self.editor.resolution
@@ -399,7 +471,7 @@ class WorkbenchApp(App):
         self.applying = True
         try:
             self.post_message(StatusText("apply", "running…"))
-            result = apply_to_source(self.editor.plan(), out, self.model_path, overwrite=False)
+            result = apply_to_source(self.plan_for_file(), out, overwrite=False)  # the CLI's source + fingerprint
             self.last_export = str(result.out)  # the jobs form offers it as the student
             loader = result.manifest["output"]["loadable_with"]
             self.call_from_thread(self.notify, f"wrote {out} (loads with {loader})", title="apply")
@@ -462,6 +534,8 @@ class WorkbenchApp(App):
         yield SystemCommand("plan: Show", "the ops of the plan under edit", self.action_plan)
         yield SystemCommand("plan: Validate", "check the plan against the model", self.action_validate_plan)
         yield SystemCommand("plan: Save as...", "write the plan file", self.action_save_plan)
+        yield SystemCommand("plan: Open file...", "a plan file's ops as marks (one undoable edit)",
+                            self.action_open_plan)
         yield SystemCommand("plan: Apply", "write the pruned model", self.action_apply_plan)
         yield SystemCommand("jobs: Show", "distill / redistill jobs and their loss curves", self.action_jobs)
         yield SystemCommand("compare: Models", "original vs the plan's output vs job outputs", self.action_compare)

@@ -37,12 +37,11 @@ app = typer.Typer(
 def root(ctx: typer.Context) -> None:
     """Model-surgery workbench: inspect, prune, distill and compare Hugging Face causal LMs.
 
-    With no command, opens the Textual workbench on the demo model (SmolLM2-135M-Instruct).
+    With no command, opens the Textual workbench on the demo model (SmolLM2-135M-Instruct) in its default session.
     """
     if ctx.invoked_subcommand is None:
-        from workbench.app import WorkbenchApp
-
-        WorkbenchApp("smollm2-135m").run()
+        # in the demo's default session (like `workbench open smollm2-135m`): nothing acknowledged is lost on `q`
+        sessions_cmd.open_session("smollm2-135m")
 
 
 app.command("inspect")(inspect_cmd.inspect)

@@ -3,18 +3,51 @@
 Every change builds the candidate plan and runs `surgery.resolve.resolve_plan` on it before it counts: an illegal
 mark (GQA rule, every head of a layer, ...) is refused with the resolver's reason and nothing changes. The editor is
 UI-free (the app and tests drive it); a session, when one is open, receives every accepted plan through `on_commit`.
+
+Head marks on GQA models: one query head alone almost never keeps "the same number of heads in every kept KV
+group", so a head set that breaks only that rule is held as a *pending selection* of its layer (`pending`): shown,
+remembered in the session's UI state, but not in the plan. It becomes plan steps (one undoable edit) the moment it
+is GQA-legal, e.g. after one head has been picked in every group.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surgery.errors import PlanError
 from surgery.plan import Plan, parse_plan
 from surgery.resolve import Resolution, resolve_plan
-from surgery.shapes import ModelShape
+from surgery.shapes import LayerShape, ModelShape
+
+PENDING_KEY = "pending_heads"  # session UI state: {layer: [heads]} as JSON, so a pending selection survives `q`
+
+
+def gqa_shortfall(shape: LayerShape, heads: set[int]) -> dict[int, int] | None:
+    """What a head set still needs to be GQA-legal: {KV group: heads still to mark}; None when it already is (or
+    breaks another rule, e.g. every head, which the resolver reports).
+
+    Groups whose every head is marked go away whole; every other group must lose the same number of heads, so
+    the groups that lost fewer than the most-cut live group need that many more.
+    """
+    g, kv = shape.group_size, shape.kv_heads
+    if not g or not kv:
+        return None
+    counts = [len(heads & set(range(k * g, (k + 1) * g))) for k in range(kv)]
+    live = [c for c in counts if c < g]
+    if not live or len(set(live)) == 1:
+        return None
+    most = max(live)
+    return {k: most - c for k, c in enumerate(counts) if c < most}
+
+
+def describe_shortfall(layer: int, heads: set[int], need: dict[int, int]) -> str:
+    """One line: what is pending and what the GQA rule still asks for."""
+    asks = ", ".join(f"{n} in group {k}" for k, n in sorted(need.items()))
+    return (f"layer {layer}: heads {', '.join(map(str, sorted(heads)))} pending (GQA: every kept KV group must lose "
+            f"the same number of heads): mark {asks}, or unmark")
 
 
 @dataclass
@@ -27,6 +60,11 @@ class LayerMarks:
     drop_attention: bool = False
     drop_mlp: bool = False
     ranks: dict[str, int] = field(default_factory=dict)  # layer-relative Linear path -> rank
+
+
+def useful_rank(out_f: int, in_f: int) -> int:
+    """The largest rank whose two factors hold fewer parameters than the (out x in) matrix."""
+    return (out_f * in_f - 1) // (out_f + in_f)
 
 
 class PlanEditor:
@@ -50,8 +88,11 @@ class PlanEditor:
         self.layers = [LayerMarks() for _ in shape.layers]
         self._undo: list[list[LayerMarks]] = []
         self._redo: list[list[LayerMarks]] = []
+        self.pending: dict[int, set[int]] = {}  # layer -> the head set being picked, not GQA-legal yet
         if plan is not None:
             self.load_plan(plan)
+        if session is not None:
+            self._restore_pending(session.ui.extra.get(PENDING_KEY))
         self.resolution = resolve_plan(self.plan(), shape)
 
     # ----------------------------------------------------------------------------------------- plan <-> marks
@@ -118,28 +159,62 @@ class PlanEditor:
             raise PlanError([f"layer {layer}: is dropped; unmark the layer first"])
 
     def toggle_head(self, layer: int, head: int) -> Resolution:
+        """Mark or unmark one query head; a GQA-illegal result is held as the layer's pending selection."""
         self._require_live(layer)
-        verb = "unmark" if head in self.layers[layer].heads else "mark"
-        return self._change(f"toggle head {head} of layer {layer}",
-                            lambda ls: ls[layer].heads.symmetric_difference_update({head}),
-                            lambda session: getattr(session, verb)("heads", [head], layer))
+        verb = "unmark" if head in self.heads_shown(layer) else "mark"
+        return self.set_heads(layer, self.heads_shown(layer) ^ {head}, f"{verb} head {head} of layer {layer}")
 
     def toggle_group(self, layer: int, group: int) -> Resolution:
         """Mark (or unmark) a whole KV group: all of its query heads."""
         self._require_live(layer)
         g = self.shape.layers[layer].group_size
         members = set(range(group * g, (group + 1) * g))
+        current = self.heads_shown(layer)
+        verb = "unmark" if members <= current else "mark"
+        heads = current - members if verb == "unmark" else current | members
+        return self.set_heads(layer, heads, f"{verb} KV group {group} of layer {layer}")
 
-        verb = "unmark" if members <= self.layers[layer].heads else "mark"
+    def heads_shown(self, layer: int) -> set[int]:
+        """The layer's heads as the user sees them: the pending selection if there is one, else the plan's."""
+        return set(self.pending.get(layer, self.layers[layer].heads))
 
-        def edit(ls: list[LayerMarks]) -> None:
-            if verb == "unmark":
-                ls[layer].heads -= members
-            else:
-                ls[layer].heads |= members
+    def pending_note(self, layer: int) -> str | None:
+        """What the layer's pending selection still needs (None: nothing pending)."""
+        if layer not in self.pending:
+            return None
+        heads = self.pending[layer]
+        return describe_shortfall(layer, heads, gqa_shortfall(self.shape.layers[layer], heads) or {})
 
-        return self._change(f"toggle KV group {group} of layer {layer}", edit,
-                            lambda session: getattr(session, verb)("heads", sorted(members), layer))
+    def set_heads(self, layer: int, heads: set[int], description: str) -> Resolution:
+        """Make `heads` the layer's removed heads: in the plan (one edit) when GQA-legal, else pending."""
+        self._require_live(layer)
+        heads = set(heads)
+        if gqa_shortfall(self.shape.layers[layer], heads) is not None:
+            self._set_pending({**self.pending, layer: heads})
+            return self.resolution
+        rest = {k: v for k, v in self.pending.items() if k != layer}
+        if heads == self.layers[layer].heads:  # back to what the plan has: only the pending selection goes
+            self._set_pending(rest)
+            return self.resolution
+        resolution = self._change(description, lambda ls: setattr(ls[layer], "heads", heads))
+        self._set_pending(rest)
+        return resolution
+
+    def _set_pending(self, pending: dict[int, set[int]]) -> None:
+        if pending == self.pending:
+            return
+        if self.session is not None:  # remembered like the theme: UI state, not an undoable plan edit
+            self.session.set_ui(PENDING_KEY, json.dumps({str(k): sorted(v) for k, v in sorted(pending.items())}))
+        self.pending = pending
+
+    def _restore_pending(self, text) -> None:
+        try:
+            saved = {int(k): set(v) for k, v in json.loads(text or "{}").items()}
+        except (ValueError, TypeError, AttributeError):
+            return
+        self.pending = {layer: heads for layer, heads in saved.items()
+                        if 0 <= layer < len(self.layers) and not self.layers[layer].dropped
+                        and gqa_shortfall(self.shape.layers[layer], heads) is not None}
 
     def toggle_layer(self, layer: int) -> Resolution:
         verb = "unmark" if self.layers[layer].dropped else "mark"
@@ -167,8 +242,15 @@ class PlanEditor:
                             lambda ls: setattr(ls[layer], "neurons", sorted(set(neurons))))
 
     def set_rank(self, layer: int, rel: str, rank: int | None) -> Resolution:
-        """Set (or clear, with None) the low-rank truncation of one Linear."""
+        """Set (or clear, with None) the low-rank truncation of one Linear; a rank at or past the break-even rank
+        (factors at least as big as the dense matrix) is refused."""
         self._require_live(layer)
+        if rank is not None:
+            out_f, in_f = self.linear_shape(layer, rel)
+            if rank * (out_f + in_f) >= out_f * in_f:
+                raise PlanError([f"layer {layer}: {rel} rank {rank} is past its break-even rank "
+                                 f"{useful_rank(out_f, in_f)} ({out_f} x {in_f}): the two factors would hold more "
+                                 "parameters than the matrix"])
 
         def edit(ls: list[LayerMarks]) -> None:
             if rank is None:
@@ -180,12 +262,22 @@ class PlanEditor:
         return self._change(f"rank {rank} for layer {layer} {rel}", edit,
                             lambda session: session.set_rank(module, rank))
 
+    def linear_shape(self, layer: int, rel: str) -> tuple[int, int]:
+        """(out, in) of a layer-relative Linear after the plan's structural cuts."""
+        from surgery.resolve import linear_dims
+
+        block, name = rel.split(".")
+        kind = "attn" if block == self.shape.spec.attn else "mlp"
+        return linear_dims(self.resolution.layers[layer], kind, name, self.shape)
+
     def set_plan(self, plan: Plan, description: str = "load plan") -> Resolution:
         """Replace every mark by a plan's (e.g. a suggestion), as one undoable change."""
         resolution = resolve_plan(plan, self.shape)
         marks = [LayerMarks(set(c.heads), sorted(c.neurons), c.dropped, c.drop_attention, c.drop_mlp,
                             dict(c.low_rank)) for c in resolution.layers]
-        return self._change(description, lambda ls: ls.__setitem__(slice(None), marks))
+        resolution = self._change(description, lambda ls: ls.__setitem__(slice(None), marks))
+        self._set_pending({})  # a whole new plan: a half-picked selection no longer means anything
+        return resolution
 
     def _from_session(self, entry) -> bool:
         if entry is None:

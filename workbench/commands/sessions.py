@@ -16,6 +16,7 @@ import typer
 
 from sessions import Session, check_name, default_name, describe_source, list_sessions, remove_session, sessions_root
 from surgery.errors import UserError
+from surgery.plan import load_plan
 from workbench.cli_common import (
     AllowPickleOpt,
     JsonOpt,
@@ -71,6 +72,17 @@ def print_summary(summary: dict) -> None:
         out.print(line, markup=False, highlight=False)
 
 
+def validate_plan_for(plan, model, plan_file: Path) -> None:
+    """Every problem of `plan` against the model's config at once (PlanError), before the session is touched; a
+    plan made for other weights is a warning (its indices may still fit)."""
+    from surgery.resolve import resolve_plan
+    from surgery.shapes import shape_from_config
+
+    resolve_plan(plan, shape_from_config(model.config))
+    if plan.model and plan.model.fingerprint and plan.model.fingerprint != model.fingerprint:
+        _warn([f"{plan_file} was made for other weights ({plan.model.source}, {plan.model.fingerprint[:19]}...)"])
+
+
 def open_session(
     source: Annotated[str, typer.Argument(help="Model source: HF directory, hub id, .gguf file or smollm2-135m.",
                                           show_default=False)],
@@ -79,16 +91,28 @@ def open_session(
     home: HomeOpt = None,
     json_out: JsonOpt = False,
     no_tui: Annotated[bool, typer.Option("--no-tui", help="Only print the session's summary.")] = False,
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="Load this plan file's ops as the session's marks "
+                                                                   "(one undoable edit), e.g. from `plan suggest`.")]
+    = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Create or resume a session on a model and open it in the workbench TUI (a summary without a terminal)."""
     root = sessions_root(home)
     name = check_name(session) if session else default_name(source)  # a bad name fails before any model work
+    plan = load_plan(plan_file) if plan_file is not None else None  # a bad plan file too
     with status(not json_out) as progress:
         model = describe_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                 progress=progress)
+    if plan is not None:
+        validate_plan_for(plan, model, plan_file)
     s, created = Session.open_or_create(name, model, root=root)
+    if plan is not None:
+        try:
+            s.load_plan(plan, note=f"plan file {plan_file}")
+        except BaseException:
+            s.close()
+            raise
     if not (json_out or no_tui) and sys.stdout.isatty():
         from workbench.app import WorkbenchApp
 

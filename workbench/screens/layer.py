@@ -22,6 +22,7 @@ class LayerScreen(Screen):
         Binding("left_square_bracket", "rank(-1)", "rank -", id="layer.rank_down"),
         Binding("right_square_bracket", "rank(1)", "rank +", id="layer.rank_up"),
         Binding("x", "clear_rank", "full rank", id="layer.clear_rank"),
+        Binding("k", "weakest_per_group", "weakest/group", id="layer.weakest_per_group"),
     ]
     NEURON_STEP = 1 / 32  # one key press moves the cut by 1/32 of the MLP width
 
@@ -57,14 +58,16 @@ class LayerScreen(Screen):
         cut = app.editor.resolution.layers[layer]
         after = cut.result_shape()
         s = cut.shape
+        pending = app.editor.pending_note(layer)
         self.query_one("#summary", Static).update(
             f"[b]layer {layer}[/b] · heads {after.heads}/{s.heads} · KV groups {after.kv_heads}/{s.kv_heads} · "
             f"MLP {after.mlp}/{s.mlp}" + (" · [b]DROPPED[/b]" if cut.dropped else "")
+            + (f"\n[b]pending[/b] (not in the plan yet) {pending.split(': ', 1)[1]}" if pending else "")
         )
         head_metric = app.metric_for("head")
         grid = self.query_one(HeadGrid)
         grid.update_state(app.scores.head(layer, head_metric) if app.scores and head_metric else None,
-                          head_metric or "", app.editor.layers[layer].heads)
+                          head_metric or "", app.editor.layers[layer].heads, app.editor.pending.get(layer, set()))
         width = max(40, (self.size.width or 80) - 4)
         neuron_metric = app.metric_for("neuron")
         neurons = app.scores.neuron(layer, neuron_metric) if app.scores and neuron_metric else None
@@ -95,6 +98,30 @@ class LayerScreen(Screen):
             self.app.edit(lambda e: e.toggle_head(self.layer_index, event.head))
         else:
             self.app.edit(lambda e: e.toggle_group(self.layer_index, event.group))
+        self._after_head_edit()
+
+    def _after_head_edit(self) -> None:
+        note = self.app.editor.pending_note(self.layer_index)
+        if note:  # nothing reached the plan: say what the GQA rule still asks for
+            self.app.notify(note.split(": ", 1)[1], title="pending", severity="warning", timeout=8)
+        self.app.refresh_views()
+
+    def action_weakest_per_group(self) -> None:
+        """Add the lowest-scored unmarked head of every KV group (GQA-legal whenever the marks were)."""
+        app, layer = self.app, self.layer_index
+        metric = app.metric_for("head")
+        scores = app.scores.head(layer, metric) if app.scores and metric else None
+        if not scores:
+            app.notify("no head scores: load (o) or compute (s) scores first", severity="warning")
+            return
+        s = app.editor.shape.layers[layer]
+        heads = app.editor.heads_shown(layer)
+        for k in range(s.kv_heads):
+            free = [h for h in range(k * s.group_size, (k + 1) * s.group_size) if h not in heads]
+            if len(free) > 1:  # never the group's last head: that would be a KV group mark
+                heads.add(min(free, key=lambda h: scores[h]))
+        app.edit(lambda e: e.set_heads(layer, heads, f"weakest head of every group in layer {layer}"))
+        self._after_head_edit()
 
     def on_select_changed(self, event: Select.Changed) -> None:
         self.refresh_view()
@@ -110,21 +137,21 @@ class LayerScreen(Screen):
         chosen = lowest(scores, count) if scores else list(range(width - count, width))
         app.edit(lambda e: e.set_neurons(self.layer_index, chosen))
 
-    def _full_rank(self) -> int:
-        from surgery.resolve import linear_dims
-
-        app = self.app
-        cut = app.editor.resolution.layers[self.layer_index]
-        block, name = self.linear.split(".")
-        kind = "attn" if block == app.editor.shape.spec.attn else "mlp"
-        return min(linear_dims(cut, kind, name, app.editor.shape))
-
     def action_rank(self, direction: int) -> None:
-        full = self._full_rank()
-        current = self.app.editor.layers[self.layer_index].ranks.get(self.linear, full)
+        """Ranks move in steps of 1/16 of the full rank, between 1 and the break-even rank (past it the factors
+        are bigger than the matrix): `[` from full rank starts at the break-even rank, `]` past it is full rank."""
+        from workbench.editor import useful_rank
+
+        out_f, in_f = self.app.editor.linear_shape(self.layer_index, self.linear)
+        full, useful = min(out_f, in_f), useful_rank(out_f, in_f)
+        current = self.app.editor.layers[self.layer_index].ranks.get(self.linear)
         step = max(1, full // 16)
-        rank = max(1, min(full, current + direction * step))
-        self.app.edit(lambda e: e.set_rank(self.layer_index, self.linear, None if rank >= full else rank))
+        if current is None:
+            rank = useful if direction < 0 else None
+        else:
+            rank = max(1, current + direction * step)
+            rank = None if rank > useful else rank
+        self.app.edit(lambda e: e.set_rank(self.layer_index, self.linear, rank))
 
     def action_clear_rank(self) -> None:
         self.app.edit(lambda e: e.set_rank(self.layer_index, self.linear, None))

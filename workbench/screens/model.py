@@ -49,6 +49,9 @@ class ModelScreen(Screen):
         table.clear()
         importance = app.layer_importance()
         vmax = max(importance) if importance else 0.0
+        # parameters after the plan, once the estimate for this very revision is in (until then: before)
+        estimate = app.totals.estimate if app.shown_revision == app.revision else None
+        after_params = getattr(estimate, "layer_params_after", ()) or ()
         for layer, cut in zip(report.layers, editor.resolution.layers):
             after = cut.result_shape()
             state = []
@@ -60,13 +63,16 @@ class ModelScreen(Screen):
                 state.append("no MLP")
             if cut.low_rank:
                 state.append("low-rank")
+            if layer.index in editor.pending:
+                state.append("pending")
             gone = cut.dropped
+            params = after_params[layer.index] if len(after_params) == len(report.layers) else layer.params_total
             table.add_row(
                 str(layer.index),
                 "-" if gone else f"{after.heads}/{layer.heads}",
                 "-" if gone else f"{after.kv_heads}/{layer.kv_heads}",
                 "-" if gone else f"{after.mlp}/{layer.mlp}",
-                fmt_params(layer.params_total),
+                fmt_params(params),
                 bar(importance[layer.index], vmax, 10) if importance else "",
                 " ".join(state),
                 key=str(layer.index),

@@ -12,7 +12,8 @@ from workbench.plots import heat_bucket
 
 
 class HeadGrid(Widget, can_focus=True):
-    """Rows are KV groups, cells are query heads. Marked heads are shown struck through on the `marked` colour."""
+    """Rows are KV groups, cells are query heads. A marked head reads `×h3` (struck through, `marked` colour), a
+    pending one (picked, not GQA-legal yet) `?h3` (underlined): the glyph says it without colour."""
 
     DEFAULT_CSS = """
     HeadGrid { height: auto; min-height: 3; padding: 0 1; border: round $panel; }
@@ -40,13 +41,16 @@ class HeadGrid(Widget, can_focus=True):
         self.scores: list[float] | None = None
         self.metric = ""
         self.marked: set[int] = set()
+        self.pending: set[int] | None = None  # the pending selection replaces the marks while there is one
 
     @property
     def group_size(self) -> int:
         return max(1, self.heads // max(1, self.kv_heads))
 
-    def update_state(self, scores: list[float] | None, metric: str, marked: set[int]) -> None:
+    def update_state(self, scores: list[float] | None, metric: str, marked: set[int],
+                     pending: set[int] | None = None) -> None:
         self.scores, self.metric, self.marked = scores, metric, set(marked)
+        self.pending = set(pending) if pending else None
         self.refresh(layout=True)
 
     def get_content_height(self, container, viewport, width: int) -> int:
@@ -62,13 +66,15 @@ class HeadGrid(Widget, can_focus=True):
         for g in range(self.kv_heads):
             text.append(f"KV {g:>2} ", style="dim")
             for h in range(g * self.group_size, (g + 1) * self.group_size):
-                label = f" h{h:<2}"
+                shown = self.pending if self.pending is not None else self.marked
+                glyph = ("?" if self.pending is not None else "×") if h in shown else " "
+                label = f"{glyph}h{h:<2}"
                 if values:
-                    label = f" h{h:<2}{values[h]:>8.2e}"
+                    label = f"{glyph}h{h:<2}{values[h]:>8.2e}"
                 bg = (low, mid, high)[heat_bucket(values[h], lo, hi)] if values else ""
                 style = f"on {bg}" if bg else ""
-                if h in self.marked:
-                    style = f"strike {marked_colour}"
+                if h in shown:
+                    style = f"underline {marked_colour}" if self.pending is not None else f"strike {marked_colour}"
                 if h == self.cursor and self.has_focus:
                     style += " reverse"
                 text.append(label + " ", style=style.strip())
