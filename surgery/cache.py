@@ -21,6 +21,8 @@ from pathlib import Path
 
 import platformdirs
 
+from surgery.filemode import ordinary_mode
+
 try:  # POSIX only; elsewhere the lock degrades to a no-op (atomic renames still prevent torn entries)
     import fcntl
 except ImportError:  # pragma: no cover
@@ -45,6 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp-")
     try:
+        os.fchmod(fd, ordinary_mode())  # mkstemp makes it private
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -87,7 +90,7 @@ def building_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp-"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache entry is ordinary readable data
+    os.chmod(tmp, ordinary_mode(directory=True))  # mkdtemp makes it private; a cache entry is ordinary data
     try:
         yield tmp
         (tmp / COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")

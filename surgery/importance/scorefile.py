@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from surgery.errors import UserError
+from surgery.filemode import ordinary_mode
 from surgery.importance.methods import METHODS
 
 FORMAT = "workbench-scores"
@@ -136,6 +137,7 @@ def save_scores(path: str | Path, scores: ScoreFile) -> Path:
     try:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in scores.tensors.items()}
         save_file(tensors, tmp, metadata=scores.meta.to_metadata())
+        os.chmod(tmp, ordinary_mode())  # mkstemp and safetensors' save_file both make it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
