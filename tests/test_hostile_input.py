@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from cli_helpers import call, one_error_line
 from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny
 
-from surgery.errors import SourceError
+from surgery.errors import SourceError, UserError
 from surgery.fingerprint import weights_fingerprint
 from surgery.sources import resolve_source
 
@@ -87,3 +88,155 @@ def test_absolute_shard_path_is_refused(tmp_path, model_dir):
     d = sharded_copy(model_dir, tmp_path / "abs", str(model_dir / "model.safetensors"))
     with pytest.raises(SourceError, match="outside the model directory"):
         resolve_source(str(d))
+
+
+# ------------------------------------------------------------------------------------------ items 2, 9, 12 ----
+
+def test_apply_refuses_an_output_another_process_is_writing(capsys, tmp_path, model_dir):
+    from surgery.export.atomic import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):  # flock: a second open file description conflicts, even in this process
+        code, _, err = call(capsys, "apply", write_plan(tmp_path), "--model", model_dir, "--out", out)
+    assert code == 2, err
+    assert "another process is writing" in one_error_line(err)
+    assert not out.exists()
+
+
+def test_an_output_finished_by_another_run_meanwhile_is_not_replaced(capsys, tmp_path, model_dir, monkeypatch):
+    import surgery.export.atomic as atomic
+
+    out, real_lock = tmp_path / "out", atomic.output_lock
+
+    def other_run_finishes_first(path):
+        out.mkdir()
+        (out / "theirs.txt").write_text("the other run's output")
+        return real_lock(path)
+
+    monkeypatch.setattr(atomic, "output_lock", other_run_finishes_first)
+    code, _, err = call(capsys, "apply", write_plan(tmp_path), "--model", model_dir, "--out", out)
+    assert code == 2, err
+    assert "not empty" in one_error_line(err)
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out", "plan.json"]  # no lock or temp left
+
+
+def test_source_is_never_an_output(capsys, tmp_path, model_dir):
+    src = tmp_path / "src"
+    shutil.copytree(model_dir, src)
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, tmp_path):
+        code, _, err = call(capsys, "apply", write_plan(tmp_path), "--model", src, "--out", out, "--overwrite")
+        assert code == 2, err
+        assert "source model" in one_error_line(err)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_current_directory_or_above_is_never_an_output(capsys, tmp_path, model_dir, monkeypatch, out):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = call(capsys, "apply", write_plan(tmp_path), "--model", model_dir, "--out", out, "--overwrite")
+    assert code == 2, err
+    assert "current directory" in one_error_line(err)
+    assert work.is_dir() and (tmp_path / "plan.json").is_file()
+
+
+def test_symlinked_output_is_refused(capsys, tmp_path, model_dir):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for out in ("dangling", "link"):
+        code, _, err = call(capsys, "apply", write_plan(tmp_path), "--model", model_dir,
+                            "--out", tmp_path / out, "--overwrite")
+        assert code == 2, err
+        assert "symbolic link" in one_error_line(err)
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_240_character_output_name_works(capsys, tmp_path, model_dir):
+    out = tmp_path / ("x" * 240)
+    for _ in range(2):  # the second run swaps an existing output: its hidden names must fit too
+        code, _, err = call(capsys, "apply", write_plan(tmp_path), "--model", model_dir, "--out", out, "--overwrite")
+        assert code == 0, err
+    assert (out / "surgery.json").is_file()
+    assert not list(tmp_path.glob(".*"))
+
+
+def write_output(out, label, *, overwrite=True):
+    import surgery.export.atomic as atomic
+
+    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "label.txt").write_text(label)
+        (tmp / "more.txt").write_text(label * 100)
+
+
+def killed_writer(out, label, fault):
+    """Fork a child that writes `out` with `fault(atomic module)` installed (it SIGKILLs the child at its point)."""
+    import os
+    import signal
+
+    import surgery.export.atomic as atomic
+
+    pid = os.fork()
+    if pid == 0:  # the child: no torch work here, so forking the test process is safe
+        try:
+            fault(atomic)
+            write_output(out, label)
+        finally:
+            os._exit(0)  # only reached when the fault did not fire
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def kill_after_first_rename(atomic):
+    import os
+    import signal
+
+    atomic._exchange = lambda a, b: False  # a file system without renameat2(RENAME_EXCHANGE)
+    replace = os.replace
+
+    def then_die(src, dst):
+        replace(src, dst)
+        if ".old-" in str(dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    atomic.os.replace = then_die
+
+
+def kill_while_deleting_the_old_output(atomic):
+    import os
+    import signal
+
+    def half_delete_then_die(path, *a, **k):
+        (Path(path) / "label.txt").unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    atomic.shutil.rmtree = half_delete_then_die
+
+
+def label(out):
+    return (out / "label.txt").read_text()
+
+
+def test_kill_between_the_two_renames_is_recovered_by_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    write_output(out, "old")
+    killed_writer(out, "new", kill_after_first_rename)
+    assert not out.exists() and len(list(tmp_path.glob(".out.old-*"))) == 1  # the window the fallback has
+    with pytest.raises(UserError, match="not empty"):
+        write_output(out, "third", overwrite=False)  # the old output is put back, so it is not replaced
+    assert label(out) == "old"
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_kill_after_the_swap_leaves_the_new_output_and_the_next_run_cleans_up(tmp_path):
+    out = tmp_path / "out"
+    write_output(out, "old")
+    killed_writer(out, "new", kill_while_deleting_the_old_output)
+    assert label(out) == "new"  # swapped in one step: never a moment without an output
+    assert list(tmp_path.glob(".out.*"))  # the half-deleted old copy
+    write_output(out, "third")
+    assert label(out) == "third"
+    assert not list(tmp_path.glob(".out.*"))
