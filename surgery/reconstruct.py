@@ -40,7 +40,7 @@ from surgery.data import TokenBlocks, load_blocks
 from surgery.errors import FingerprintMismatch, UserError
 from surgery.linalg import svd64
 from surgery.metrics.common import check_cancel
-from surgery.plan import Calibration
+from surgery.plan import Calibration, Plan, Reconstruct
 from surgery.resolve import LayerCut, Resolution
 
 Progress = Callable[[int, int, str], None]
@@ -107,6 +107,65 @@ def load_calibration(cal: Calibration, tokenizer) -> TokenBlocks:
     return blocks
 
 
+def calibrate_plan(
+    plan: Plan,
+    config_dict: dict,
+    tokenizer,
+    data: str,
+    *,
+    tokens: int,
+    seq_len: int,
+    batch_size: int = 8,
+    text_field: str | None = None,
+    reconstruct: Reconstruct | None = None,
+    rank_method: str | None = None,
+) -> Plan:
+    """`plan` with a calibration block for `data`, plus a reconstruct step and/or whitened low_rank steps.
+
+    The block records the tokens actually kept (fewer than `tokens` when the data is short), so validation refuses
+    data too short for full-rank Gram matrices with the number of tokens needed.
+
+    Raises:
+        PlanError: the result does not validate (e.g. rank-deficient calibration).
+        UserError: unreadable data, no data-driven step asked for.
+    """
+    from surgery.plan import LowRank, parse_plan
+    from surgery.resolve import resolve_plan
+    from surgery.shapes import shape_from_config
+
+    if reconstruct is None and rank_method in (None, "svd"):
+        raise UserError("--data is used by --reconstruct and --rank-method whitened: pass one of them")
+    if rank_method == "whitened" and not any(isinstance(s, LowRank) for s in plan.steps):
+        raise UserError("--rank-method whitened needs low_rank steps (--low-rank ... --rank-keep ...)")
+    blocks = load_blocks(data, tokenizer, seq_len, tokens, text_field=text_field)
+    cal = Calibration(source=str(data), fingerprint=blocks.fingerprint, tokens=blocks.num_tokens, seq_len=seq_len,
+                      batch_size=batch_size, text_field=text_field)
+    steps = [s.model_dump(exclude_none=True) for s in plan.steps if not isinstance(s, Reconstruct)]
+    if rank_method is not None:
+        steps = [{**s, "method": rank_method} if s["op"] == "low_rank" else s for s in steps]
+    if reconstruct is not None:
+        steps.append(reconstruct.model_dump(exclude_none=True))
+    doc = {**plan.model_dump(exclude_none=True), "calibration": cal.model_dump(exclude_none=True), "steps": steps}
+    new = parse_plan(doc)
+    resolve_plan(new, shape_from_config(config_dict))
+    return new
+
+
+def calibrate_for_source(plan: Plan, data: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                         **options) -> Plan:
+    """`calibrate_plan` for the model the plan names (its config and tokenizer; no weights read)."""
+    from surgery.loading import load_tokenizer, read_config
+    from surgery.sources import resolve_source
+
+    if plan.model is None:
+        raise UserError("the plan names no model: cannot tokenize the calibration data")
+    resolved = resolve_source(plan.model.source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise UserError(f"{plan.model.source} has no tokenizer files: cannot tokenize the calibration data")
+    return calibrate_plan(plan, read_config(resolved), tokenizer, data, **options)
+
+
 def check_enough_tokens(resolution: Resolution, blocks: TokenBlocks) -> None:
     """Refuse calibration text too short for full-rank Gram matrices (the data may hold fewer tokens than asked)."""
     from surgery.resolve import data_inputs
@@ -118,8 +177,8 @@ def check_enough_tokens(resolution: Resolution, blocks: TokenBlocks) -> None:
     if blocks.num_tokens < width + 1:
         raise UserError(
             f"calibration data too short: {blocks.num_tokens} tokens give rank-deficient Gram matrices (layer "
-            f"{layer} {rel} has {width} inputs): need at least {width + 1} tokens in whole blocks of "
-            f"{blocks.seq_len}"
+            f"{layer} {rel} has {width} inputs): need at least {width + 1} tokens, i.e. "
+            f"{-(-(width + 1) // blocks.seq_len)} blocks of {blocks.seq_len}"
         )
 
 
@@ -355,6 +414,8 @@ __all__ = [
     "DataReport",
     "FitRecord",
     "apply_calibrated",
+    "calibrate_for_source",
+    "calibrate_plan",
     "check_enough_tokens",
     "load_calibration",
     "refit_reader",

@@ -292,7 +292,8 @@ def _check_calibration(cal: Calibration | None, cuts: list[LayerCut], shape: Mod
     if have < width + 1:
         problems.append(
             f"calibration.tokens: {have} tokens give rank-deficient Gram matrices (layer {cut.index} {rel} has "
-            f"{width} inputs): need at least {width + 1} tokens in whole blocks of {cal.seq_len}"
+            f"{width} inputs): need at least {width + 1} tokens, i.e. {-(-(width + 1) // cal.seq_len)} blocks of "
+            f"{cal.seq_len}"
         )
 
 

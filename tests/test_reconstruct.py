@@ -169,3 +169,67 @@ def test_whitened_low_rank_beats_plain_svd_and_equals_projection_of_w_x(family):
     pl = ops.get_module(plain, path)
     err = lambda m: float(((x @ (m - w).t()) ** 2).sum())  # noqa: E731
     assert err(ba) <= err((pl.b.weight.double() @ pl.a.weight.double()).detach())
+
+
+def calib_file(tmp_path: Path, chars: int) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:chars] if SHAKESPEARE.is_file()
+                    else ("the quick brown fox jumps over the lazy dog. " * 200)[:chars], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("recon") / "model", "llama")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_suggest_reconstruct_then_apply_replays_byte_identical(tiny_dir, tmp_path, capsys):
+    data = calib_file(tmp_path, 3000)
+    scores = tmp_path / "scores.safetensors"
+    code, _, err = call(capsys, "score", tiny_dir, "--data", data, "--out", scores, "--tokens", 1024, "--seq-len",
+                        64, "--method", "head-grad,neuron-taylor")
+    assert code == 0, err
+    plan = tmp_path / "plan.json"
+    code, _, err = call(capsys, "plan", "suggest", tiny_dir, "--scores", scores, "--target-params", 0.9,
+                        "--reconstruct", "--data", data, "--calib-tokens", 1024, "--seq-len", 64, "--out", plan)
+    assert code == 0, err
+    text = plan.read_text()
+    assert '"op": "reconstruct"' in text and '"calibration"' in text
+    outs = []
+    for name in ("a", "b"):
+        code, _, err = call(capsys, "apply", plan, "--model", tiny_dir, "--out", tmp_path / name)
+        assert code == 0, err
+        outs.append(sha(tmp_path / name / "model.safetensors"))
+    assert outs[0] == outs[1]
+    # the same plan without the reconstruct step gives other weights
+    stripped = tmp_path / "cut.json"
+    doc = json.loads(text)
+    doc["steps"] = [s for s in doc["steps"] if s["op"] != "reconstruct"]
+    stripped.write_text(json.dumps(doc))
+    code, _, err = call(capsys, "apply", stripped, "--model", tiny_dir, "--out", tmp_path / "c")
+    assert code == 0, err
+    assert sha(tmp_path / "c" / "model.safetensors") != outs[0]
+
+    # other data than the plan was calibrated on: refused, one line, nothing written
+    data.write_text(data.read_text()[::-1])
+    code, _, err = call(capsys, "apply", plan, "--model", tiny_dir, "--out", tmp_path / "d")
+    assert code == 2 and "calibration data" in one_error_line(err)
+    assert not (tmp_path / "d").exists()
+
+
+def test_calibration_too_short_is_refused_with_the_tokens_needed(tiny_dir, tmp_path, capsys):
+    data = calib_file(tmp_path, 3000)
+    scores = tmp_path / "scores.safetensors"
+    assert call(capsys, "score", tiny_dir, "--data", data, "--out", scores, "--tokens", 512, "--seq-len", 64,
+                "--method", "neuron-taylor")[0] == 0
+    plan = tmp_path / "plan.json"
+    code, _, err = call(capsys, "plan", "suggest", tiny_dir, "--scores", scores, "--neurons", "10%",
+                        "--reconstruct", "--data", data, "--calib-tokens", 64, "--seq-len", 32, "--out", plan)
+    line = one_error_line(err)
+    assert code == 2 and "rank-deficient" in line, line
+    assert int(re.search(r"need at least (\d+) tokens", line).group(1)) > 64  # the kept neurons + the bias-free 1
+    assert not plan.exists()

@@ -29,6 +29,17 @@ def _per_layer(counts: dict, what: str) -> str:
     return f"{min(values)}-{max(values)} {what} in {len(counts)} layer(s)"
 
 
+def _check_calibration_options(data: str | None, rank_method: str | None, ridge: float, inputs: str) -> None:
+    if data is None:
+        raise UserError("--reconstruct and --rank-method whitened need --data FILE (calibration text)")
+    if rank_method not in (None, "svd", "whitened"):
+        raise UserError(f"--rank-method {rank_method!r}: expected svd or whitened")
+    if not ridge >= 0:
+        raise UserError(f"--ridge {ridge}: must be >= 0")
+    if inputs not in ("pruned", "original"):
+        raise UserError(f"--recon-inputs {inputs!r}: expected pruned or original")
+
+
 def suggest(
     source: Annotated[str | None, typer.Argument(help="Model source (default: the model the scores name).")] = None,
     scores: Annotated[list[Path] | None, typer.Option("--scores", "-s", help="Score file from `workbench score` "
@@ -56,6 +67,24 @@ def suggest(
                                                     "spectrum energy the rank keeps, e.g. 0.9.")] = None,
     rank_metric: Annotated[str | None, typer.Option("--rank-metric", help="Spectrum for --rank-keep. Default: "
                                                     "sv (what the truncation keeps), sv-act.")] = None,
+    rank_method: Annotated[str | None, typer.Option("--rank-method", help="How low_rank steps factorise: svd "
+                                                    "(default) or whitened (SVD-LLM: output error on the "
+                                                    "--data activations; needs --data).")] = None,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Add a reconstruct step: refit o_proj / "
+                                              "down_proj of every cut layer on the --data text (least squares, "
+                                              "no training).")] = False,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Calibration text for --reconstruct and "
+                                             "--rank-method whitened: .txt, .jsonl, .parquet or hf:NAME; its "
+                                             "token fingerprint goes into the plan.")] = None,
+    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens (the first "
+                                              "tokens // seq-len blocks of --data).")] = 8192,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 256,
+    ridge: Annotated[float, typer.Option("--ridge", help="Reconstruct's ridge term, relative to the mean "
+                                         "diagonal of each Gram matrix.")] = 1e-3,
+    recon_inputs: Annotated[str, typer.Option("--recon-inputs", help="Reconstruct's layer inputs: pruned (from "
+                                              "the pruned, refit prefix) or original.")] = "pruned",
+    text_field: Annotated[str | None, typer.Option("--text-field", help="Field/column holding the text "
+                                                   "(.jsonl / .parquet --data).")] = None,
     out_file: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file to write (default: print "
                                                   "the plan on stdout).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Use scores computed for other weights or data.")] = False,
@@ -79,9 +108,21 @@ def suggest(
     )
     metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric, "kv": kv_metric,
                "ranks": rank_metric}
+    calibrated = reconstruct or rank_method not in (None, "svd") or data is not None
+    if calibrated:
+        _check_calibration_options(data, rank_method, ridge, recon_inputs)
     with status(not json_out) as progress:
         s = suggest_for_source(source, scores, target, uniform=not non_uniform, metrics=metrics, force=force,
                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+        if calibrated:
+            from surgery.plan import Reconstruct
+            from surgery.reconstruct import calibrate_for_source
+
+            progress("tokenizing calibration data")
+            step = Reconstruct(op="reconstruct", inputs=recon_inputs, ridge=ridge) if reconstruct else None
+            s.plan = calibrate_for_source(s.plan, data, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                          tokens=calib_tokens, seq_len=seq_len, text_field=text_field,
+                                          reconstruct=step, rank_method=rank_method)
     if out_file is not None:
         s.plan.save(out_file)
     kept = s.params_after / s.params_before
@@ -104,6 +145,7 @@ def suggest(
         _per_layer(s.summary.get("heads_removed", {}), "heads"),
         _per_layer(s.summary.get("neurons_removed", {}), "neurons"),
         f"{len(s.summary['low_rank'])} matrices low-rank" if s.summary.get("low_rank") else "",
+        f"then refits on {fmt_int(s.plan.calibration.tokens)} calibration tokens" if reconstruct else "",
     ) if p]
     target = f" (target {fmt_int(s.target_params)}, step {fmt_int(s.granularity)})" if s.target_params else ""
     where = f"wrote {out_file}" if out_file else "plan"
