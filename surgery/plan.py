@@ -21,7 +21,8 @@ from surgery.filemode import ordinary_mode
 
 PLAN_VERSION = 1
 
-NonNegInt = Annotated[int, Field(ge=0)]
+# strict: the schema says integer, so "0" and true (which pydantic would turn into 0 and 1) are refused
+NonNegInt = Annotated[int, Field(ge=0, strict=True)]
 IndexList = Annotated[list[NonNegInt], Field(min_length=1)]
 
 
@@ -88,7 +89,7 @@ class LowRank(_Strict):
 
     op: Literal["low_rank"]
     module: str = Field(min_length=1, description="HF module path, e.g. model.layers.5.mlp.down_proj")
-    rank: Annotated[int, Field(ge=1)]
+    rank: Annotated[int, Field(ge=1, strict=True)]
     method: Literal["svd", "whitened"] | None = Field(
         default=None,
         description="svd (default): truncated SVD of W. whitened: SVD of W S, S the Cholesky factor of the input "
@@ -196,28 +197,29 @@ def parse_plan(data: Any) -> Plan:
 
 
 def read_json_file(path: Path, what: str, *, malformed: Callable[[str], Exception] = UserError) -> Any:
-    """The decoded JSON of the `what` file at `path` (plan, job ...); one-line errors that name the spot.
+    """The decoded JSON of the `what` file at `path` (plan, job ...), read once; one-line errors that name the spot
+    (devices, FIFOs without a writer, huge or deeply nested files included: see surgery.jsonfile).
 
     Raises:
-        UserError: Missing or unreadable file.
-        `malformed(message)`: The text is not JSON (line and column in the message).
+        UserError: Missing, unreadable or not a file, too large.
+        `malformed(message)`: The text is not JSON (line and column in the message), or nests too deeply.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"no such {what} file: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} file {path}: {exc}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise malformed(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    from surgery.jsonfile import read_json_file as read_checked
+
+    return read_checked(path, what, malformed=malformed)
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read and validate a plan file; bad JSON or fields give a PlanError whose message names the spot."""
+def read_plan_json(path: str | Path) -> Any:
+    """The decoded JSON of a plan file (read once: it may be a pipe); PlanError for text that is not JSON."""
+    return read_json_file(Path(path), "plan", malformed=lambda message: PlanError([message]))
+
+
+def load_plan(path: str | Path, data: Any = None) -> Plan:
+    """Read and validate a plan file (or its already decoded JSON `data`); bad JSON or fields give a PlanError
+    whose message names the spot."""
     path = Path(path)
-    data = read_json_file(path, "plan", malformed=lambda message: PlanError([message]))
+    if data is None:
+        data = read_plan_json(path)
     try:
         return parse_plan(data)
     except PlanError as exc:

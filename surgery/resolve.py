@@ -8,6 +8,7 @@ layers, ranks. Each problem names the step and field, e.g.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from surgery.errors import PlanError
@@ -108,18 +109,26 @@ class Resolution:
         return [c.result_shape() for c in self.kept_layers]
 
 
-def _check_indices(where: str, values: list[int], limit: int, what: str, layer: int, problems: list[str]) -> bool:
-    ok = True
-    seen: set[int] = set()
-    for v in values:
-        if v >= limit:
-            problems.append(f"{where}: {what} {v} out of range (layer {layer} has {limit} {what}s)")
-            ok = False
-        elif v in seen:
-            problems.append(f"{where}: {what} {v} listed twice")
-            ok = False
-        seen.add(v)
-    return ok
+_SHOWN_PER_LIST = 20  # bad values named per index list; the rest are counted (a list may hold millions)
+
+
+def _check_indices(where: str, values: list[int], limit: int, what: str, layer: int | None,
+                   problems: list[str]) -> bool:
+    # Each bad value once, in the order of first appearance: `[5] * 10_000_000` is one problem, not ten million.
+    counts = Counter(values)
+    bad = [v for v in counts if v >= limit]
+    repeated = [v for v, n in counts.items() if n > 1 and v < limit]
+    scope = "the model has" if layer is None else f"layer {layer} has"
+    for v in bad[:_SHOWN_PER_LIST]:
+        problems.append(f"{where}: {what} {v} out of range ({scope} {limit} {what}s)")
+    if len(bad) > _SHOWN_PER_LIST:
+        problems.append(f"{where}: {len(bad) - _SHOWN_PER_LIST} more {what}s out of range")
+    for v in repeated[:_SHOWN_PER_LIST]:
+        n = counts[v]
+        problems.append(f"{where}: {what} {v} listed {'twice' if n == 2 else f'{n:,} times'}")
+    if len(repeated) > _SHOWN_PER_LIST:
+        problems.append(f"{where}: {len(repeated) - _SHOWN_PER_LIST} more {what}s listed more than once")
+    return not bad and not repeated
 
 
 def _parse_module(path: str, shape: ModelShape) -> tuple[int, str, str] | None:
@@ -190,15 +199,10 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
                 cut.neurons.update(step.neurons)
                 cut.neuron_steps.append(f"{at}.neurons")
         elif isinstance(step, DropLayers):
-            seen: set[int] = set()
-            for layer in step.layers:
-                if layer >= n:
-                    problems.append(f"{at}.layers: layer {layer} out of range (the model has {n} layers)")
-                elif layer in seen:
-                    problems.append(f"{at}.layers: layer {layer} listed twice")
-                else:
+            _check_indices(f"{at}.layers", step.layers, n, "layer", None, problems)
+            for layer in set(step.layers):
+                if layer < n:
                     cuts[layer].dropped = True
-                seen.add(layer)
         elif isinstance(step, DropAttention) and layer_ok(f"{at}.layer", step.layer):
             if not cuts[step.layer].shape.has_attention:
                 problems.append(f"{at}.layer: layer {step.layer} has no attention block left to drop")

@@ -121,14 +121,10 @@ def parse_pipeline(data: Any, where: str = "pipeline") -> Pipeline:
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
+    from surgery.jsonfile import read_json_file
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"no such pipeline file: {path}") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: malformed JSON ({exc})") from None
-    return parse_pipeline(data, str(path))
+    return parse_pipeline(read_json_file(path, "pipeline"), str(path))
 
 
 def _job_doc(pipeline: Pipeline, stage, teacher: str, student: str, out: str) -> dict:

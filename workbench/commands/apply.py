@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from surgery.plan import load_plan
+from surgery.plan import load_plan, read_plan_json
 from workbench.cli_common import (
     AllowPickleOpt,
     JsonOpt,
@@ -20,19 +20,6 @@ from workbench.cli_common import (
     print_json,
     status,
 )
-
-
-def _is_pipeline(path: Path) -> bool:
-    """A plan file with "kind": "pipeline" (anything unreadable is left to load_plan's error messages)."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    from surgery.jobs.pipeline import is_pipeline_file
-
-    return is_pipeline_file(data)
 
 
 def apply(
@@ -49,12 +36,15 @@ def apply(
     """Apply a plan to a model and save the result (config, safetensors, tokenizer, surgery.json manifest)."""
     from surgery.pipeline import apply_to_source  # torch/transformers: imported only when needed
 
-    if _is_pipeline(plan_file):  # distill -> prune -> redistill files run as a headless pipeline
+    from surgery.jobs.pipeline import is_pipeline_file
+
+    data = read_plan_json(plan_file)  # once: the file may be a pipe (`<(cat plan.json)`)
+    if is_pipeline_file(data):  # distill -> prune -> redistill files run as a headless pipeline
         from workbench.commands.jobs import pipeline
 
         pipeline(plan_file, out_dir, overwrite=overwrite, jobs_dir=None, json_out=json_out)
         return
-    plan = load_plan(plan_file)
+    plan = load_plan(plan_file, data)
     start = time.perf_counter()
     with status(not json_out) as progress:
         result = apply_to_source(plan, out_dir, model, force=force, overwrite=overwrite, dtype=dtype,
