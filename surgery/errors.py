@@ -16,8 +16,13 @@ class UnsupportedModelError(UserError):
 class PlanError(UserError):
     """A plan file is malformed or does not fit the model; `problems` lists every problem found."""
 
+    SHOWN = 100  # problems kept; a hostile plan can have millions
+
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
+        unique = list(dict.fromkeys(problems))  # identical problems once, first-seen order kept
+        if len(unique) > self.SHOWN:
+            unique = unique[: self.SHOWN] + [f"... and {len(unique) - self.SHOWN:,} more problem(s) not shown"]
+        self.problems = unique
         head = self.problems[0] if self.problems else "invalid plan"
         more = f" (and {len(self.problems) - 1} more problem(s))" if len(self.problems) > 1 else ""
         super().__init__(head + more)

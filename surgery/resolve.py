@@ -313,14 +313,14 @@ def _check_layers(cuts: list[LayerCut], shape: ModelShape, problems: list[str], 
             warnings.append(f"layer {cut.index}: attention dropped, so its head cuts have no effect")
         if cut.drop_mlp and cut.neurons:
             warnings.append(f"layer {cut.index}: MLP dropped, so its neuron cuts have no effect")
-        if cut.attention_kept and cut.heads:
+        if cut.attention_kept and cut.heads and not cut.dropped:  # a dropped layer's cuts: the warning above
             if not cut.kept_heads:
                 problems.append(
                     f"{blame}: removes every query head of layer {cut.index}; use drop_attention instead"
                 )
             else:
                 _check_gqa(cut, blame, problems)
-        if cut.mlp_kept and cut.neurons and not cut.kept_neurons:
+        if cut.mlp_kept and cut.neurons and not cut.kept_neurons and not cut.dropped:
             problems.append(
                 f"{cut.neuron_steps[-1]}: removes every MLP neuron of layer {cut.index}; use drop_mlp instead"
             )

@@ -151,3 +151,30 @@ def test_fused_families_validate_against_their_config(family):
     res = resolve_plan(parse_plan({"version": 1, "steps": [{"op": "prune_neurons", "layer": 0, "neurons": [1]}]}),
                        shape)
     assert res.result_shapes()[0].mlp == 95
+
+
+def test_cuts_inside_a_dropped_layer_are_a_warning_not_a_gqa_violation():
+    res = validate([{"op": "drop_layers", "layers": [3]}, {"op": "prune_heads", "layer": 3, "heads": [0]}])
+    assert any("layer 3: dropped" in w for w in res.warnings)
+
+
+def test_plan_validate_reports_schema_and_model_problems_together_in_file_order(tmp_path, capsys):
+    from cli_helpers import call
+    from tiny_models import make_model
+
+    make_model("llama").save_pretrained(tmp_path / "tiny")
+    plan_file = tmp_path / "bad.json"
+    plan_file.write_text(json.dumps({"version": 1, "model": {"source": str(tmp_path / "tiny")}, "steps": [
+        {"op": "prune_neurons", "layer": 7, "neurons": [1]},          # model: layer out of range
+        {"op": "prune_heads", "layer": 0, "heads": [0], "typo": 1},    # schema: unknown field
+        {"op": "prune_heads", "layer": 2, "heads": [1]},               # model: GQA rule
+        {"op": "low_rank", "module": "model.layers.2.mlp.down_proj", "rank": 0},  # schema: rank >= 1
+    ]}))
+    code, out, err = call(capsys, "plan", "validate", plan_file, "--json")
+    assert code == 2
+    report = json.loads(out)
+    assert report["valid"] is False
+    assert [p.split(": ")[1].split(".")[0] for p in report["problems"]] == [
+        "steps[0]", "steps[1]", "steps[2]", "steps[3]"]
+    assert "GQA" in report["problems"][2] and "unknown field" in report["problems"][1]
+    assert err.count("error: ") == 4

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from surgery.errors import PlanError
-from surgery.plan import load_plan, plan_json_schema
+from surgery.errors import PlanError, UserError
+from surgery.plan import plan_json_schema
+from surgery.plan_check import check_plan_file
 from workbench.cli_common import (
     AllowPickleOpt,
     JsonOpt,
@@ -43,6 +44,19 @@ def summary(v) -> dict:
     }
 
 
+def resolve_for(plan, source: str | None, allow_pickle: bool, trust_remote_code: bool):
+    """The plan folded onto the config of `source` (no weights read)."""
+    from surgery.loading import read_config
+    from surgery.resolve import resolve_plan
+    from surgery.shapes import shape_from_config
+    from surgery.sources import resolve_source
+
+    if not source:
+        raise UserError("the plan names no model: pass --model SOURCE")
+    resolved = resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return resolve_plan(plan, shape_from_config(read_config(resolved)))
+
+
 @app.command("validate")
 def validate(
     plan_file: PlanArg,
@@ -54,7 +68,13 @@ def validate(
     """Check a plan against a model without reading its weights; every problem is reported at once."""
     from surgery.pipeline import validate_for_source  # torch/transformers: imported only when needed
 
-    plan = load_plan(plan_file)
+    report = check_plan_file(plan_file, lambda plan, named: resolve_for(plan, model or named, allow_pickle,
+                                                                         trust_remote_code))
+    if not report.valid:  # every problem at once, in file order; --json says so on stdout too
+        if json_out:
+            print_json({"valid": False, "problems": report.problems, "warnings": report.warnings})
+        raise PlanError(report.problems)
+    plan = report.plan
     with status(not json_out) as progress:
         v = validate_for_source(plan, model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                 progress=progress)
