@@ -70,7 +70,7 @@ def step_overhead(teacher: str, student: Path, args) -> dict:
     set_determinism(0, False)
     prep = prepare(cfg, device)
     trainer = Trainer(cfg, prep, World(0, 1, 0, device))
-    ids = trainer.micro_batches(0)[0]  # (batch, seq_len)
+    ids = trainer.micro_batches(0)[0].ids  # (batch, seq_len)
 
     def teacher_forward():
         with torch.inference_mode():

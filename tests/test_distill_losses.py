@@ -106,7 +106,58 @@ def test_jsd_beta_swaps_roles():
     assert L.jsd(s, t, beta=0.2).item() == pytest.approx(L.jsd(t, s, beta=0.8).item(), rel=1e-5)
     assert L.jsd(s, t, beta=0.2).item() != pytest.approx(L.jsd(s, t, beta=0.8).item(), rel=1e-3)
     with pytest.raises(ValueError, match="beta"):
-        L.jsd(s, t, beta=1.0)
+        L.jsd(s, t, beta=1.5)
+
+
+def test_jsd_ends_are_forward_and_reverse_kl_as_in_trl():
+    """GKD / TRL's generalized_jsd_loss: beta = 0 is KL(teacher || student), beta = 1 is KL(student || teacher)."""
+    s, t = rand_logits(12), rand_logits(13)
+    assert L.jsd(s, t, beta=0.0).item() == pytest.approx(L.kl(s, t).item(), rel=1e-6)
+    assert L.jsd(s, t, beta=1.0).item() == pytest.approx(L.rkl(s, t).item(), rel=1e-6)
+    assert L.jsd(s, t, beta=0.0, temperature=2.0, top_k=3).item() == pytest.approx(
+        L.kl(s, t, temperature=2.0, top_k=3).item(), rel=1e-6)
+
+
+def trl_generalized_jsd(student_logits, teacher_logits, beta):
+    """TRL's definition written independently with F.kl_div (kl_div(input=log q, target=log p) = KL(p || q)):
+    mixture m = beta p_t + (1 - beta) p_s, beta KL(p_t || m) + (1 - beta) KL(p_s || m), summed over the vocabulary,
+    averaged over positions."""
+    import torch.nn.functional as F
+
+    log_s = F.log_softmax(student_logits, -1)
+    log_t = F.log_softmax(teacher_logits, -1)
+    log_m = torch.log(beta * log_t.exp() + (1 - beta) * log_s.exp())
+    kl_t = F.kl_div(log_m, log_t, reduction="none", log_target=True).sum(-1)
+    kl_s = F.kl_div(log_m, log_s, reduction="none", log_target=True).sum(-1)
+    return (beta * kl_t + (1 - beta) * kl_s).mean()
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_matches_trl_and_a_hand_computed_value(beta):
+    s, t = rand_logits(14).double(), rand_logits(15).double()
+    assert L.jsd(s, t, beta=beta).item() == pytest.approx(trl_generalized_jsd(s, t, beta).item(), rel=1e-5)
+    # by hand: p_t = (0.5, 0.5), p_s = (0.25, 0.75); m = beta p_t + (1 - beta) p_s
+    pt, ps = (0.5, 0.5), (0.25, 0.75)
+    m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+    expected = beta * sum(a * math.log(a / c) for a, c in zip(pt, m)) \
+        + (1 - beta) * sum(b * math.log(b / c) for b, c in zip(ps, m))
+    assert L.jsd(logits_of(ps), logits_of(pt), beta=beta).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_uld_compares_sorted_probabilities_across_vocabularies():
+    """ULD: |sorted p_s - sorted p_t| summed, the shorter vector zero-padded; token identity does not matter."""
+    student = torch.tensor([[0.1, 0.7, 0.2]]).log()  # sorted: 0.7, 0.2, 0.1
+    teacher = torch.tensor([[0.5, 0.1, 0.3, 0.1]]).log()  # sorted: 0.5, 0.3, 0.1, 0.1
+    expected = abs(0.7 - 0.5) + abs(0.2 - 0.3) + abs(0.1 - 0.1) + abs(0.0 - 0.1)
+    assert L.uld(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    permuted = teacher[:, [3, 2, 1, 0]]
+    assert L.uld(student, permuted).item() == pytest.approx(expected, rel=1e-5)
+    assert L.uld(teacher, permuted).item() == pytest.approx(0.0, abs=1e-7)
+    z = rand_logits(16, (6, 9)).requires_grad_()
+    loss = L.uld(z, rand_logits(17, (6, 5)), temperature=2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and z.grad.abs().sum() > 0
+    assert L.uld(z[:0], rand_logits(17, (0, 5))).item() == 0.0  # no aligned position: no signal
 
 
 def test_mask_ignores_positions():

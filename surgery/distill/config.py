@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from surgery.distill.losses import HIDDEN_LOSSES, LOGIT_LOSSES, LOSS_NAMES
+import math
+
+from surgery.distill.losses import CROSS_VOCAB_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES, LOSS_NAMES
 from surgery.errors import UserError
 
 JOB_VERSION = 1
@@ -25,7 +27,7 @@ JOB_VERSION = 1
 class DistillConfig(BaseModel):
     """One distillation (or redistillation) job (job file version 1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     version: int = JOB_VERSION
     kind: Literal["distill"] = "distill"
@@ -38,11 +40,17 @@ class DistillConfig(BaseModel):
     eval_data: str | None = Field(default=None, description="text for perplexity before, during and after")
     eval_tokens: int | None = Field(default=None, ge=2, description="evaluate on at most this many tokens")
     eval_every: int | None = Field(default=None, ge=1, description="also evaluate every N steps")
+    eval_seq_len: int | None = Field(default=None, ge=2, description="eval block length (default: seq_len)")
 
     losses: dict[str, float] = Field(default_factory=lambda: {"kl": 1.0}, description="loss name -> weight")
     temperature: float = Field(default=2.0, gt=0)
     top_k: int | None = Field(default=None, ge=1, description="truncate teacher logits to their top k")
-    jsd_beta: float = Field(default=0.5, gt=0, lt=1)
+    jsd_beta: float = Field(default=0.5, ge=0, le=1, description="jsd: 0 = forward KL, 1 = reverse KL (GKD)")
+    on_policy: float = Field(default=0.0, ge=0, le=1, description="fraction lambda of steps on student samples")
+    seq_kd: bool = Field(default=False, description="other steps train on the teacher's own samples")
+    gen_tokens: int = Field(default=64, ge=1, description="tokens sampled after each block's prompt (on-policy, "
+                                                         "seq-kd); the prompt is the block's first seq_len - N")
+    teacher_cache: str | None = Field(default=None, description="directory of cached teacher top-k log-probs")
     hidden_layers: dict[int, int] | None = Field(
         default=None, description="student block -> teacher block for hidden losses (default: evenly spaced)"
     )
@@ -82,8 +90,8 @@ class DistillConfig(BaseModel):
         for name, weight in losses.items():
             if name not in LOSS_NAMES:
                 raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
-            if weight < 0:
-                raise ValueError(f"loss weight for {name} must be >= 0 (got {weight})")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"loss weight for {name} must be a finite number >= 0 (got {weight})")
         if not any(w > 0 for w in losses.values()):
             raise ValueError("every loss weight is 0: nothing to train on")
         return losses
@@ -94,9 +102,37 @@ class DistillConfig(BaseModel):
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         return self
 
+    @model_validator(mode="after")
+    def _check_recipe(self) -> DistillConfig:
+        sampled = self.on_policy > 0 or self.seq_kd
+        if sampled and self.gen_tokens >= self.seq_len:
+            raise ValueError(f"gen_tokens {self.gen_tokens} must be smaller than seq_len {self.seq_len} (the rest of "
+                             "each block is the prompt)")
+        if self.on_policy > 0 and not (self.logit_losses or self.hidden_losses):
+            raise ValueError("on_policy needs a teacher loss (kl, rkl, jsd or a hidden loss): ce cannot score the "
+                             "student's own samples")
+        if self.teacher_cache is not None:
+            if self.top_k is None:
+                raise ValueError("teacher_cache stores the teacher's top k log-probabilities: set top_k "
+                                 "(--top-k K, e.g. 64)")
+            clash = [n for n, on in (("on_policy", self.on_policy > 0), ("seq_kd", self.seq_kd),
+                                     ("hidden losses", bool(self.hidden_losses)),
+                                     ("uld", "uld" in self.losses)) if on]
+            if clash:
+                raise ValueError(f"teacher_cache holds logits of the training blocks only; {', '.join(clash)} "
+                                 "need a live teacher")
+        if "uld" in self.losses and self.losses["uld"] > 0 and sampled:
+            raise ValueError("uld with on_policy / seq_kd is not supported (samples are not re-tokenized for the "
+                             "teacher)")
+        return self
+
     @property
     def logit_losses(self) -> list[str]:
         return [n for n in self.losses if n in LOGIT_LOSSES and self.losses[n] > 0]
+
+    @property
+    def cross_vocab_losses(self) -> list[str]:
+        return [n for n in self.losses if n in CROSS_VOCAB_LOSSES and self.losses[n] > 0]
 
     @property
     def hidden_losses(self) -> list[str]:
@@ -117,7 +153,7 @@ class DistillConfig(BaseModel):
             return str(candidate.resolve()) if candidate.exists() or value.startswith(".") else value
 
         return self.model_copy(update={k: fix(getattr(self, k)) for k in ("teacher", "student", "data", "eval_data",
-                                                                          "out")})
+                                                                          "out", "teacher_cache")})
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, trailing newline)."""
@@ -163,11 +199,11 @@ def parse_layer_map(text: str) -> dict[int, int]:
 
 
 def _problem(err: dict) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "job file"
+    where = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{where}: unknown field"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg}"
+    return f"{where}: {msg}" if where else msg  # a cross-field check: the caller already names the file
 
 
 def parse_config(data: Any, where: str = "job file") -> DistillConfig:

@@ -5,6 +5,11 @@ for each, the teacher runs in `torch.inference_mode()` (no autograd state kept),
 under bf16 autocast on GPU; every loss term is computed in float32, weighted, and back-propagated; gradients are
 averaged over ranks by DDP; then clipping and one AdamW step. Each term is returned separately for the event log.
 
+Batches come from the data, or (on-policy steps, `on_policy` lambda) from continuations the student samples after
+each block's prompt, or (`seq_kd`) from the teacher's own continuations; on sampled batches only the sampled
+positions count. Which steps are on-policy is a pure function of the step (`is_on_policy_step`), and the sampler is
+seeded per (seed, step, micro-batch, rank) (`surgery.distill.generate`).
+
 Determinism: the data order is a pure function of (seed, step) (`sample_indices`), the learning rate a pure
 function of the step (`lr_at`), and everything else that changes during training (weights, optimizer moments, RNG
 states) is in `state()` / `load_state()`. So a run resumed from a checkpoint repeats the uninterrupted run exactly
@@ -71,6 +76,43 @@ def sample_indices(num_blocks: int, batch_size: int, step: int, seed: int, shuff
     return out
 
 
+def is_on_policy_step(step: int, fraction: float) -> bool:
+    """Whether (0-based) `step` trains on student samples: exactly floor(n * fraction) of the first n steps are,
+    spread evenly (a pure function of the step, so a resumed job makes the same choices)."""
+    return math.floor((step + 1) * fraction) > math.floor(step * fraction)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of token ids and where they came from.
+
+    Attributes:
+        ids: (B, S) int64.
+        blocks: (B,) int64 indices of the training blocks the rows start from.
+        source: "data", "student" (on-policy samples) or "teacher" (seq-kd samples).
+        first_sampled: S - gen_tokens for sampled rows (positions before it are the prompt), None for data.
+    """
+
+    ids: torch.Tensor
+    blocks: torch.Tensor
+    source: str = "data"
+    first_sampled: int | None = None
+
+    def masks(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(prediction mask, target mask), (B, S) bool each, None for data batches (every position counts).
+
+        On sampled rows the positions that predict a sampled token (first_sampled - 1 .. S - 2) count for the
+        teacher losses, and the sampled tokens themselves (first_sampled .. S - 1) are the hard-label targets."""
+        if self.first_sampled is None:
+            return None, None
+        p = self.first_sampled
+        pred = torch.zeros(self.ids.shape, dtype=torch.bool, device=self.ids.device)
+        pred[:, p - 1 : -1] = True
+        target = torch.zeros_like(pred)
+        target[:, p:] = True
+        return pred, target
+
+
 @contextlib.contextmanager
 def capture_blocks(layers: nn.ModuleList, wanted: set[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record the output hidden states (B, S, D) of the decoder blocks in `wanted` during a forward pass."""
@@ -96,6 +138,7 @@ class StepResult:
     lr: float
     grad_norm: float | None
     tokens: int
+    source: str = "data"
 
 
 class Trainer:
@@ -117,8 +160,9 @@ class Trainer:
         self.weights = {n: w for n, w in cfg.losses.items() if w > 0}
         self.pairs = prep.check.pairs if cfg.hidden_losses else []
         self.s_layers = get_module(self.student, spec_for_config(self.student.config).layers)
-        self.t_layers = get_module(self.teacher, spec_for_config(self.teacher.config).layers)
-        self.needs_logits = bool(cfg.logit_losses) or self.weights.get("ce", 0) > 0
+        self.t_layers = (None if self.teacher is None
+                         else get_module(self.teacher, spec_for_config(self.teacher.config).layers))
+        self.needs_logits = bool(cfg.logit_losses or cfg.cross_vocab_losses) or self.weights.get("ce", 0) > 0
         self.model: nn.Module = self.student
         if world.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -140,42 +184,97 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
-    def micro_batches(self, step: int) -> list[torch.Tensor]:
-        """This rank's micro-batches of `step`: grad_accum tensors (micro, seq_len) of token ids."""
-        idx = sample_indices(self.prep.train.num_blocks, self.cfg.batch_size, step, self.cfg.seed, self.cfg.shuffle)
+    def step_source(self, step: int) -> str:
+        """Where the batches of `step` come from: "student" (on-policy), "teacher" (seq-kd) or "data"."""
+        if self.cfg.on_policy > 0 and is_on_policy_step(step, self.cfg.on_policy):
+            return "student"
+        return "teacher" if self.cfg.seq_kd else "data"
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """This rank's micro-batches of `step`: grad_accum batches of (micro, seq_len) token ids."""
+        from surgery.distill.generate import sample_continuations, sampling_generator
+
+        cfg = self.cfg
+        idx = sample_indices(self.prep.train.num_blocks, cfg.batch_size, step, cfg.seed, cfg.shuffle)
+        source = self.step_source(step)
         out = []
-        for m in range(self.cfg.grad_accum):
+        for m in range(cfg.grad_accum):
             start = (m * self.world.size + self.world.rank) * self.micro
-            out.append(self.prep.train.ids[idx[start : start + self.micro]].to(self.world.device))
+            blocks = idx[start : start + self.micro]
+            ids = self.prep.train.ids[blocks].to(self.world.device)
+            if source == "data":
+                out.append(MicroBatch(ids, blocks))
+                continue
+            first = cfg.seq_len - cfg.gen_tokens
+            sampler = self.student if source == "student" else self.teacher
+            ids = sample_continuations(sampler, ids[:, :first], cfg.gen_tokens,
+                                       sampling_generator(cfg.seed, step, m, self.world.rank))
+            out.append(MicroBatch(ids, blocks, source, first))
         return out
 
-    def loss_terms(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every weighted loss term on one micro-batch (B, S) of ids; differentiable w.r.t. the student."""
+    def _teacher_logits(self, batch: MicroBatch, t_wanted: set[int]):
+        """(teacher logits or None, teacher hidden states, aligned positions or None) for one micro-batch."""
         cfg = self.cfg
-        t_wanted = {t for _, t in self.pairs}
-        s_wanted = {s for s, _ in self.pairs}
-        need_t_logits = bool(cfg.logit_losses)
+        if self.prep.cache is not None:
+            return self.prep.cache.teacher_logits(batch.blocks, self.world.device), {}, None
+        aligned = None
+        kwargs = {"input_ids": batch.ids}
+        if cfg.cross_vocab_losses and not self.prep.check.same_vocab:
+            from surgery.distill.crosstok import align_batch
+
+            aligned = align_batch(batch.ids.cpu(), self.prep.tokenizer, self.prep.teacher_tokenizer,
+                                  pad_id=self.prep.teacher_tokenizer.pad_token_id or 0)
+            kwargs = {"input_ids": aligned.teacher_ids.to(self.world.device),
+                      "attention_mask": aligned.attention_mask.to(self.world.device)}
+        need = bool(cfg.logit_losses or cfg.cross_vocab_losses)
         with capture_blocks(self.t_layers, t_wanted) as t_states, torch.inference_mode(), self._autocast():
-            t_out = self.teacher(input_ids=ids, use_cache=False, logits_to_keep=0 if need_t_logits else 1)
+            t_out = self.teacher(**kwargs, use_cache=False, logits_to_keep=0 if need else 1)
         # inference tensors cannot be saved for backward: the hidden states enter differentiable ops directly,
         # so they are cloned into normal tensors (the logits only enter through new tensors, no copy needed)
-        t_states = {k: v.clone() for k, v in t_states.items()}
+        return t_out.logits, {k: v.clone() for k, v in t_states.items()}, aligned
+
+    def loss_terms(self, batch: MicroBatch) -> dict[str, torch.Tensor]:
+        """Every weighted loss term on one micro-batch; differentiable w.r.t. the student.
+
+        On student samples `ce` is left out: the student's own tokens are no labels."""
+        cfg = self.cfg
+        ids = batch.ids
+        t_wanted = {t for _, t in self.pairs}
+        s_wanted = {s for s, _ in self.pairs}
+        t_logits, t_states, aligned = self._teacher_logits(batch, t_wanted)
         with capture_blocks(self.s_layers, s_wanted) as s_states, self._autocast():
             s_out = self.model(input_ids=ids, use_cache=False, logits_to_keep=0 if self.needs_logits else 1)
+        pred, target = batch.masks()
         terms: dict[str, torch.Tensor] = {}
         for name in self.weights:
             if name == "kl":
-                terms[name] = L.kl(s_out.logits, t_out.logits, temperature=cfg.temperature, top_k=cfg.top_k)
+                terms[name] = L.kl(s_out.logits, t_logits, temperature=cfg.temperature, top_k=cfg.top_k, mask=pred)
             elif name == "rkl":
-                terms[name] = L.rkl(s_out.logits, t_out.logits, temperature=cfg.temperature, top_k=cfg.top_k)
+                terms[name] = L.rkl(s_out.logits, t_logits, temperature=cfg.temperature, top_k=cfg.top_k,
+                                    mask=pred)
             elif name == "jsd":
-                terms[name] = L.jsd(s_out.logits, t_out.logits, beta=cfg.jsd_beta, temperature=cfg.temperature,
-                                    top_k=cfg.top_k)
+                terms[name] = L.jsd(s_out.logits, t_logits, beta=cfg.jsd_beta, temperature=cfg.temperature,
+                                    top_k=cfg.top_k, mask=pred)
+            elif name == "uld":
+                terms[name] = self._uld(s_out.logits, t_logits, aligned, pred)
             elif name == "ce":
-                terms[name] = L.ce(s_out.logits, ids)
+                if batch.source != "student":
+                    terms[name] = L.ce(s_out.logits, ids, mask=target)
             else:
-                terms[name] = L.hidden_loss(name, s_states, t_states, self.pairs, projection=self.projection)
+                terms[name] = L.hidden_loss(name, s_states, t_states, self.pairs, projection=self.projection,
+                                            mask=pred)
         return terms
+
+    def _uld(self, s_logits: torch.Tensor, t_logits: torch.Tensor, aligned, pred) -> torch.Tensor:
+        """ULD on the aligned positions (all positions when the vocabularies agree: then no re-tokenizing)."""
+        if aligned is None:
+            keep = pred if pred is not None else torch.ones(s_logits.shape[:2], dtype=torch.bool,
+                                                             device=s_logits.device)
+            return L.uld(s_logits[keep], t_logits[keep], temperature=self.cfg.temperature, top_k=self.cfg.top_k)
+        dev = s_logits.device
+        s_rows = s_logits[aligned.rows.to(dev), aligned.student_pos.to(dev)]  # (N, V_s)
+        t_rows = t_logits[aligned.rows.to(dev), aligned.teacher_pos.to(dev)]  # (N, V_t)
+        return L.uld(s_rows, t_rows, temperature=self.cfg.temperature, top_k=self.cfg.top_k)
 
     def step(self, step: int) -> StepResult:
         """Run optimizer step `step` (0-based) and return its logged values (averaged over ranks)."""
@@ -183,17 +282,18 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self.micro_batches(step)
-        sums = {name: torch.zeros((), device=self.world.device) for name in self.weights}
-        for m, ids in enumerate(batches):
+        # every micro-batch of a step has the same source, hence the same terms (ce is absent on student samples)
+        sums: dict[str, torch.Tensor] = {}
+        for m, batch in enumerate(batches):
             last = m == len(batches) - 1
             # DDP: average gradients only once per optimizer step, on the last micro-batch
             sync = contextlib.nullcontext() if last or not self.world.distributed else self.model.no_sync()
             with sync:
-                terms = self.loss_terms(ids)
+                terms = self.loss_terms(batch)
                 total = L.weighted_total(terms, self.weights) / len(batches)
                 total.backward()
             for name, value in terms.items():
-                sums[name] += value.detach() / len(batches)
+                sums[name] = sums.get(name, 0.0) + value.detach() / len(batches)
         if self.world.distributed and self.projection is not None:
             import torch.distributed as dist
 
@@ -208,7 +308,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         logged = {name: float(self.world.mean(v)) for name, v in sums.items()}
         logged["total"] = sum(self.weights[n] * v for n, v in logged.items())
-        return StepResult(logged, lr, grad_norm, self.cfg.batch_size * self.cfg.seq_len)
+        return StepResult(logged, lr, grad_norm, self.cfg.batch_size * self.cfg.seq_len, batches[0].source)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -7,6 +7,11 @@ teacher distribution renormalised over them): a smaller teacher cache and less w
 
 `ce` is next-token cross-entropy on the data itself (hard labels).
 
+`uld` is the Universal Logit Distillation loss (Boizard et al. 2024) for a teacher with another vocabulary: the L1
+distance between the two probability vectors each sorted in decreasing order (zero-padded to the larger
+vocabulary), the closed form of a Wasserstein distance when token identities are ignored. It is computed on
+position pairs that `surgery.distill.crosstok` aligns by text (both models predict after the same characters).
+
 `hidden_cos` / `hidden_l2` are SLMRec's block-wise feature distillation (Xu et al. 2024): the residual stream after
 student block j is matched to the one after teacher block m(j) (`default_layer_map`: evenly spaced, the student's
 last block on the teacher's last), optionally through a learned linear map (`HiddenProjection`) when widths differ.
@@ -26,9 +31,10 @@ from torch import nn
 
 from surgery.errors import UserError
 
-LOGIT_LOSSES = ("kl", "rkl", "jsd")
+LOGIT_LOSSES = ("kl", "rkl", "jsd")  # need the same vocabulary
+CROSS_VOCAB_LOSSES = ("uld",)  # any two vocabularies
 HIDDEN_LOSSES = ("hidden-cos", "hidden-l2")
-LOSS_NAMES = (*LOGIT_LOSSES, "ce", *HIDDEN_LOSSES)
+LOSS_NAMES = (*LOGIT_LOSSES, *CROSS_VOCAB_LOSSES, "ce", *HIDDEN_LOSSES)
 
 
 def _token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -191,15 +197,16 @@ def jsd(
     top_k: int | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Generalised Jensen-Shannon divergence (as in GKD, Agarwal et al. 2024), times T^2.
+    """Generalised Jensen-Shannon divergence (GKD, Agarwal et al. 2024; TRL's `generalized_jsd_loss`), times T^2.
 
     M = beta * p_t + (1 - beta) * p_s; JSD_beta = beta * KL(p_t || M) + (1 - beta) * KL(p_s || M).
-    beta = 0.5 is the symmetric JSD, bounded by ln 2 (at T = 1).
+    beta = 0.5 is the symmetric JSD, bounded by ln 2 (at T = 1). As in TRL, the two ends are the KLs themselves
+    (the mixture formula tends to 0 there): beta = 0 is forward KL(p_t || p_s), beta = 1 reverse KL(p_s || p_t).
 
     Args:
         student_logits: (B, S, V).
         teacher_logits: (B, S, V).
-        beta: Teacher weight in the mixture, 0 < beta < 1.
+        beta: Interpolation between forward (0) and reverse (1) KL, 0 <= beta <= 1.
         temperature: T > 0.
         top_k: Truncate the teacher to its top k logits first.
         mask: (B, S) bool.
@@ -207,8 +214,12 @@ def jsd(
     Returns:
         Scalar, >= 0, 0 when the distributions agree.
     """
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"jsd beta must be strictly between 0 and 1 (got {beta})")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be between 0 and 1 (got {beta})")
+    if beta == 0.0:
+        return kl(student_logits, teacher_logits, temperature=temperature, top_k=top_k, mask=mask)
+    if beta == 1.0:
+        return rkl(student_logits, teacher_logits, temperature=temperature, top_k=top_k, mask=mask)
     log_t = _log_softmax(truncate_top_k(teacher_logits, top_k), temperature)  # (B, S, V)
     log_s = _log_softmax(student_logits, temperature)  # (B, S, V)
     log_m = torch.logsumexp(
@@ -216,6 +227,39 @@ def jsd(
     )  # (B, S, V); finite wherever p_s > 0, i.e. everywhere
     per_token = beta * _kl_terms(log_t, log_m) + (1.0 - beta) * _kl_terms(log_s, log_m)  # (B, S)
     return _token_mean(per_token, mask) * temperature**2
+
+
+def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+        top_k: int | None = None) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024): sum_i |sort(p_s)_i - sort(p_t)_i|, mean over positions.
+
+    The two vocabularies may differ in size and meaning: each probability vector is sorted in decreasing order and
+    the shorter one padded with zeros, so the loss compares the shapes of the distributions (how confident, how
+    spread), not which token is which. Times T^2 like the other logit losses.
+
+    Args:
+        student_logits: (N, V_s) at N aligned positions.
+        teacher_logits: (N, V_t) at the same positions (no gradient needed).
+        temperature: T > 0.
+        top_k: Compare only the k largest probabilities of each (the tail is near 0 and sorting it costs most).
+
+    Returns:
+        Scalar in [0, 2 T^2]; 0 when the sorted distributions agree.
+    """
+    if student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"uld needs aligned positions: {student_logits.shape[0]} student rows, "
+                         f"{teacher_logits.shape[0]} teacher rows")
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0  # no aligned position in this batch: no signal, still differentiable
+    p_s = torch.softmax(student_logits.float() / temperature, dim=-1)  # (N, V_s)
+    p_t = torch.softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V_t)
+    k = max(p_s.shape[-1], p_t.shape[-1]) if top_k is None else top_k
+
+    def sorted_head(p: torch.Tensor) -> torch.Tensor:  # (N, V) -> (N, k), decreasing, zero-padded
+        head = p.topk(min(k, p.shape[-1]), dim=-1).values  # topk is sorted and differentiable
+        return F.pad(head, (0, k - head.shape[-1]))
+
+    return (sorted_head(p_s) - sorted_head(p_t)).abs().sum(-1).mean() * temperature**2
 
 
 def ce(student_logits: torch.Tensor, input_ids: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -58,6 +58,8 @@ def _manifest(job: JobDir, cfg, prep, events: list[dict], after: dict | None) ->
             "after": after,
         },
         "losses": {n: w for n, w in cfg.losses.items() if w > 0},
+        "teacher_cache": None if prep.cache is None else {"dir": cfg.teacher_cache, **prep.cache.manifest["key"],
+                                                          "bytes_per_token": prep.cache.manifest["bytes_per_token"]},
         "steps": cfg.steps,
         "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
         "job_file": cfg.model_dump(mode="json"),
@@ -128,8 +130,11 @@ def run_job(path: str | Path) -> int:
             start, resumed_from = trainer.load_state(tensors, meta), ckpt_path.name
         step_done = start
         if world.is_main:
+            cache = None if prep.cache is None else {
+                "dir": cfg.teacher_cache, "bytes_per_token": prep.cache.manifest["bytes_per_token"],
+                "bytes": prep.cache.manifest["bytes"], "key": prep.cache.manifest["key"]}
             log.append("start", step=start, pid=os.getpid(), world_size=world.size, resumed_from=resumed_from,
-                       device=str(world.device), train=prep.train.describe())
+                       device=str(world.device), train=prep.train.describe(), teacher_cache=cache)
             if start == 0 and prep.eval is not None:
                 log.append("eval", step=0, **trainer.evaluate())
         world.barrier()
@@ -142,7 +147,9 @@ def run_job(path: str | Path) -> int:
             avg = clock["avg"]
             clock["avg"] = seconds if avg is None else 0.8 * avg + 0.2 * seconds
             if world.is_main and (step_done % cfg.log_every == 0 or step_done == cfg.steps):
+                extra = {"source": result.source} if cfg.on_policy > 0 or cfg.seq_kd else {}
                 log.append("step", step=step_done, losses=result.losses, lr=result.lr, grad_norm=result.grad_norm,
+                           **extra,
                            tokens_per_s=round(result.tokens / seconds, 1) if seconds > 0 else None,
                            eta_s=round(clock["avg"] * (cfg.steps - step_done), 1),
                            elapsed_s=round(time.perf_counter() - clock["t0"], 3),

@@ -49,9 +49,21 @@ def distill(
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Text for perplexity before/after.")] = None,
     eval_tokens: Annotated[int | None, typer.Option("--eval-tokens", help="Cap on eval tokens.")] = None,
     eval_every: Annotated[int | None, typer.Option("--eval-every", help="Also evaluate every N steps.")] = None,
+    eval_seq_len: Annotated[int | None, typer.Option("--eval-seq-len",
+                                                     help="Eval block length (default: --seq-len).")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Cap on training tokens.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Keep the teacher's top k logits.")] = None,
-    jsd_beta: Annotated[float, typer.Option("--jsd-beta", help="Teacher weight of the jsd mixture.")] = 0.5,
+    jsd_beta: Annotated[float, typer.Option("--jsd-beta", help="jsd between forward KL (0) and reverse KL (1), "
+                                                                "as GKD.")] = 0.5,
+    on_policy: Annotated[float, typer.Option("--on-policy", help="Fraction lambda of steps trained on "
+                                                                 "continuations the student samples (GKD).")] = 0.0,
+    seq_kd: Annotated[bool, typer.Option("--seq-kd", help="Train on the teacher's own sampled continuations "
+                                                          "(sequence-level KD; hard labels with ce).")] = False,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="Tokens sampled after each prompt "
+                                                                 "(on-policy, seq-kd).")] = 64,
+    teacher_cache: Annotated[str | None, typer.Option("--teacher-cache", help="Directory of the teacher's top-k "
+                                                                              "log-probs: built on first use, read "
+                                                                              "afterwards (needs --top-k).")] = None,
     hidden_layers: Annotated[str | None, typer.Option("--hidden-layers",
                                                       help="Student:teacher blocks, e.g. 0:1,1:3,2:5.")] = None,
     projection: Annotated[bool | None, typer.Option("--projection/--no-projection",
@@ -76,8 +88,9 @@ def distill(
     doc = {
         "version": 1, "kind": "distill", "teacher": _abs_if_path(teacher), "student": _abs_if_path(student),
         "data": _abs_if_path(data), "eval_data": _abs_if_path(eval_data), "eval_tokens": eval_tokens,
-        "eval_every": eval_every, "max_tokens": max_tokens, "losses": parse_losses(loss),
-        "temperature": temperature, "top_k": top_k, "jsd_beta": jsd_beta,
+        "eval_every": eval_every, "eval_seq_len": eval_seq_len, "max_tokens": max_tokens, "losses": parse_losses(loss),
+        "temperature": temperature, "top_k": top_k, "jsd_beta": jsd_beta, "on_policy": on_policy,
+        "seq_kd": seq_kd, "gen_tokens": gen_tokens, "teacher_cache": _abs_if_path(teacher_cache),
         "hidden_layers": parse_layer_map(hidden_layers) if hidden_layers else None, "projection": projection,
         "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
         "schedule": schedule, "warmup_steps": warmup, "seed": seed, "checkpoint_every": checkpoint_every,
@@ -90,6 +103,10 @@ def distill(
         typer.echo(cfg.to_json(), nl=False)
         return
     check = check_job(cfg)  # vocabularies, widths, layer map, data paths: before anything is created
+    if check.cache_manifest is not None:
+        from surgery.distill.prepare import check_cache_key
+
+        check_cache_key(cfg, check)  # a cache for another teacher, data or k: refused before a job exists
     for w in check.warnings:
         err.print(f"[yellow]warning:[/] {w}")
     if out_dir is not None:
