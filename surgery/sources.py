@@ -221,6 +221,9 @@ def convert_gguf(gguf_path: Path, target: Path, *, progress: Progress = None) ->
         model.eval()
         del gguf_model  # halve peak memory before writing
         model.save_pretrained(tmp)
+        from surgery.export.hf import add_legacy_keys  # lazy: export imports the surgery stack
+
+        add_legacy_keys(tmp / "config.json")  # transformers 4.x readers of the converted directory
         tokenizer.save_pretrained(tmp)
         (tmp / "converted_from.json").write_text(
             json.dumps({"gguf_file": str(gguf_path), "gguf_size": gguf_path.stat().st_size}, indent=1) + "\n",

@@ -26,9 +26,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
               num_key_value_heads=2, initializer_range=0.3, max_position_embeddings=128)
 
 
-def make_config(family: str):
+def make_config(family: str, **overrides):
     if family == "llama":
-        return LlamaConfig(**COMMON, head_dim=16, tie_word_embeddings=True)
+        return LlamaConfig(**{**COMMON, "head_dim": 16, "tie_word_embeddings": True, **overrides})
     if family == "qwen2":
         return Qwen2Config(**COMMON, tie_word_embeddings=False)
     if family == "qwen3":
@@ -47,10 +47,10 @@ def make_config(family: str):
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"]
 
 
-def make_model(family: str, seed: int = 0):
-    """A fresh tiny model in eval mode; the same seed gives the same weights."""
+def make_model(family: str, seed: int = 0, **overrides):
+    """A fresh tiny model in eval mode; the same seed gives the same weights (`overrides`: Llama config fields)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(family), attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_config(make_config(family, **overrides), attn_implementation="eager").eval()
     with torch.no_grad():
         # RMSNorm/LayerNorm weights start at 1 (or 0 for Gemma's 1+w): perturb them so norms are not no-ops.
         for name, p in model.named_parameters():

@@ -9,6 +9,7 @@ kill -9 or a full disk leave no half-written output and never damage an existing
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,39 @@ def loadable_with(config_dict: dict) -> str:
     return "surgery" if config_dict.get(SURGERY_LAYERS_KEY) else "transformers"
 
 
+def legacy_rope_keys(config_dict: dict) -> dict:
+    """`rope_theta` / `rope_scaling` (and Gemma-3's `rope_local_base_freq`) as transformers 4.x reads them.
+
+    Why: transformers 5 writes only `rope_parameters`, and a 4.x reader of such a config silently uses
+    rope_theta = 10000 (the demo's uniform 80% output gave logits off by up to 25 under transformers 4.47).
+    Returns {} when the config has no `rope_parameters`.
+    """
+    params = config_dict.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    legacy = {}
+    if "full_attention" in params or "sliding_attention" in params:  # per layer type (Gemma-3)
+        local = params.get("sliding_attention") or {}
+        if "rope_theta" in local:
+            legacy["rope_local_base_freq"] = local["rope_theta"]
+        params = params.get("full_attention") or {}
+    if "rope_theta" in params:
+        legacy["rope_theta"] = params["rope_theta"]
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        legacy["rope_scaling"] = {**scaling, "rope_type": rope_type, "type": rope_type}  # 4.x reads either name
+    return legacy
+
+
+def add_legacy_keys(config_path: Path) -> None:
+    """Write `legacy_rope_keys` beside `rope_parameters` in a saved config.json (keys already there win)."""
+    cfg = json.loads(config_path.read_text())
+    extra = {k: v for k, v in legacy_rope_keys(cfg).items() if k not in cfg}
+    if extra:
+        config_path.write_text(json.dumps(dict(sorted({**cfg, **extra}.items())), indent=2) + "\n")
+
+
 def save_model_dir(
     model: nn.Module,
     out: str | Path,
@@ -40,18 +74,26 @@ def save_model_dir(
     manifest: dict | None = None,
     overwrite: bool = False,
     max_shard_size: str = "5GB",
+    write_weights: Callable[[Path], str] | None = None,
 ) -> Path:
     """Save `model` (+ tokenizer, + manifest) to `out` atomically; returns `out`.
 
     The manifest dict gets `output.fingerprint` (sha256 of the written safetensors) and `output.loadable_with`
-    filled in, in place.
+    filled in, in place. `write_weights(tmp)`, when given, writes config and weights instead of
+    `model.save_pretrained` and returns their fingerprint (the streaming applier, surgery.stream, hashes as it
+    writes); everything else is shared, so both paths write the same files.
     """
     from surgery.fingerprint import weights_fingerprint
     from surgery.sources import quiet_progress_bars
 
     with atomic_dir(out, overwrite) as tmp:
-        with quiet_progress_bars():
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        fingerprint = None
+        if write_weights is not None:
+            fingerprint = write_weights(tmp)
+        else:
+            with quiet_progress_bars():
+                model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        add_legacy_keys(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # fsync (disk-bound) runs beside the output fingerprint (CPU-bound, reads the page cache): same safety,
@@ -62,7 +104,7 @@ def save_model_dir(
                 cfg = json.loads((tmp / "config.json").read_text())
                 # filled in place so the caller's dict describes what was written
                 manifest.setdefault("output", {}).update(
-                    fingerprint=weights_fingerprint(tmp), loadable_with=loadable_with(cfg)
+                    fingerprint=fingerprint or weights_fingerprint(tmp), loadable_with=loadable_with(cfg)
                 )
                 write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             synced.result()

@@ -4,7 +4,8 @@ to a serving runtime.
 - `--to gguf`: one .gguf file for llama.cpp (`llama-cli -m OUT`, llama-cpp-python, llama-server); architecture
   `llama` when every layer has the same shapes, `deci` when they differ. Tokenizer and chat template inside.
 - `--to vllm`: a directory in vLLM's heterogeneous Llama layout (`DeciLMForCausalLM`, `model_type:
-  nemotron-nas`, per-layer `block_configs`); serve it with `vllm serve OUT` (mlx-lm's `nemotron-nas` reads it too).
+  nemotron-nas`, per-layer `block_configs`); serve it with `vllm serve OUT --trust-remote-code` (the config
+  class ships in the directory; mlx-lm's `nemotron-nas` reads it too).
 
 Whatever a runtime cannot express as it is gets padded exactly (zero heads / zero neurons) or refused; every
 padding is printed with its cost in parameters and FLOPs per token. Nothing is ever changed silently.
@@ -39,7 +40,11 @@ def export(
     """Export a model for a serving runtime (llama.cpp GGUF or vLLM's DeciLM layout), padding exactly or refusing
     what the runtime cannot express, and printing what each padding costs.
 
-    Serve the results with `llama-cli -m OUT.gguf` / `llama-server -m OUT.gguf`, or `vllm serve OUT_DIR`.
+    Serve the results with `llama-cli -m OUT.gguf` / `llama-server -m OUT.gguf`,
+    or `vllm serve OUT_DIR --trust-remote-code`.
+
+    vLLM layout: zero query heads up to hidden/head_dim in every layer that keeps attention,
+    zero neurons up to a multiple of 256, low-rank factors multiplied back (listed in OUT_DIR/surgery-export.json).
     """
     if to is Target.gguf:
         from surgery.export.gguf import export_gguf as exporter
