@@ -240,3 +240,93 @@ def test_kill_after_the_swap_leaves_the_new_output_and_the_next_run_cleans_up(tm
     write_output(out, "third")
     assert label(out) == "third"
     assert not list(tmp_path.glob(".out.*"))
+
+
+# ------------------------------------------------------------------------------------------- items 3, 5, 11 ----
+
+
+def test_plan_that_is_a_device_a_fifo_or_huge_gives_one_line(capsys, tmp_path, model_dir, monkeypatch):
+    import os
+
+    import surgery.jsonfile
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes to it: opening it used to block forever
+    big = tmp_path / "big.json"
+    big.write_text(" " * 2000 + "{}")
+    monkeypatch.setattr(surgery.jsonfile, "MAX_BYTES", 1000)
+    for path, expected in (("/dev/zero", "not a regular file"), (fifo, "is empty"), (big, "larger than")):
+        code, _, err = call(capsys, "apply", path, "--model", model_dir, "--out", tmp_path / "out")
+        assert code == 2, err
+        assert expected in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_from_a_pipe_is_read_once(capsys, tmp_path, model_dir):
+    import os
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, write_plan(tmp_path).read_bytes())
+    os.close(write_end)  # like `<(cat plan.json)`: the bytes can be read only once
+    code, _, err = call(capsys, "apply", f"/dev/fd/{read_end}", "--model", model_dir, "--out", tmp_path / "out")
+    os.close(read_end)
+    assert code == 0, err
+    assert (tmp_path / "out" / "surgery.json").is_file()
+
+
+def test_deeply_nested_plan_gives_one_line(capsys, tmp_path, model_dir):
+    for depth in (200, 5000):
+        path = tmp_path / f"deep{depth}.json"
+        path.write_text('{"version": 1, "steps": [], "provenance": {"x": ' + "[" * depth + "]" * depth + "}}")
+        code, _, err = call(capsys, "plan", "validate", path, "--model", model_dir)
+        assert code == 2, err
+        assert "nested deeper than" in one_error_line(err)
+
+
+def test_repeated_index_is_one_problem_and_the_list_is_capped(capsys, tmp_path, model_dir):
+    plan = write_plan(tmp_path, [{"op": "prune_neurons", "layer": 0, "neurons": [5] * 1_000_000},
+                                 {"op": "prune_neurons", "layer": 1, "neurons": list(range(1000, 2000))},
+                                 {"op": "drop_layers", "layers": [1] * 1000}])
+    code, _, err = call(capsys, "apply", plan, "--model", model_dir, "--out", tmp_path / "out")
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) <= 25, lines[:30]
+    assert sum("neuron 5 listed 1,000,000 times" in line for line in lines) == 1
+    assert any("980 more neurons out of range" in line for line in lines)
+    assert sum("layer 1 listed 1,000 times" in line for line in lines) == 1
+
+
+def test_plan_error_collapses_duplicates_and_caps():
+    from surgery.errors import PlanError
+
+    e = PlanError(["a", "b", "a"] + [f"p{i}" for i in range(500)])
+    assert e.problems[:3] == ["a", "b", "p0"]
+    assert len(e.problems) == PlanError.SHOWN + 1 and "more problem(s) not shown" in e.problems[-1]
+
+
+@pytest.mark.parametrize("bad", ['"0"', "true", "1.0"])
+def test_plan_indices_must_be_json_integers(capsys, tmp_path, model_dir, bad):
+    path = tmp_path / "plan.json"
+    path.write_text('{"version": 1, "steps": [{"op": "prune_neurons", "layer": 0, "neurons": [%s]}]}' % bad)
+    code, _, err = call(capsys, "apply", path, "--model", model_dir, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert "neurons[0]: Input should be a valid integer" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------- item 8 ----
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["score", "model-dir"], "'--out'"),
+    (["distill"], "'--teacher'"),
+    (["apply"], "'plan_file'"),
+    (["inspect", "--bogus", "x"], "--bogus"),
+    (["no-such-command"], "'no-such-command'"),
+])
+def test_usage_errors_show_usage_and_exit_2(capsys, argv, flag):
+    code, _, err = call(capsys, *argv)
+    assert code == 2, err
+    assert err.startswith("Usage: workbench"), err
+    assert flag in err.splitlines()[-1]
+    assert "internal error" not in err
