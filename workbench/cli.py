@@ -9,8 +9,8 @@ import os
 import sys
 import traceback
 
-import click
 import typer
+from typer import TyperException
 
 from surgery.errors import PlanError, UserError
 from workbench.commands import apply as apply_cmd
@@ -82,12 +82,17 @@ def run(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except TyperException as exc:
+        # typer (0.29+) raises its own vendored click's exceptions, not click's: a usage error shows the usage
+        # line and the flag names, exit 2
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            print(f"error: {exc.format_message()}", file=sys.stderr)
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence
