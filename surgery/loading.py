@@ -28,9 +28,11 @@ from surgery.sources import (
 _DTYPES: dict[str, torch.dtype | None] = {
     "float32": torch.float32,
     "fp32": torch.float32,
+    "f32": torch.float32,
     "float": torch.float32,
     "float16": torch.float16,
     "fp16": torch.float16,
+    "f16": torch.float16,
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,

@@ -94,7 +94,12 @@ def test_compare_one_table_as_text_markdown_and_json(capsys, models, tmp_path):
     code, out, err = call(capsys, *argv, "--json")
     assert code == 0, err
     table = json.loads(out)
-    assert table["columns"] == [str(models["base"]), str(models["pruned"])]
+    # short distinct names for the columns, the paths and the data in the legend (issue 16, item 11)
+    assert table["columns"] == [models["base"].name, models["pruned"].name]
+    assert f"{models['base'].name} = {models['base']}" in table["notes"]
+    assert any(n.startswith("data: ") and " tokens (" in n for n in table["notes"])
+    rows = {r["name"]: r for r in table["rows"]}
+    assert rows["bytes on disk"]["cells"][0]["text"] and rows["bytes as checkpoint"]["cells"][1]["delta"] < 0
     rows = {r["name"]: r for r in table["rows"]}
     ppl = rows["perplexity"]["cells"]
     assert ppl[1]["delta"] == pytest.approx((ppl[1]["value"] - ppl[0]["value"]) / ppl[0]["value"])
@@ -106,7 +111,7 @@ def test_compare_one_table_as_text_markdown_and_json(capsys, models, tmp_path):
     code, out, _ = call(capsys, *argv, "--markdown")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0] == f"| metric | {models['base']} | {models['pruned']} |"
+    assert lines[0] == f"| metric | {models['base'].name} | {models['pruned'].name} |"
     assert any(line.startswith("| KL(teacher\\|\\|model) | 0.0000 nats |") for line in lines)
 
     code, out, _ = call(capsys, *argv)

@@ -253,7 +253,7 @@ def test_size_metrics_count_the_loaded_parameters(tmp_path):
     model = make_model("qwen2")
     assert rec.metric("params").value == sum(p.numel() for p in model.parameters())
     assert rec.metric("bytes on disk").value == (src / "model.safetensors").stat().st_size
-    assert rec.settings == {"context": 128}  # the tiny model's limit is below the 2048 default
+    assert rec.settings == {"context": 128, "rows": 2}  # the tiny model's limit is below the 2048 default
 
 
 # ------------------------------------------------------------------------------------------------ table ----
@@ -293,7 +293,27 @@ def test_comparison_marks_skipped_metrics():
     comp = build_comparison([a, b])
     row = next(r for r in comp.rows if r.kind == "agreement")
     assert row.cells[1].text == "skipped" and row.cells[1].mark == "skipped"
-    assert comp.notes == ["b: teacher t has a vocabulary of 100 tokens"]
+    assert comp.notes == ["data: t, 2 x 8 = 16 tokens (d)", "b: teacher t has a vocabulary of 100 tokens"]
+
+
+def test_columns_get_short_distinct_names_and_sizes_in_other_formats_no_delta():
+    from surgery.metrics.table import short_labels
+
+    assert short_labels(["/home/u/.cache/workbench/models/smollm2-135m-q4_1", "/w/work/smollm2-a/",
+                         "/w/other/smollm2-a"]) == ["smollm2-135m-q4_1", "work/smollm2-a", "other/smollm2-a"]
+    evals = []
+    for label, fmt, value in (("/c/base", "gguf Q4_1", 98), ("/w/out", "safetensors F32", 430)):
+        rec = EvalRecord(kind="size", key=f"sha256:{label}", model=ModelRef(source=label, fingerprint="sha256:x"),
+                         metrics=[Metric(name="bytes on disk", value=value, unit="bytes", better="lower", note=fmt),
+                                  Metric(name="bytes as checkpoint", value=value * 5 if fmt[0] == "g" else value,
+                                         unit="bytes", better="lower", note="safetensors F32")])
+        evals.append(ModelEval(label, rec.model, [rec]))
+    comp = build_comparison(evals)
+    on_disk, checkpoint = comp.rows
+    assert on_disk.cells[1].mark == MARK_DATA and on_disk.cells[1].delta is None  # 4-bit vs float32: no delta
+    assert checkpoint.cells[1].delta == pytest.approx(430 / 490 - 1)  # like with like
+    assert comp.columns == ["base", "out"] and "base = /c/base" in comp.notes
+    assert any("gguf Q4_1" in n and "no delta" in n for n in comp.notes)
 
 
 # ------------------------------------------------------------------------------------------------ lm-eval ----
@@ -330,3 +350,24 @@ def test_lm_eval_missing_is_a_clear_user_error(monkeypatch):
     monkeypatch.setattr("surgery.metrics.lm_eval_tasks.lm_eval_available", lambda: False)
     with pytest.raises(UserError, match="pip install lm-eval"):
         run_tasks(object(), tiny_tokenizer(), ["hellaswag"])
+
+
+def test_noisy_timings_are_marked_and_measured_again_instead_of_reused(tmp_path):
+    from surgery.metrics.runner import add_record
+
+    comp = build_comparison([_eval("a", 10.0, spread=0.1), _eval("b", 10.0, spread=4.0)])
+    speed = next(r for r in comp.rows if r.kind == "speed")
+    assert not speed.cells[0].text.startswith("~") and speed.cells[1].text.startswith("~")
+    assert any(n.startswith("~ b: decode b=1") and "noisy" in n for n in comp.notes)
+
+    store, calls = RecordStore(tmp_path), []
+
+    def compute(kind):
+        calls.append(kind)
+        spread = 5.0 if len(calls) == 1 else 0.2  # a busy machine first, then a steady one
+        return [Metric(name="decode b=1", value=10.0, unit="tokens/s", better="higher", spread=spread)], {}
+
+    for _ in range(3):
+        result = ModelEval("m", ModelRef(source="m", fingerprint="sha256:m"), [])
+        add_record("speed", {"settings": {}}, result, store, False, None, compute)
+    assert len(calls) == 2  # the noisy record was not reused; the steady one was

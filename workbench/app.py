@@ -361,7 +361,7 @@ class WorkbenchApp(App):
         from surgery.jobs.status import job_status
         from surgery.jobs.store import list_jobs
 
-        sources = [self.model_path or self.source]
+        sources = [self.source]  # as the user named it: a short column name, not the cache path it resolves to
         if self.last_export:
             sources.append(self.last_export)
         for job in list_jobs(self.jobs_root()):

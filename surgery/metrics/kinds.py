@@ -48,7 +48,10 @@ def compute_kind(kind, settings, resolved, loaded, blocks, teacher, seq_len, lab
         return [
             Metric(name="params", value=s.params_total, unit="params", better="lower"),
             Metric(name="params (non-embedding)", value=s.params_non_embedding, unit="params", better="lower"),
-            Metric(name="bytes on disk", value=s.bytes_on_disk, unit="bytes", better="lower"),
+            Metric(name="bytes on disk", value=s.bytes_on_disk, unit="bytes", better="lower", note=s.format),
+            # like with like: the checkpoint the model runs from (a GGUF's dequantized conversion)
+            Metric(name="bytes as checkpoint", value=s.bytes_checkpoint, unit="bytes", better="lower",
+                   note=s.checkpoint_format),
             Metric(name=f"FLOPs/token @{seq_len}", value=s.flops_per_token, unit="FLOPs", better="lower"),
         ], {}
     if kind == "perplexity":

@@ -66,6 +66,9 @@ class RecDataRef(_Strict):
     interactions: int
 
 
+NOISY = 0.15  # spread / value above which a timing is too unsteady to stand for the model
+
+
 class Metric(_Strict):
     """One number (or text) of a record.
 
@@ -80,6 +83,12 @@ class Metric(_Strict):
     spread: float | None = None
     samples: list[float] | None = None
     note: str | None = None
+
+    def is_noisy(self) -> bool:
+        """A timed number whose spread is over NOISY of its value (a busy machine): shown marked, never reused."""
+        if self.spread is None or isinstance(self.value, (str, bool)) or not self.value:
+            return False
+        return self.spread / abs(float(self.value)) > NOISY
 
 
 class EvalRecord(_Strict):

@@ -9,14 +9,17 @@ here:
   prepared split (a first column without rec metrics, a plain language model, marks nothing);
 - a metric that was asked for but skipped (a teacher with another vocabulary) shows "skipped", with the reason in
   the notes;
-- a timed metric whose difference is within the two spreads is "same" (noise), not better or worse.
+- a timed metric whose difference is within the two spreads is "same" (noise), not better or worse; one whose
+  spread is over 15% of its value is shown as "~value" with a note (and is measured again rather than reused);
+- a size in another format than the first column's (a Q4_1 GGUF against float32 safetensors) is marked and gets
+  no delta: "bytes as checkpoint" and "params" are the like-with-like rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from surgery.metrics.records import DATA_KINDS, KINDS, EvalRecord, Metric
+from surgery.metrics.records import DATA_KINDS, KINDS, NOISY, EvalRecord, Metric
 
 MARK_DATA = "†"
 _SAME = 0.005  # relative changes below half a percent are shown as unchanged
@@ -160,8 +163,9 @@ def build_comparison(evals: list) -> Comparison:
     Returns:
         The Comparison (rows in KINDS order, then in the order metrics appear).
     """
-    labels = _unique([e.label for e in evals])
+    labels = short_labels([e.label for e in evals])
     comp = Comparison(columns=labels, models=[{"label": lab, **e.model.model_dump()} for lab, e in zip(labels, evals)])
+    comp.notes += legend(labels, [e.label for e in evals], evals)
     by_col: list[dict[tuple[str, str], tuple[EvalRecord, Metric]]] = []
     order: list[tuple[str, str]] = []
     for e in evals:
@@ -185,9 +189,17 @@ def build_comparison(evals: list) -> Comparison:
                 continue
             rec, m = col[(kind, name)]
             cell = Cell(m.value, format_value(m.value, m.unit, m.spread), reused=rec.key in e.reused)
+            if m.is_noisy():
+                cell.text = "~" + cell.text
+                comp.notes.append(f"~ {labels[i]}: {name} {cell.text[1:]} swings more than {NOISY:.0%} between "
+                                  "repeats (a busy machine?): noisy; measured again next time, not reused")
             if i > 0 and kind in DATA_KINDS and _other_data(kind, base, rec):
                 cell.mark = MARK_DATA
                 data_note_cols.add((i, kind == "rec"))
+            elif i > 0 and kind == "size" and base is not None and m.note and base[1].note and m.note != base[1].note:
+                cell.mark = MARK_DATA  # a 4-bit GGUF against float32 safetensors: bytes, but not like with like
+                comp.notes.append(f"{MARK_DATA} {labels[i]}: {name} is {m.note}, {labels[0]}'s is {base[1].note}: "
+                                  "other formats, no delta (see 'bytes as checkpoint' and 'params')")
             elif i > 0 and base is not None and _numeric(m.value) and _numeric(base[1].value) and base[1].value:
                 cell.delta = (float(m.value) - float(base[1].value)) / abs(float(base[1].value))
                 cell.verdict = _verdict(base[1], m, cell.delta)
@@ -231,6 +243,34 @@ def _data_note(label: str, col: dict, base_col: dict, base_label: str, is_rec: b
                 f"{fp(base_col)}): not comparable, no delta")
     return (f"{MARK_DATA} {label}: measured on other tokens than {base_label} (data {fp(col)} vs {fp(base_col)}; "
             "a different tokenizer or other blocks): not comparable, no delta")
+
+
+def short_labels(sources: list[str]) -> list[str]:
+    """A short, distinct column name per model: the last path component, with as many parent components as it
+    takes to tell two apart (`work/smollm2-a`, `other/smollm2-a`); the full paths go in the legend."""
+    parts = [[p for p in s.replace("\\", "/").rstrip("/").split("/") if p] or [s] for s in sources]
+    depth = [1] * len(parts)
+    for _ in range(max((len(p) for p in parts), default=1)):
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clash = {n for n in names if names.count(n) > 1}
+        if not clash:
+            break
+        depth = [d + 1 if n in clash and d < len(p) else d for n, d, p in zip(names, depth, parts)]
+    return _unique(["/".join(p[-d:]) for p, d in zip(parts, depth)])
+
+
+def legend(labels: list[str], sources: list[str], evals: list) -> list[str]:
+    """Under the table: which column is which model (when shortened) and which tokens the data rows used."""
+    lines = [f"{lab} = {src}" for lab, src in zip(labels, sources) if lab != src]
+    seen = set()
+    for lab, e in zip(labels, evals):
+        for rec in e.records:
+            d = rec.data
+            if rec.kind in DATA_KINDS and rec.kind != "rec" and d is not None and d.fingerprint not in seen:
+                seen.add(d.fingerprint)
+                lines.append(f"data: {d.source}, {d.blocks} x {d.seq_len} = {d.tokens:,} tokens "
+                             f"({d.fingerprint.removeprefix('sha256:')[:12]})")
+    return lines
 
 
 def _unique(labels: list[str]) -> list[str]:

@@ -92,8 +92,8 @@ class CompareScreen(Screen):
         headline: dict[str, list[float | None]] = {}
         for row in comparison.rows:
             table.add_row(row.name, *(cell_text(c, with_delta=True) for c in row.cells))
-            if row.name in ("params", "perplexity", "bytes on disk"):
+            if row.name in ("params", "perplexity", "bytes as checkpoint"):  # like with like (see table.py)
                 headline[row.name] = [c.value if isinstance(c.value, (int, float)) else None for c in row.cells]
         self.query_one("#bars", Static).update(headline_bars(comparison.columns, headline))
-        notes = "; ".join(comparison.notes)
-        self.query_one("#compare-info", Static).update(f"{len(comparison.columns)} model(s)" + (f" · {notes}" if notes else ""))
+        notes = "\n".join(comparison.notes)  # the legend: which column is which path, which tokens
+        self.query_one("#compare-info", Static).update(f"{len(comparison.columns)} model(s)" + (f"\n{notes}" if notes else ""))
