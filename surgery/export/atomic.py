@@ -217,3 +217,41 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         os.replace(aside, out)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+def check_output_file(out: Path, overwrite: bool = False) -> None:
+    """Fail early (before any heavy work) when the single file `out` cannot be written or would clobber something."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"output path is a directory, not a file: {out}")
+    if out.exists() and not overwrite:
+        raise UserError(f"output file exists: {out} (pass --overwrite to replace it)")
+    parent = out.absolute().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create {out}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {parent}: permission denied")
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `out` to write; on success it is fsynced and renamed onto `out`
+    (os.replace: readers see the old file or the new one, never a torn one), on any error it is removed.
+
+    Raises:
+        UserError: `out` is a directory, or exists without `overwrite`, or cannot be written.
+    """
+    out = Path(out)
+    check_output_file(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(out)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
