@@ -227,3 +227,41 @@ def test_bad_recipe_values_exit_2_and_create_nothing(capsys, tmp_path, env, flag
                         env / "data.txt", "--seq-len", 24, "--jobs-dir", tmp_path / "jobs", *flags)
     assert code == 2 and message in one_error_line(err)
     assert not (tmp_path / "jobs").exists() or list_jobs(tmp_path / "jobs") == []
+
+
+# ---------------------------------------------------------------- the whole recipe in one command
+
+
+def test_compress_scores_cuts_reconstructs_redistils_and_records_each_stage(capsys, tmp_path, env):
+    out = tmp_path / "compressed"
+    base = ["compress", env / "teacher", "--target-params", 0.8, "--data", env / "data.txt", "--seq-len", 24,
+            "--batch-size", 2, "--calib-tokens", 960, "--calib-seq-len", 48, "--eval-data", env / "data.txt",
+            "--eval-tokens", 240, "--eval-seq-len", 24, "--jobs-dir", tmp_path / "jobs"]
+    code, _, err = call(capsys, *base, "--tokens", 10, "--out", out)
+    assert code == 2 and "less than one redistillation step" in one_error_line(err)
+    assert not out.exists() and not any((tmp_path / "jobs").glob("*"))
+
+    code, stdout, err = call(capsys, *base, "--tokens", 144, "--out", out, "--json")
+    assert code == 0, err
+    record = json.loads((out / "pipeline.json").read_text())
+    assert json.loads(stdout) == record
+    assert [s["stage"] for s in record["stages"]] == ["prune", "redistill"]
+    before = record["metrics"]["before"]
+    cut, final = record["stages"][0]["after"], record["stages"][1]["after"]
+    assert 0.75 < cut["params"] / before["params"] < 0.85 and final["params"] == cut["params"]
+    # a random tiny teacher: no quality ordering to expect, but each stage is measured on the same tokens
+    assert before["eval_data"]["fingerprint"] == cut["eval_data"]["fingerprint"] == final["eval_data"]["fingerprint"]
+    assert len({before["perplexity"], cut["perplexity"], final["perplexity"]}) == 3
+    assert all(s["wall_s"] >= 0 for s in record["stages"])
+    assert record["prelude"]["score"]["tokens"] == 960 and record["prelude"]["suggest"]["reconstruct"]
+    pipeline = record["pipeline"]
+    assert pipeline["stages"][0]["steps"][-1]["op"] == "reconstruct" and pipeline["stages"][0]["calibration"]
+    assert pipeline["stages"][1]["job"]["steps"] == 144 // 48
+    # the generated pipeline replays byte for byte
+    replay_file = tmp_path / "replay.json"
+    replay_file.write_text(json.dumps(pipeline))
+    code, _, err = call(capsys, "jobs", "pipeline", replay_file, "--out", tmp_path / "replay",
+                        "--jobs-dir", tmp_path / "jobs2")
+    assert code == 0, err
+    for f in out.glob("*.safetensors"):
+        assert (tmp_path / "replay" / f.name).read_bytes() == f.read_bytes()

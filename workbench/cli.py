@@ -15,6 +15,7 @@ from typer import TyperException
 from surgery.errors import PlanError, UserError
 from workbench.commands import apply as apply_cmd
 from workbench.commands import compare as compare_cmd
+from workbench.commands import compress as compress_cmd
 from workbench.commands import evaluate as evaluate_cmd
 from workbench.commands import export as export_cmd
 from workbench.commands import inspect as inspect_cmd
@@ -52,6 +53,7 @@ app.command("export")(export_cmd.export)
 app.command("eval")(evaluate_cmd.evaluate)
 app.command("compare")(compare_cmd.compare)
 app.command("distill")(jobs_cmd.distill)
+app.command("compress")(compress_cmd.compress)
 app.add_typer(jobs_cmd.app, name="jobs")
 app.command("open")(sessions_cmd.open_session)
 app.add_typer(sessions_cmd.app, name="sessions")
@@ -95,6 +97,16 @@ def run(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if _debug():
+            traceback.print_exc()
+        if exc.filename is None:  # not about a path the user or the environment gave: treat as a bug
+            print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        # the environment, not a bug: a full disk, a read-only or unreadable path, a name too long
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        print(f"error: {exc.strerror or type(exc).__name__}: {where}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         if _debug():
             traceback.print_exc()

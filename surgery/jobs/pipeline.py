@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from surgery.errors import UserError
-from surgery.plan import ModelRef, Step
+from surgery.plan import Calibration, ModelRef, Step
 
 PIPELINE_VERSION = 1
 RECORD = "pipeline.json"
@@ -62,6 +62,8 @@ class DistillStage(_Strict):
 class PruneStage(_Strict):
     stage: Literal["prune"]
     steps: list[Step] = Field(min_length=1)
+    calibration: Calibration | None = Field(default=None, description="calibration text of data-driven steps "
+                                            "(reconstruct, whitened low_rank), as in a plan file")
 
 
 class RedistillStage(_Strict):
@@ -210,11 +212,14 @@ def _metrics(source: str, spec: EvalSpec | None, tokenizer_source: str) -> dict:
 
 
 def run_pipeline(pipeline: Pipeline, out: str | Path, *, jobs_root: Path, overwrite: bool = False,
-                 progress=None) -> dict:
+                 progress=None, prelude: dict | None = None) -> dict:
     """Run every stage in order and write the final model + pipeline.json to `out` (atomically).
 
     Intermediate models stay in `<jobs_root>/pipeline-<id>/stage-<i>-<name>/` for inspection; each training stage
-    is a job in `jobs_root`. Returns the record written to `out/pipeline.json`.
+    is a job in `jobs_root`. Each stage's record gets its wall time and, with an `eval` spec, the metrics of its
+    output (`after`; the previous stage's `after`, or the base model's, is its before). `prelude` (what a front
+    end did before the pipeline, e.g. `workbench compress`'s scoring) is stored as is. Returns the record
+    written to `out/pipeline.json`.
 
     Raises:
         UserError: Bad input in any stage (found before the stage starts), or a failed training stage.
@@ -237,32 +242,44 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, *, jobs_root: Path, overwr
 
     work = Path(jobs_root) / new_job_id("pipeline")
     work.mkdir(parents=True)
+    import time
+
     current, stages = base, []
+    say("measuring the base model")
+    before = _metrics(str(resolved.path), pipeline.eval, base)
     for i, stage in enumerate(pipeline.stages):
         target = work / f"stage-{i}-{stage.stage}"
         say(f"stage {i}: {stage.stage}")
+        t0 = time.perf_counter()
         if stage.stage == "prune":
-            plan = parse_plan({"version": 1, "steps": [s.model_dump(mode="json") for s in stage.steps]})
-            apply_to_source(plan, target, current, overwrite=True, dtype="float32")
-            stages.append({"stage": "prune", "input": current, "output": str(target), "steps": len(stage.steps)})
-            current = str(target)
-            continue
-        teacher = {"base": base, "current": current}.get(stage.teacher, stage.teacher)
-        if stage.stage == "distill":
-            student = _make_student(stage.student, teacher, work / f"stage-{i}-student-init", pipeline.seed + i)
+            doc = {"version": 1, "steps": [s.model_dump(mode="json", exclude_none=True) for s in stage.steps]}
+            if stage.calibration is not None:
+                doc["calibration"] = stage.calibration.model_dump(mode="json", exclude_none=True)
+            apply_to_source(parse_plan(doc), target, current, overwrite=True, dtype="float32")
+            entry = {"stage": "prune", "input": current, "output": str(target), "steps": len(stage.steps)}
         else:
-            student = current
-        stages.append({"stage": stage.stage, **_train(pipeline, stage, i, teacher, student, target, Path(jobs_root))})
+            teacher = {"base": base, "current": current}.get(stage.teacher, stage.teacher)
+            if stage.stage == "distill":
+                student = _make_student(stage.student, teacher, work / f"stage-{i}-student-init",
+                                        pipeline.seed + i)
+            else:
+                student = current
+            entry = {"stage": stage.stage, **_train(pipeline, stage, i, teacher, student, target, Path(jobs_root))}
+        entry["wall_s"] = round(time.perf_counter() - t0, 1)
         current = str(target)
-    say("measuring before / after")
+        if pipeline.eval is not None or i == len(pipeline.stages) - 1:
+            say(f"measuring stage {i}")
+            entry["after"] = _metrics(current, pipeline.eval, base)
+        stages.append(entry)
     record = {
         "version": 1,
         "pipeline": pipeline.model_dump(mode="json", exclude_none=True),
         "base": {"source": base, "fingerprint": fingerprint},
         "stages": stages,
-        "metrics": {"before": _metrics(str(resolved.path), pipeline.eval, base),
-                    "after": _metrics(current, pipeline.eval, base)},
+        "metrics": {"before": before, "after": stages[-1]["after"]},
     }
+    if prelude is not None:
+        record["prelude"] = prelude
     _publish(Path(current), out, record)
     return record
 

@@ -1,0 +1,131 @@
+"""The whole recipe in one call (`workbench compress`): score -> suggest -> [reconstruct] -> prune -> redistill ->
+evaluate, on a model and a parameter budget.
+
+Scoring and the suggestion run here (their outputs are inputs of the plan); everything after them is an ordinary
+pipeline file (`surgery.jobs.pipeline`): a `prune` stage carrying the suggested steps (and, with reconstruction,
+the calibration block and the `reconstruct` step) and a `redistill` stage, a resumable job like any other. The
+output directory gets the final model and `pipeline.json` with each stage's wall time and before/after metrics,
+the scoring and suggestion in its `prelude`, and the generated pipeline itself, so
+`workbench jobs pipeline` can replay it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgery.errors import UserError
+
+# the measured defaults (docs/benchmarks.md, scoring): gradient head scores for non-uniform plans, Taylor neurons
+SCORE_METHODS = "head-grad,head-delta,neuron-taylor"
+
+
+@dataclass
+class CompressOptions:
+    """What `compress` does besides the source and target (the CLI flags, one for one)."""
+
+    data: str
+    tokens: int
+    eval_data: str | None = None
+    eval_tokens: int | None = None
+    eval_seq_len: int = 2048
+    calib_tokens: int = 8192
+    calib_seq_len: int = 256
+    non_uniform: bool = False
+    reconstruct: bool = True
+    seq_len: int = 512
+    batch_size: int = 2
+    lr: float = 2e-4
+    losses: dict[str, float] = field(default_factory=lambda: {"kl": 1.0, "ce": 0.1})
+    device: str = "cpu"
+    seed: int = 0
+
+
+def redistill_steps(opts: CompressOptions) -> int:
+    """Optimizer steps that spend the --tokens budget (whole steps of batch_size x seq_len tokens)."""
+    per_step = opts.seq_len * opts.batch_size
+    if opts.tokens < per_step:
+        raise UserError(f"--tokens {opts.tokens} is less than one redistillation step ({opts.batch_size} x "
+                        f"{opts.seq_len} = {per_step} tokens)")
+    return opts.tokens // per_step
+
+
+def build_pipeline(source: str, plan, opts: CompressOptions) -> dict:
+    """The pipeline document of the recipe after the suggestion: prune (+ reconstruct) then redistill."""
+    steps = redistill_steps(opts)
+    prune = {"stage": "prune", "steps": [s.model_dump(mode="json", exclude_none=True) for s in plan.steps]}
+    if plan.calibration is not None:
+        prune["calibration"] = plan.calibration.model_dump(mode="json", exclude_none=True)
+    job = {"steps": steps, "losses": opts.losses, "schedule": "cosine", "warmup_steps": min(3, steps // 10),
+           "lr": opts.lr, "checkpoint_every": max(1, steps // 4)}
+    doc = {"version": 1, "kind": "pipeline", "model": plan.model.model_dump(mode="json", exclude_none=True)
+           if plan.model else {"source": source}, "seed": opts.seed,
+           "defaults": {"data": opts.data, "seq_len": opts.seq_len, "batch_size": opts.batch_size,
+                        "device": opts.device},
+           "stages": [prune, {"stage": "redistill", "job": job}]}
+    if opts.eval_data:
+        doc["eval"] = {"data": opts.eval_data, "tokens": opts.eval_tokens, "seq_len": opts.eval_seq_len}
+    return doc
+
+
+def compress(source: str, target_params: float, out: str | Path, opts: CompressOptions, *, jobs_root: Path,
+             overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the recipe; returns the record written to `out/pipeline.json`.
+
+    Raises:
+        UserError: Bad input (found before the scoring starts where it can be: the output directory, the data
+            files, the budget), or a failed stage.
+    """
+    from surgery.export import check_output_dir
+    from surgery.importance.pipeline import score_source
+    from surgery.importance.scorefile import save_scores
+    from surgery.jobs.pipeline import parse_pipeline, run_pipeline
+    from surgery.jobs.store import new_job_id
+    from surgery.plan import Reconstruct
+    from surgery.suggest import Target, suggest_for_source
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    if not 0 < target_params < 1:
+        raise UserError(f"--target-params {target_params}: the fraction of parameters kept, strictly between 0 and 1")
+    for name, path in (("--data", opts.data), ("--eval-data", opts.eval_data)):
+        if path and not path.startswith("hf:") and not Path(path).expanduser().is_file():
+            raise UserError(f"{name}: no such file: {path}")
+    redistill_steps(opts)  # a budget below one step is refused before anything runs
+    say = progress or (lambda _m: None)
+    work = Path(jobs_root) / new_job_id("compress")
+    work.mkdir(parents=True)
+    prelude: dict = {"work": str(work), "target_params": target_params}
+
+    t0 = time.perf_counter()
+    say("scoring")
+    scores = score_source(source, opts.data, SCORE_METHODS, tokens=opts.calib_tokens, seq_len=opts.calib_seq_len,
+                          device=opts.device, status=say)
+    score_path = save_scores(work / "scores.safetensors", scores)
+    prelude["score"] = {"methods": SCORE_METHODS, "file": str(score_path), "tokens": scores.meta.tokens,
+                        "data_fingerprint": scores.meta.data_fingerprint, "wall_s": round(time.perf_counter() - t0, 1)}
+
+    t0 = time.perf_counter()
+    say("suggesting a plan")
+    s = suggest_for_source(source, [score_path], Target(params=target_params), uniform=not opts.non_uniform,
+                           progress=say)
+    plan = s.plan
+    if opts.reconstruct:
+        from surgery.reconstruct import calibrate_for_source
+
+        say("adding the reconstruction step")
+        plan = calibrate_for_source(plan, opts.data, tokens=opts.calib_tokens, seq_len=opts.calib_seq_len,
+                                    reconstruct=Reconstruct(op="reconstruct"))
+    plan.save(work / "plan.json")
+    prelude["suggest"] = {"plan": str(work / "plan.json"), "params_before": s.params_before,
+                          "params_after": s.params_after, "uniform": not opts.non_uniform,
+                          "reconstruct": opts.reconstruct, "wall_s": round(time.perf_counter() - t0, 1)}
+
+    doc = build_pipeline(source, plan, opts)
+    (work / "pipeline.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    pipeline = parse_pipeline(doc, "the compress pipeline")
+    return run_pipeline(pipeline, out, jobs_root=Path(jobs_root), overwrite=overwrite, progress=say,
+                        prelude=prelude)
