@@ -76,6 +76,7 @@ class Target:
     layers: Amount | None = None
     low_rank: tuple[str, ...] | None = None
     rank_keep: float | None = None
+    serve: str | None = None  # "llama.cpp" / "vllm": only shapes that runtime runs without padding
 
     def describe(self) -> dict:
         def text(v):
@@ -153,7 +154,12 @@ def suggest_plan(
     skeleton = meta_model(config_dict)
     layout = model_layout(skeleton)
     costs = layer_costs(layout, count_params(skeleton))
-    alloc = Allocator(layout, costs, merged, target, uniform, metrics or {})
+    rules = None
+    if target.serve is not None:
+        from surgery.export.runtimes import serve_rules
+
+        rules = serve_rules(target.serve, shape_from_config(config_dict), config_dict, uniform)
+    alloc = Allocator(layout, costs, merged, target, uniform, metrics or {}, rules=rules)
     steps = alloc.run()
     provenance = {
         "tool": "workbench plan suggest",
@@ -168,12 +174,23 @@ def suggest_plan(
         resolution = resolve_plan(plan, shape_from_config(config_dict))
     except PlanError as exc:  # ours, not the user's: never hand out a plan that does not validate
         raise RuntimeError(f"plan suggest built an invalid plan: {exc}") from None
+    if rules is not None:
+        _check_serves_unpadded(resolution, config_dict, rules.runtime)
     e = estimate(config_dict, resolution)  # exact counts from a meta-device model
     before, after = e.params_before, e.params_after
     target_params = round(before * target.params) if target.params is not None else None
     provenance["params"] = {"before": before, "after": after, "target": target_params}
     plan = plan.model_copy(update={"provenance": provenance})
     return Suggestion(plan, before, after, target_params, alloc.granularity, alloc.summary)
+
+
+def _check_serves_unpadded(resolution, config_dict: dict, runtime: str) -> None:
+    """Never hand out a `--serve` plan whose export would pad (that would be our bug, not the user's)."""
+    from surgery.export.runtimes import runtime_fits, shape_after
+
+    fit = next(f for f in runtime_fits(shape_after(resolution), config_dict) if f.runtime == runtime)
+    if not fit.runs or fit.adjustments:
+        raise RuntimeError(f"plan suggest --serve {runtime} built a plan its export would pad: {fit.line()}")
 
 
 def _describe(f: ScoreFile) -> dict:

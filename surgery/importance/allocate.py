@@ -145,8 +145,9 @@ class Allocator:
     """
 
     def __init__(self, layout: ModelLayout, costs: Costs, scores: ScoreFile, target, uniform: bool,
-                 metrics: dict[str, str | None]):
+                 metrics: dict[str, str | None], rules=None):
         self.layout, self.costs, self.scores, self.target, self.uniform = layout, costs, scores, target, uniform
+        self.rules = rules  # surgery.export.runtimes.ServeRules: only shapes that runtime runs without padding
         self.wanted = metrics
         self.used: dict[str, str] = {}
         self.summary: dict = {}
@@ -194,7 +195,7 @@ class Allocator:
     def _choose_heads(self, budget: float, unit: str, cap: float) -> None:
         """Remove heads so the amount (`unit`: "heads" or "params") is closest to `budget`, params <= `cap`."""
         sites = self._head_sites()
-        if not sites or budget <= 0:
+        if not sites or budget <= 0 or (self.rules and not self.rules.cut_heads):
             return
         metric = self._metric("heads")
         per_layer = []
@@ -230,6 +231,9 @@ class Allocator:
     def _choose_ranks(self) -> None:
         """low_rank steps for the Linears the target names (`low_rank`), at the rank keeping `rank_keep`."""
         t = self.target
+        if self.rules:
+            raise UserError(f"--serve {self.rules.runtime} with --low-rank: the export would multiply the factors "
+                            "back into dense weights (more parameters than the plan promises); drop one")
         kept = [s for s in self.layout.layers if s.index not in self.dropped]
         metric = self._metric("ranks")
         self.ranks = choose_ranks(self.layout, kept, t.low_rank, t.rank_keep,
@@ -244,7 +248,10 @@ class Allocator:
         metric = self._metric("neurons")
         scores = {s.index: scores_for(self.scores, s.mlp_path, metric, s.width) for s in sites}
         cost = {s.index: (1 if unit == "neurons" else self.costs.neuron[s.index]) for s in sites}
-        if self.uniform:
+        grain = self.rules.neuron_grain if self.rules else 1
+        if grain > 1:
+            self._choose_neuron_blocks(sites, scores, cost, budget, grain)
+        elif self.uniform:
             step = sum(cost.values())
             per = round(budget / step)
             most = min(s.width for s in sites) - 1
@@ -274,6 +281,44 @@ class Allocator:
                 self.neurons[layer].sort()
             self.granularity = max(self.costs.neuron[s.index] for s in sites)
         self.removed += sum(len(v) * self.costs.neuron[i] for i, v in self.neurons.items())
+
+    def _choose_neuron_blocks(self, sites, scores, cost, budget: float, grain: int) -> None:
+        """Neurons in blocks of `grain` (a runtime's width grid): every kept width a multiple of `grain`, >= grain.
+
+        A layer's blocks are its lowest-scored neurons in order: first the off-grid remainder (width % grain,
+        always removed, else the export pads it back), then whole blocks. Uniform: the same number of blocks in
+        every layer; non-uniform: blocks by mean score, lowest first, while they bring the total closer to budget.
+        """
+        blocks = []  # (mean score, layer, neurons)
+        for s in sites:
+            order = torch.argsort(scores[s.index], stable=True).tolist()
+            rest = s.width % grain
+            if s.width - rest < grain:
+                continue  # narrower than one block: nothing it can lose and stay on the grid
+            if rest:
+                self.neurons[s.index] = sorted(order[:rest])
+            for b in range((s.width - rest) // grain - 1):  # every layer keeps at least one block
+                chunk = order[rest + b * grain: rest + (b + 1) * grain]
+                blocks.append((float(scores[s.index][chunk].mean()), b, s.index, chunk))
+        total = sum(len(v) * cost[i] for i, v in self.neurons.items())
+        if self.uniform:
+            per_block = sum(grain * cost[s.index] for s in sites)
+            count = max(0, round((budget - total) / per_block)) if per_block else 0
+            chosen = [blk for blk in blocks if blk[1] < count]
+        else:
+            chosen = []
+            # by mean score alone: a layer's later blocks hold higher scores, so they come after its earlier ones
+            for blk in sorted(blocks, key=lambda x: (x[0], x[2], x[1])):
+                d = grain * cost[blk[2]]
+                if total + d > budget and total + d - budget >= budget - total:
+                    continue
+                total += d
+                chosen.append(blk)
+        for _, _, layer, chunk in chosen:
+            self.neurons.setdefault(layer, []).extend(chunk)
+        for layer in self.neurons:
+            self.neurons[layer].sort()
+        self.granularity = max(grain * self.costs.neuron[s.index] for s in sites)
 
     # -- the whole target --------------------------------------------------------------------------------------
     def run(self) -> list[dict]:

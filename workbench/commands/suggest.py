@@ -51,6 +51,10 @@ def suggest(
     layers: Annotated[str | None, typer.Option(help="Whole layers to drop: a count or a percentage.")] = None,
     non_uniform: Annotated[bool, typer.Option("--non-uniform", help="Let layers differ (loads with surgery.load; "
                                               "uniform plans load with plain transformers).")] = False,
+    serve: Annotated[str | None, typer.Option("--serve", help="llama.cpp or vllm: allocate only shapes that runtime "
+                                              "runs without padding (vllm: no head/KV cuts, MLP widths a multiple "
+                                              "of 256; llama.cpp: no low-rank), so `workbench export` adds "
+                                              "nothing.")] = None,
     head_metric: Annotated[str | None, typer.Option("--head-metric", help="Default: head-ablate, head-grad, "
                                                     "head-taylor, head-act, head-magnitude (first present).")] = None,
     neuron_metric: Annotated[str | None, typer.Option("--neuron-metric", help="Default: neuron-taylor, "
@@ -105,6 +109,7 @@ def suggest(
         layers=parse_amount(layers, "layers") if layers is not None else None,
         low_rank=parse_low_rank(low_rank) if low_rank is not None else None,
         rank_keep=rank_keep,
+        serve=serve,
     )
     metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric, "kv": kv_metric,
                "ranks": rank_metric}
@@ -157,5 +162,5 @@ def suggest(
         f"{fmt_int(s.params_after)} ({kept:.1%} kept){target}; removes {'; '.join(parts) or 'nothing'}; "
         f"by {', '.join(f'{k}={v}' for k, v in s.plan.provenance.get('metrics', {}).items())}; "
         f"{'uniform' if not non_uniform else 'non-uniform'}, "
-        f"expected to load with {loads}"
+        f"expected to load with {loads}" + (f"; exports to {serve} without padding" if serve else "")
     )

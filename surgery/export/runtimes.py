@@ -1,0 +1,151 @@
+"""Which runtimes run a model shape, and with what padding: plain transformers, llama.cpp (GGUF), vLLM (DeciLM),
+surgery.load. Pure: shapes in, verdicts out (no weights).
+
+- plain transformers: one shape in every layer, attention and MLP everywhere, no low-rank factors (`apply`
+  then writes a plain config; otherwise `surgery_layers`, which only surgery.load reads);
+- llama.cpp: Llama family: any per-layer shapes (architecture `deci`), but a first layer without attention and a
+  layer with attention but no MLP get exact zero parts (llama.cpp's deci graph, see surgery.export.gguf);
+  Qwen2/Qwen3: uniform only (`qwen2` / `qwen3` have no per-layer arrays); low-rank factors are densified;
+- vLLM: Llama family; the DeciLM layout's padding, computed by the exporter's own `decilm_layout`;
+- surgery.load: every supported family and shape.
+
+`serve_rules` turns a runtime into what `plan suggest --serve` may allocate so that the export pads nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from surgery.errors import UserError
+from surgery.export.report import Adjustment
+from surgery.shapes import ModelShape
+
+RUNTIMES = ("transformers", "llama.cpp", "vllm", "surgery.load")
+SERVE_TARGETS = ("llama.cpp", "vllm")
+_GGUF_UNIFORM_ONLY = ("qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class RuntimeFit:
+    """Whether `runtime` runs the model, and what its export pads (empty: runs as it is)."""
+
+    runtime: str
+    runs: bool
+    adjustments: tuple[Adjustment, ...] = ()
+    why_not: str = ""
+
+    @property
+    def params_added(self) -> int:
+        return sum(a.params_added for a in self.adjustments)
+
+    def line(self) -> str:
+        """One line for a UI: "vllm: runs (pads +12,288 params)" / "transformers: no (per-layer shapes)"."""
+        if not self.runs:
+            return f"{self.runtime}: no ({self.why_not})"
+        if not self.adjustments:
+            return f"{self.runtime}: runs as is"
+        return f"{self.runtime}: runs with padding (+{self.params_added:,} params, {len(self.adjustments)} change(s))"
+
+
+def shape_after(resolution) -> ModelShape:
+    """The ModelShape a Resolution's output has (the base model's globals, the kept layers' shapes)."""
+    return replace(resolution.shape, layers=resolution.result_shapes())
+
+
+def _uniform(shape: ModelShape) -> bool:
+    layers = shape.layers
+    return bool(layers) and len({(s.heads, s.kv_heads, s.mlp) for s in layers}) == 1 and not any(
+        s.low_rank or not s.has_attention or not s.has_mlp for s in layers)
+
+
+def _densified(shape: ModelShape) -> list[Adjustment]:
+    """The cost of multiplying every low-rank factor pair back into a dense weight."""
+    from surgery.export.vllm import _linear_dims
+
+    out = []
+    for i, s in enumerate(shape.layers):
+        for rel, rank in sorted(s.low_rank.items()):
+            o, n = _linear_dims(rel, s, s.heads, shape.hidden)
+            params = o * n - rank * (o + n)
+            out.append(Adjustment(f"layer {i}: {rel} rank {rank} densified", params, 2 * params))
+    return out
+
+
+def transformers_fit(shape: ModelShape) -> RuntimeFit:
+    if not _uniform(shape):
+        return RuntimeFit("transformers", False, why_not="per-layer shapes, dropped blocks or low-rank factors")
+    s = shape.layers[0]
+    # configs derive or validate head_dim against hidden / heads (GPT-2 derives it, LlamaConfig refuses 7 of 576)
+    if shape.hidden % s.heads or (shape.spec.family == "gpt2" and s.heads != shape.base_heads):
+        return RuntimeFit("transformers", False, why_not=f"{s.heads} heads cannot be said in a plain config")
+    return RuntimeFit("transformers", True)
+
+
+def llama_cpp_fit(shape: ModelShape) -> RuntimeFit:
+    family = shape.spec.family
+    if family not in ("llama", *_GGUF_UNIFORM_ONLY):
+        return RuntimeFit("llama.cpp", False, why_not=f"the GGUF export does not write {family}")
+    if _uniform(shape):  # architecture llama / qwen2 / qwen3: nothing to pad
+        return RuntimeFit("llama.cpp", True)
+    adjustments = _densified(shape)
+    if family in _GGUF_UNIFORM_ONLY:
+        return RuntimeFit("llama.cpp", False, why_not=f"llama.cpp's {family} has no per-layer shapes")
+    layers = [s for s in shape.layers if s.has_attention or s.has_mlp]  # identity layers are left out
+    if layers and not layers[0].has_attention:
+        hd, c = layers[0].head_dim, shape.hidden
+        adjustments.append(Adjustment("first layer without attention: one zero head", 4 * hd * c + c, 8 * hd * c))
+    for i, s in enumerate(layers):
+        if s.has_attention and not s.has_mlp:
+            adjustments.append(Adjustment(f"layer {i}: attention without MLP: a zero MLP of width 1",
+                                          4 * shape.hidden, 6 * shape.hidden))
+    return RuntimeFit("llama.cpp", True, tuple(adjustments))
+
+
+def vllm_fit(shape: ModelShape, config_dict: dict | None = None) -> RuntimeFit:
+    from surgery.export.vllm import check_supported, decilm_layout, layout_adjustments
+
+    try:
+        check_supported(config_dict or {"model_type": shape.spec.model_types[0]}, shape)
+        heads, layout = decilm_layout(shape)
+    except UserError as exc:
+        return RuntimeFit("vllm", False, why_not=str(exc).removeprefix("vLLM export: "))
+    return RuntimeFit("vllm", True, tuple(layout_adjustments(shape, heads, layout)))
+
+
+def runtime_fits(shape: ModelShape, config_dict: dict | None = None) -> list[RuntimeFit]:
+    """Every runtime's verdict on `shape`, in RUNTIMES order."""
+    return [transformers_fit(shape), llama_cpp_fit(shape), vllm_fit(shape, config_dict),
+            RuntimeFit("surgery.load", True)]
+
+
+@dataclass(frozen=True)
+class ServeRules:
+    """What `plan suggest --serve RUNTIME` may allocate so that the runtime's export pads nothing."""
+
+    runtime: str
+    cut_heads: bool  # query heads / KV groups may be pruned
+    neuron_grain: int  # every kept MLP width a multiple of this
+
+
+def serve_rules(runtime: str, shape: ModelShape, config_dict: dict, uniform: bool) -> ServeRules:
+    """The allocation rules for `runtime`, or a one-line refusal when it cannot run any pruned form of the model.
+
+    vLLM: the query-head count is global (hidden / head_dim) and both readers take it as given, so no head or KV
+    cut (whole layers and MLP neurons only), widths a multiple of 256. llama.cpp (Llama family): any head, KV and
+    width cut; Qwen2/Qwen3 only uniformly.
+    """
+    if runtime == "vllm":
+        fit = vllm_fit(shape, config_dict)  # the source itself must fit the layout (family, head_dim, ...)
+        if not fit.runs:
+            raise UserError(f"--serve vllm: {fit.why_not}")
+        from surgery.export.vllm import FFN_GRID
+
+        return ServeRules("vllm", cut_heads=False, neuron_grain=FFN_GRID)
+    if runtime == "llama.cpp":
+        family = shape.spec.family
+        if family not in ("llama", *_GGUF_UNIFORM_ONLY):
+            raise UserError(f"--serve llama.cpp: the GGUF export does not write {family}")
+        if family in _GGUF_UNIFORM_ONLY and not uniform:
+            raise UserError(f"--serve llama.cpp: llama.cpp's {family} has no per-layer shapes; drop --non-uniform")
+        return ServeRules("llama.cpp", cut_heads=True, neuron_grain=1)
+    raise UserError(f"--serve {runtime!r}: expected one of {', '.join(SERVE_TARGETS)}")
