@@ -21,6 +21,7 @@ from pathlib import Path
 
 import platformdirs
 
+from surgery.errors import UserError
 from surgery.filemode import ordinary_mode
 
 try:  # POSIX only; elsewhere the lock degrades to a no-op (atomic renames still prevent torn entries)
@@ -36,9 +37,18 @@ def cache_root() -> Path:
 
     Returns:
         `$WORKBENCH_CACHE` when set, else the platform's user cache dir for "workbench".
+
+    Raises:
+        UserError: It cannot be created or written (a file in the way, no permission, a read-only disk).
     """
     root = Path(os.environ.get("WORKBENCH_CACHE") or platformdirs.user_cache_dir("workbench")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot use the cache directory {root} ({exc.strerror}): set WORKBENCH_CACHE to a "
+                        "writable directory") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to the cache directory {root}: set WORKBENCH_CACHE to a writable directory")
     return root
 
 

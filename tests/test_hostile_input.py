@@ -330,3 +330,63 @@ def test_usage_errors_show_usage_and_exit_2(capsys, argv, flag):
     assert err.startswith("Usage: workbench"), err
     assert flag in err.splitlines()[-1]
     assert "internal error" not in err
+
+
+# ------------------------------------------------------------------------------------------------- item 7 ----
+
+
+def test_event_appended_after_a_torn_tail_is_not_lost(tmp_path):
+    from surgery.jobs.events import EventLog, read_events
+
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path)
+    log.append("start", step=0)
+    with open(path, "ab") as f:
+        f.write(b'{"event": "step", "ste')  # the writer was killed mid-line
+    log.append("launch", pid=123, attempt=2)
+    events, _ = read_events(path)
+    assert [e["event"] for e in events] == ["start", "launch"]
+
+
+@pytest.mark.parametrize("content", [b"{bad", b"\x00\xff\xfe", b'{"version": 99}', b"[1]"])
+def test_corrupt_job_json_is_one_line_for_show_logs_and_resume(capsys, tmp_path, content):
+    job = tmp_path / "jobs" / "j1"
+    job.mkdir(parents=True)
+    (job / "job.json").write_bytes(content)
+    for command in ("show", "logs", "resume"):
+        code, out, err = call(capsys, "jobs", command, "j1", "--jobs-dir", tmp_path / "jobs")
+        if command != "resume" and content == b'{"version": 99}':
+            assert code == 0, err  # readable JSON: show and logs print what they can; resume refuses it
+            continue
+        assert code == 2, (command, out, err)
+        one_error_line(err)
+        assert "resumed" not in out
+    assert not (job / "process.json").exists()  # nothing was launched
+
+
+# ------------------------------------------------------------------------------------------------- item 9 ----
+
+
+def test_cache_path_that_is_a_file_is_one_line(capsys, tmp_path, model_dir, monkeypatch):
+    blocker = tmp_path / "cachefile"
+    blocker.write_text("")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(blocker))
+    code, _, err = call(capsys, "apply", write_plan(tmp_path), "--model", model_dir, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert "WORKBENCH_CACHE" in one_error_line(err)
+
+
+def test_unreadable_weights_are_an_environment_error_not_a_bug(capsys, tmp_path, model_dir, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def deny(path, *a, **k):  # tests run as root here, where chmod 000 does not stop a read
+        if str(path).endswith(".safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    code, _, err = call(capsys, "apply", write_plan(tmp_path), "--model", model_dir, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert "Permission denied" in one_error_line(err) and "model.safetensors" in err

@@ -40,8 +40,12 @@ class EventLog:
         """Append one event (fields must be JSON-able); `sync` fsyncs (used for final events)."""
         record = {"event": event, "time": round(time.time(), 3), **fields}
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # a torn last line (a writer killed mid-write): end it, or this event would be glued onto it and lost
+                line = b"\n" + line
             os.write(fd, line)
             if sync:
                 os.fsync(fd)

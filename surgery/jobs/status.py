@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from surgery.errors import UserError
 from surgery.jobs.events import last_final, last_step, read_events
 from surgery.jobs.store import JobDir
 from surgery.processes import pid_alive
@@ -99,13 +100,10 @@ def job_status(job: JobDir, events: list[dict] | None = None) -> JobStatus:
         state = "created"
     else:
         state = "lost"
-    steps = None
     try:
-        import json
-
-        steps = json.loads(job.job_file.read_text(encoding="utf-8")).get("steps")
-    except (OSError, ValueError):
-        pass
+        steps = job.read_config().get("steps")
+    except UserError:  # a corrupt job.json: the status still shows; `jobs show` and `resume` say what is wrong
+        steps = None
     last = next((e for e in reversed(events) if e["event"] == "step"), {})
     evals = [e for e in events if e["event"] == "eval"]
     try:

@@ -54,6 +54,19 @@ class JobDir:
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     default_output = property(lambda self: self.path / "output")
 
+    def read_config(self) -> dict:
+        """job.json as a dict.
+
+        Raises:
+            UserError: It is missing, unreadable, not JSON (a torn or binary file) or not a JSON object.
+        """
+        from surgery.jsonfile import read_json_file
+
+        data = read_json_file(self.job_file, "job")
+        if not isinstance(data, dict):
+            raise UserError(f"corrupt job file {self.job_file}: expected a JSON object, got {type(data).__name__}")
+        return data
+
     def read_process(self) -> dict | None:
         """process.json, or None when no attempt has started (or the file is being replaced)."""
         try:

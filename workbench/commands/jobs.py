@@ -197,15 +197,13 @@ def list_jobs(jobs_dir: JobsDirOpt = None, json_out: JsonOpt = False) -> None:
 @app.command("show")
 def show(job_id: IdArg, jobs_dir: JobsDirOpt = None, json_out: JsonOpt = False) -> None:
     """State, progress, latest losses and eval, checkpoints, output and (for failed or lost jobs) the error."""
-    import json
-
     from surgery.jobs.runner import stderr_tail
     from surgery.jobs.status import job_status
     from surgery.jobs.store import find_job, jobs_root
 
     job = find_job(jobs_root(jobs_dir), job_id)
     status = job_status(job)
-    config = json.loads(job.job_file.read_text(encoding="utf-8"))
+    config = job.read_config()
     if json_out:
         print_json({**status.to_dict(), "job": config})
         return
@@ -249,7 +247,7 @@ def logs(
     from surgery.jobs.store import find_job, jobs_root
 
     job = find_job(jobs_root(jobs_dir), job_id)
-    steps = json.loads(job.job_file.read_text(encoding="utf-8")).get("steps")
+    steps = job.read_config().get("steps")
     offset = 0
     while True:
         events, offset = read_events(job.events_file, offset=offset)
@@ -307,9 +305,12 @@ def resume(
     json_out: JsonOpt = False,
 ) -> None:
     """Continue a failed, cancelled or lost job from its last checkpoint (refused while it runs)."""
+    from surgery.distill.config import load_config
     from surgery.jobs.store import find_job, jobs_root
 
-    _run(find_job(jobs_root(jobs_dir), job_id), nproc, foreground, json_out, resume=True)
+    job = find_job(jobs_root(jobs_dir), job_id)
+    load_config(job.job_file)  # a corrupt, binary or newer-version job.json is refused here, not seconds later
+    _run(job, nproc, foreground, json_out, resume=True)
 
 
 @app.command("pipeline")
