@@ -4,16 +4,19 @@ Reconstruction (the `reconstruct` step). After a cut, the projection that reads 
 after heads, `down_proj` after neurons; GPT-2's Conv1D `c_proj`s) is refit so that its output stays as close as
 possible to the ORIGINAL model's output of the same projection on the same calibration tokens:
 
-    W' = argmin_W  sum_t ||W a_t + b - y_t||^2 + lam ||W||^2,   lam = ridge * mean(diag(G))
-       = C (G + lam I)^-1        with G = sum_t a_t a_t^T (kept inputs), C = sum_t y_t a_t^T
+    W' = argmin_W  sum_t ||W a_t + b - y_t||^2 + lam ||W - W_cut||^2,   lam = ridge * mean(diag(G))
+       = (C + lam W_cut) (G + lam I)^-1     with G = sum_t a_t a_t^T (kept inputs), C = sum_t y_t a_t^T
 
 (a ones column joins a_t when the projection has a bias; the bias is not penalised). G and C are summed in float64
-over every calibration token, then one Cholesky solve per projection. y_t always comes from the original model on
+over every calibration token, then one Cholesky solve per projection. The ridge pulls toward the plain cut's
+weights W_cut (the original's kept columns), not toward zero: a large ridge gives back the plain cut, never a
+collapsed layer, and the refit's calibration error can never exceed the cut's. Why it matters: with a few thousand
+tokens for ~1,000 inputs a free least-squares fit overfits the calibration text (measured on the demo,
+docs/benchmarks.md). y_t always comes from the original model on
 the original residual stream; a_t comes from the pruned model, fed either by the already-pruned and refit prefix
 (`inputs: "pruned"`: later layers also absorb what earlier cuts changed) or by the original residual stream
-(`inputs: "original"`: each layer is fit in isolation). If the refit's error on the calibration tokens would
-exceed the plain cut's (possible only through the ridge term), the cut weights are kept, so a refit never makes a
-layer worse on its own data.
+(`inputs: "original"`: each layer is fit in isolation). Should round-off ever make the refit's calibration error
+exceed the plain cut's, the cut weights are kept.
 
 Whitened low rank (`low_rank` with `"method": "whitened"`, SVD-LLM). With G = S S^T the Cholesky factor of the
 Linear's input Gram matrix, the rank-r truncation of the SVD W S = U Sigma V^T gives B = U_r Sigma_r^1/2,
@@ -59,7 +62,7 @@ class FitRecord:
     error_cut: float  # ||W_cut a - y||^2: the plain cut
     error_fit: float  # the refit (equal to error_cut when the refit was not kept)
     target: float  # ||y||^2
-    kept: bool  # False: the refit was worse than the cut (ridge), the cut weights stayed
+    kept: bool  # False: round-off made the refit worse than the cut, the cut weights stayed
 
 
 @dataclass
@@ -255,11 +258,17 @@ def _weight_and_bias(module: nn.Module, conv1d: bool) -> torch.Tensor:
     return torch.cat([w, bias.detach().to(torch.float64)[:, None]], 1) if bias is not None else w
 
 
-def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, n_free: int, where: str) -> torch.Tensor:
-    """argmin_W ||W A - Y||^2 + lam ||W[:, :n_free]||^2 from G = A A^T, C = Y A^T (float64); lam relative."""
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, n_free: int, where: str,
+                prior: torch.Tensor) -> torch.Tensor:
+    """argmin_W ||W A - Y||^2 + lam ||(W - prior)[:, :n_free]||^2 from G = A A^T, C = Y A^T (float64).
+
+    lam = ridge * mean(diag(G)[:n_free]); columns from n_free on (a bias) are not penalised.
+    """
     lam = ridge * float(gram.diagonal()[:n_free].mean()) if n_free else 0.0
     damped = gram.clone()
     damped.diagonal()[:n_free] += lam
+    cross = cross.clone()
+    cross[:, :n_free] += lam * prior[:, :n_free]
     chol, info = torch.linalg.cholesky_ex(damped)
     if int(info):
         raise UserError(f"{where}: the calibration activations' Gram matrix is singular (rank-deficient): use more "
@@ -292,7 +301,7 @@ def refit_reader(layer: nn.Module, rel: str, xs: list, calls: list, targets: lis
     gram, cross, target = stats["gram"], stats["cross"], stats["target"]
     n_in = gram.shape[0] - int(has_bias)
     w_cut = _weight_and_bias(module, conv1d)
-    w_fit = ridge_solve(gram, cross, ridge, n_in, where)
+    w_fit = ridge_solve(gram, cross, ridge, n_in, where, prior=w_cut)
     e_cut, e_fit = _sq_error(w_cut, gram, cross, target), _sq_error(w_fit, gram, cross, target)
     kept = e_fit <= e_cut
     if kept:

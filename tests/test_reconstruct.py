@@ -67,8 +67,9 @@ def activations(model, paths: list[str], blocks: TokenBlocks, batch: int = 8) ->
     return {p: (torch.cat(a).double(), torch.cat(y).double()) for p, (a, y) in got.items()}
 
 
-def ridge_lstsq(a: torch.Tensor, y: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Independent ridge least squares: lstsq on [A; sqrt(lam) I] against [Y; 0], bias column unpenalised."""
+def ridge_lstsq(a: torch.Tensor, y: torch.Tensor, bias: bool, prior: torch.Tensor) -> torch.Tensor:
+    """Independent ridge least squares toward `prior` (out, in): lstsq on [A; sqrt(lam) I] against
+    [Y; sqrt(lam) prior^T], bias column unpenalised."""
     n_in = a.shape[1]
     lam = RIDGE * float((a * a).sum(0).mean())
     if bias:
@@ -76,7 +77,7 @@ def ridge_lstsq(a: torch.Tensor, y: torch.Tensor, bias: bool) -> torch.Tensor:
     penalty = torch.zeros(n_in, a.shape[1], dtype=a.dtype)
     penalty[:, :n_in] = lam**0.5 * torch.eye(n_in, dtype=a.dtype)
     big_a = torch.cat([a, penalty])
-    big_y = torch.cat([y, torch.zeros(n_in, y.shape[1], dtype=y.dtype)])
+    big_y = torch.cat([y, lam**0.5 * prior[:, :n_in].t()])
     return torch.linalg.lstsq(big_a, big_y, driver="gelsd").solution.t()  # (out, in[+1])
 
 
@@ -115,9 +116,9 @@ def test_refit_equals_independent_lstsq_on_pruned_prefix_inputs(family):
     for path in readers(spec):
         a, y = got[path][0], want[path][1]
         refit = weight_and_bias(ops.get_module(model, path), spec.conv1d)
-        ref = ridge_lstsq(a, y, bias=refit.shape[1] > a.shape[1])
-        assert torch.allclose(refit, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())), path
         cut = weight_and_bias(ops.get_module(cut_only, path), spec.conv1d)
+        ref = ridge_lstsq(a, y, bias=refit.shape[1] > a.shape[1], prior=cut)
+        assert torch.allclose(refit, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())), path
         assert sq_error(refit, a, y) <= sq_error(cut, a, y), path  # the refit never does worse on its data
         assert sq_error(refit, a, y) < 0.95 * sq_error(cut, a, y), path  # ... and here clearly better
 
@@ -135,7 +136,8 @@ def test_refit_from_original_inputs_equals_lstsq_on_sliced_original_activations(
     path = f"{spec.layer_prefix(1)}.{spec.mlp}.{spec.down}"
     a, y = activations(original, [path], blocks)[path]
     kept = [i for i in range(96) if i % 3]
-    ref = ridge_lstsq(a[:, kept], y, bias=False)
+    w = ops.linear_weight(ops.get_module(original, path), False).detach().double()
+    ref = ridge_lstsq(a[:, kept], y, bias=False, prior=w[:, kept])
     refit = weight_and_bias(ops.get_module(model, path), False)
     assert torch.allclose(refit, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
