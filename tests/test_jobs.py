@@ -458,3 +458,28 @@ def test_relative_paths_in_a_loose_job_file_are_resolved_against_the_file(env):
     fixed = cfg.with_paths_from(env)
     assert fixed.teacher == str(env / "teacher") and fixed.data == str(env / "data.txt")
     assert fixed.student == "smollm2-135m"  # an alias stays an alias
+
+
+def test_a_diverging_job_fails_at_its_step_and_never_writes_a_model(tmp_path, env):
+    # a finite but absurd learning rate: the weights overflow within a few steps (issue 15 item 6)
+    job = new_job(tmp_path, env, lr=1e30, losses={"kl": 1.0}, checkpoint_every=100)
+    assert run_job(job.path) == 2
+    final = events_of(job)[-1]
+    assert final["event"] == "failed" and "training diverged at step" in final["error"], final
+    assert f"step {final['step'] + 1}:" in final["error"]  # the step that went wrong, after the last good one
+    assert not any(e["event"] == "done" for e in events_of(job))
+    assert not job.default_output.exists()
+    assert job_status(job).state == "failed"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--loss", "kl:inf"], "finite"), (["--loss", "kl:1e400"], "finite"), (["--temperature", "inf"], "finite"),
+    (["--loss", "kl:1,kl:2"], "kl twice"),
+])
+def test_non_finite_or_repeated_distill_settings_are_refused(capsys, tmp_path, env, flags, expected):
+    code, _, err = call(capsys, "distill", "--teacher", env / "teacher", "--student", env / "student",
+                        "--data", env / "data.txt", "--steps", 2, "--jobs-dir", tmp_path / "jobs", "--device", "cpu",
+                        "--foreground", *flags)
+    assert code == 2, err
+    assert expected in one_error_line(err)
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())

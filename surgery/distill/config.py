@@ -43,7 +43,7 @@ class DistillConfig(BaseModel):
     eval_seq_len: int | None = Field(default=None, ge=2, description="eval block length (default: seq_len)")
 
     losses: dict[str, float] = Field(default_factory=lambda: {"kl": 1.0}, description="loss name -> weight")
-    temperature: float = Field(default=2.0, gt=0)
+    temperature: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=1, description="truncate teacher logits to their top k")
     jsd_beta: float = Field(default=0.5, ge=0, le=1, description="jsd: 0 = forward KL, 1 = reverse KL (GKD)")
     on_policy: float = Field(default=0.0, ge=0, le=1, description="fraction lambda of steps on student samples")
@@ -62,11 +62,11 @@ class DistillConfig(BaseModel):
     seq_len: int = Field(default=256, ge=2)
     batch_size: int = Field(default=4, ge=1, description="sequences per optimizer step, all processes together")
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(default=2e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    lr: float = Field(default=2e-4, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
     seed: int = 0
 
     checkpoint_every: int = Field(default=50, ge=1)
@@ -174,10 +174,14 @@ def parse_losses(text: str) -> dict[str, float]:
         name = name.strip().lower().replace("_", "-")
         if name not in LOSS_NAMES:
             raise UserError(f"unknown loss {name!r} in --loss; known: {', '.join(LOSS_NAMES)}")
+        if name in out:  # kl:1,kl:2 would silently become kl:2
+            raise UserError(f"--loss names {name} twice: give each loss once")
         try:
             out[name] = float(weight) if weight.strip() else 1.0
         except ValueError:
             raise UserError(f"--loss {part!r}: the weight after ':' must be a number") from None
+        if not math.isfinite(out[name]) or out[name] < 0:
+            raise UserError(f"--loss {part!r}: the weight must be a finite number >= 0")
     if not out:
         raise UserError("--loss names no loss (e.g. --loss kl:1.0,ce:0.1)")
     return out

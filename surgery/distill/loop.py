@@ -76,6 +76,18 @@ def sample_indices(num_blocks: int, batch_size: int, step: int, seed: int, shuff
     return out
 
 
+class TrainingDiverged(UserError):
+    """A loss term or the gradient norm became non-finite: the job fails at that step instead of saving NaNs."""
+
+
+def _check_finite(step: int, values: dict[str, float]) -> None:
+    bad = {name: v for name, v in values.items() if not math.isfinite(v)}
+    if bad:
+        what = ", ".join(f"{name} = {v}" for name, v in bad.items())
+        raise TrainingDiverged(f"training diverged at step {step + 1}: {what} (lower --lr, the loss weights or "
+                               "--temperature); the weights of the last checkpoint are intact")
+
+
 def is_on_policy_step(step: int, fraction: float) -> bool:
     """Whether (0-based) `step` trains on student samples: exactly floor(n * fraction) of the first n steps are,
     spread evenly (a pure function of the step, so a resumed job makes the same choices)."""
@@ -294,6 +306,8 @@ class Trainer:
                 total.backward()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach() / len(batches)
+        logged = {name: float(self.world.mean(v)) for name, v in sums.items()}  # the same on every rank
+        _check_finite(step, logged)  # before the optimizer: a NaN step must not reach the weights
         if self.world.distributed and self.projection is not None:
             import torch.distributed as dist
 
@@ -304,9 +318,9 @@ class Trainer:
         grad_norm = None
         if self.cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+            _check_finite(step, {"gradient norm": grad_norm})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        logged = {name: float(self.world.mean(v)) for name, v in sums.items()}
         logged["total"] = sum(self.weights[n] * v for n, v in logged.items())
         return StepResult(logged, lr, grad_norm, self.cfg.batch_size * self.cfg.seq_len, batches[0].source)
 

@@ -17,6 +17,8 @@ positions that have a target; the block outputs are captured with `surgery.disti
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,12 +47,14 @@ def parse_weights(text: str, names: tuple[str, ...], option: str, noun: str, exa
         name, sep, value = part.partition(":")
         if name not in names:
             raise UserError(f"unknown {noun} {name!r} in {option}: use {', '.join(names)} (e.g. {example})")
+        if name in out:  # a:1,a:2 would silently become a:2
+            raise UserError(f"{option} names {name} twice: give each {noun} once")
         try:
             weight = float(value) if sep else 1.0
         except ValueError:
             raise UserError(f"{option} weight for {name} is not a number: {value!r}") from None
-        if weight < 0:
-            raise UserError(f"{option} weight for {name} must be >= 0 (got {weight})")
+        if not math.isfinite(weight) or weight < 0:
+            raise UserError(f"{option} weight for {name} must be a finite number >= 0 (got {weight})")
         out[name] = weight
     if not any(out.values()):
         raise UserError(all_zero)
