@@ -117,9 +117,7 @@ def step_overhead(teacher: str, student: Path, args) -> dict:
 
 def redistill(teacher: str, student: Path, work: Path, args) -> dict:
     from surgery.distill.config import parse_config
-    from surgery.jobs.events import read_events
-    from surgery.jobs.store import create_job
-    from surgery.jobs.worker import run_job
+    from surgery.jobs.worker import run_new_job
 
     cfg = parse_config({"version": 1, "teacher": teacher, "student": str(student), "data": str(SHAKESPEARE),
                         "eval_data": str(WIKITEXT), "eval_tokens": args.eval_tokens,
@@ -127,11 +125,7 @@ def redistill(teacher: str, student: Path, work: Path, args) -> dict:
                         "steps": args.redistill_steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
                         "lr": args.lr, "schedule": "cosine", "warmup_steps": min(5, args.redistill_steps // 5),
                         "checkpoint_every": 10_000, "device": args.device, "deterministic": False})
-    job = create_job(work / "jobs", cfg.to_json())
-    t0 = time.perf_counter()
-    code = run_job(job.path)
-    wall = time.perf_counter() - t0
-    events, _ = read_events(job.events_file)
+    job, code, events, wall = run_new_job(work / "jobs", cfg.to_json())
     if code != 0:
         raise SystemExit(f"redistillation job failed: {events[-1]}")
     evals = [e for e in events if e["event"] == "eval"]

@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -48,20 +47,13 @@ def perplexity_of(source: str, blocks) -> float:
 
 def run_method(name: str, over: dict, args, work: Path) -> dict:
     from surgery.distill.config import parse_config
-    from surgery.jobs.events import read_events
-    from surgery.jobs.store import create_job
-    from surgery.jobs.worker import run_job
+    from surgery.jobs.worker import run_new_job
 
     doc = {"version": 1, "teacher": args.teacher, "student": args.student, "data": args.data,
            "max_tokens": args.steps * args.batch_size * args.seq_len, "temperature": args.temperature,
            "steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
            "gen_tokens": args.gen_tokens, "checkpoint_every": 10_000, "device": "cpu", "seed": 0, **over}
-    cfg = parse_config(doc)
-    job = create_job(work / "jobs", cfg.to_json())
-    t0 = time.perf_counter()
-    code = run_job(job.path)
-    wall = time.perf_counter() - t0
-    events, _ = read_events(job.events_file)
+    job, code, events, wall = run_new_job(work / "jobs", parse_config(doc).to_json())
     if code != 0:
         raise SystemExit(f"{name}: job failed: {events[-1]}")
     steps = [e for e in events if e["event"] == "step"]

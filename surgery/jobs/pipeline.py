@@ -177,15 +177,11 @@ def _make_student(spec: StudentSpec, teacher: str, target: Path, seed: int) -> s
 
 def _train(pipeline: Pipeline, stage, i: int, teacher: str, student: str, out: Path, jobs_root: Path) -> dict:
     from surgery.distill.config import parse_config
-    from surgery.jobs.events import read_events
-    from surgery.jobs.store import create_job
-    from surgery.jobs.worker import run_job
+    from surgery.jobs.worker import run_new_job
 
     cfg = parse_config(_job_doc(pipeline, stage, teacher, student, str(out)), f"stages[{i}].job")
     cfg = cfg.with_paths_from(Path.cwd())  # the job file must stand alone (a later resume runs elsewhere)
-    job = create_job(jobs_root, cfg.to_json())
-    code = run_job(job.path)
-    events, _ = read_events(job.events_file)
+    job, code, events, _ = run_new_job(jobs_root, cfg.to_json())
     if code != 0:
         raise UserError(f"stage {i} ({stage.stage}) failed: {events[-1].get('error', 'see its log')} "
                         f"(log: {job.events_file})")

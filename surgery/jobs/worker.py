@@ -222,3 +222,19 @@ def run_job(path: str | Path) -> int:
             world.close()
         if lock_fd is not None:
             os.close(lock_fd)
+
+
+def run_new_job(jobs_root: str | Path, job_json: str) -> tuple[JobDir, int, list[dict], float]:
+    """Create a job from a job file's text and run it in this process (pipelines, benchmarks).
+
+    Returns:
+        (the job directory, exit code as `run_job`, its events, wall seconds).
+    """
+    from surgery.jobs.store import create_job
+
+    job = create_job(Path(jobs_root), job_json)
+    t0 = time.perf_counter()
+    code = run_job(job.path)
+    wall = time.perf_counter() - t0
+    return job, code, read_events(job.events_file)[0], wall
+
