@@ -186,3 +186,24 @@ def test_plan_schema_matches_published_docs(capsys):
     assert code == 0
     published = Path(__file__).parents[1] / "docs" / "plan.schema.json"
     assert json.loads(out) == json.loads(published.read_text())
+
+
+def test_long_steps_leave_one_line_off_a_terminal_and_quick_ones_none(capsys, monkeypatch):
+    import time
+
+    from workbench import cli_common
+
+    monkeypatch.setattr(cli_common, "NOTE_AFTER_S", 0.05)
+    with cli_common.status(True) as say:
+        say("fingerprinting weights")  # replaced at once: no line
+        say("converting demo.gguf to a safetensors directory (once)")
+        time.sleep(0.4)
+    time.sleep(0.1)
+    assert capsys.readouterr().err.splitlines() == ["converting demo.gguf to a safetensors directory (once)…"]
+
+
+def test_tui_scoring_status_has_rate_and_eta_per_phase():
+    from workbench.app import phase_progress
+
+    line = phase_progress({"name": "singular values", "unit": "matrices", "start": 0.0}, 40, 210, now=20.0)
+    assert line == "singular values: 40/210 matrices · 2/s · ETA 1:25"

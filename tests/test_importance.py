@@ -394,3 +394,18 @@ def test_surgery_checkpoint_loads_with_a_device_map(tmp_path):
         torch.testing.assert_close(spread(ids).logits, plain(ids).logits)
     with pytest.raises(UserError, match="not both"):
         load_model(str(tmp_path / "ckpt"), device="cpu", device_map="auto")
+
+
+def test_scoring_reports_each_phase_with_its_own_progress():
+    """The singular-value phase has its own count (matrices), instead of a token bar stuck at 100% (issue 16)."""
+    from surgery.importance import score_model
+    from tiny_models import make_model, tokens
+
+    model = make_model("llama")
+    phases, seen = [], []
+    score_model(model, [tokens(2, 8)], "head-grad,sv-grad", phase=lambda *a: phases.append(a),
+                progress=lambda done, total: seen.append((len(phases), done, total)))
+    matrices = 3 * 7  # q k v o gate up down in each of 3 layers
+    assert phases == [("passes", 16, "tokens"), ("singular values", matrices, "matrices")]
+    assert [d for p, d, t in seen if p == 1] == [16]
+    assert [d for p, d, t in seen if p == 2] == list(range(1, matrices + 1))

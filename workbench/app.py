@@ -29,6 +29,17 @@ from workbench.screens.prompt import PromptScreen
 from workbench.scores_view import HEAD_METRICS, LAYER_METRICS, NEURON_METRICS, ScoreView
 
 
+def phase_progress(current: dict, done: int, total: int, now: float | None = None) -> str:
+    """"singular values: 40/210 matrices · 2.1/s · ETA 1:21" for the status line (rate over the whole phase)."""
+    elapsed = (time.perf_counter() if now is None else now) - current["start"]
+    text = f"{current['name']}: {done:,}/{total:,} {current['unit']}"
+    if done and elapsed > 0:
+        rate = done / elapsed
+        left = int((total - done) / rate)
+        text += f" · {rate:,.3g}/s · ETA {left // 60}:{left % 60:02d}"
+    return text
+
+
 class WorkbenchApp(App):
     """The workbench. `source` is anything `surgery.sources.resolve_source` accepts."""
 
@@ -288,14 +299,21 @@ class WorkbenchApp(App):
         from surgery.importance import Cancelled, save_scores, score_source
 
         worker = get_current_worker()
+        current = {"name": "passes", "unit": "tokens", "start": time.perf_counter()}
+
+        def phase(name: str, total: int, unit: str) -> None:
+            current.update(name=name, unit=unit, start=time.perf_counter())
+            self.post_message(StatusText("scoring", f"{name}: 0/{total:,} {unit} (ctrl+c cancels)"))
 
         def progress(done: int, total: int) -> None:
-            self.post_message(StatusText("scoring", f"{done}/{total} tokens (ctrl+c cancels)"))
+            self.post_message(StatusText("scoring", phase_progress(current, done, total) + " (ctrl+c cancels)"))
 
         try:
-            scores = score_source(self.model_path, fields["data"] or None, fields["methods"],
+            # the source as named (not its resolved cache path): the score file records the fingerprint the CLI
+            # records, the .gguf's for a GGUF source, so the session's own check accepts it
+            scores = score_source(self.source, fields["data"] or None, fields["methods"],
                                   tokens=int(fields["tokens"]), seq_len=int(fields["seq_len"]),
-                                  progress=progress, cancel=worker.cancelled_event)
+                                  progress=progress, cancel=worker.cancelled_event, phase=phase)
         except Cancelled:
             self.post_message(StatusText("scoring", "cancelled"))
             return

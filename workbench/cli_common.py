@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
@@ -103,14 +104,49 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+NOTE_AFTER_S = 3.0  # off a terminal, a step running longer than this gets its line
+
+
+class LateNotes:
+    """Off a terminal (logs, CI): one line on stderr for a step still running after `after` seconds, so a long
+    download or conversion is never silent while quick steps print nothing. Call with each step's message."""
+
+    def __init__(self, after: float | None = None) -> None:
+        self.after = NOTE_AFTER_S if after is None else after
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, message: str) -> None:
+        self.close()
+        self._timer = threading.Timer(self.after, lambda: err.print(f"{message}…", markup=False, highlight=False))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 @contextmanager
 def status(enabled: bool):
-    """A spinner on stderr whose text follows the library's progress messages; a no-op when disabled."""
-    if not enabled or not err.is_terminal:
+    """Progress of the library's long steps on stderr: on a terminal a spinner with the step and its elapsed
+    time; elsewhere a one-line note for each step that runs longer than a few seconds; nothing when disabled."""
+    if not enabled:
         yield lambda message: None
         return
-    with err.status("starting") as spinner:
-        yield lambda message: spinner.update(message)
+    if not err.is_terminal:
+        notes = LateNotes()
+        try:
+            yield notes
+        finally:
+            notes.close()
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+        yield lambda message: bar.reset(task, description=message)  # the elapsed time is the step's
 
 
 def fmt_int(n: int) -> str:

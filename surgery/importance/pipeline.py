@@ -13,7 +13,7 @@ import torch
 
 from surgery.errors import UserError
 from surgery.importance.methods import parse_methods
-from surgery.importance.runner import TokenProgress, score_model
+from surgery.importance.runner import PhaseStart, TokenProgress, score_model
 from surgery.importance.scorefile import ScoreFile, ScoreMeta
 
 _AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -64,6 +64,7 @@ def score_source(
     progress: TokenProgress | None = None,
     status: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
+    phase: PhaseStart | None = None,
 ) -> ScoreFile:
     """Score a model source on calibration text; returns the scores with their metadata (not yet saved).
 
@@ -76,9 +77,10 @@ def score_source(
         device_map: instead of `device`, spread the layers over several devices (a model larger than one GPU):
             "auto", "balanced", "balanced_low_0", "sequential" or {module path: device} (see load_model).
         autocast: "bf16"/"fp16" to run the passes under torch.autocast (GPU), None for the weights' dtype.
-        progress: progress(tokens_done, tokens_total) during the passes.
+        progress: progress(done, total) within the current phase (tokens in the passes, matrices in the SVDs).
         status: one-line messages while the model is fetched, loaded and the text tokenized.
         cancel: set it to stop between batches (raises Cancelled).
+        phase: phase(name, total, unit) when a scoring phase starts (see `score_model`).
     """
     from surgery.data import load_blocks
     from surgery.loading import check_placement, load_model, parse_dtype
@@ -113,7 +115,7 @@ def score_source(
     say("scoring")
     start = time.perf_counter()
     tensors = score_model(loaded.model, batches, chosen, autocast_dtype=autocast_dtype, progress=progress,
-                          cancel=cancel)
+                          cancel=cancel, phase=phase)
     seconds = time.perf_counter() - start
     import surgery
 

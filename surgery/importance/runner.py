@@ -25,6 +25,9 @@ from surgery.importance.methods import Method, parse_methods
 from surgery.importance.weights import linear_scores, magnitude_scores, neuron_wanda
 
 TokenProgress = Callable[[int, int], None]
+# phase(name, total, unit) announces a phase; progress(done, total) then counts within it: "passes" in tokens
+# (forward/backward and ablation passes), "singular values" in matrices (the SVDs, minutes on a big model)
+PhaseStart = Callable[[str, int, str], None]
 
 
 class Cancelled(UserError):
@@ -98,6 +101,7 @@ def score_model(
     autocast_dtype: torch.dtype | None = None,
     progress: TokenProgress | None = None,
     cancel: threading.Event | None = None,
+    phase: PhaseStart | None = None,
 ) -> dict[str, torch.Tensor]:
     """Score a loaded model on calibration batches.
 
@@ -109,6 +113,8 @@ def score_model(
         autocast_dtype: run forward passes under torch.autocast with this dtype (bf16 on GPU).
         progress: called as progress(tokens_done, tokens_total) after each batch of each pass.
         cancel: checked between batches; when set, raises Cancelled.
+        phase: called as phase(name, total, unit) when a phase starts ("passes" in tokens, "singular values" in
+            matrices); `progress` then counts within that phase.
 
     Returns:
         `<module path>/<metric>` -> float32 CPU tensor (see docs/scoring.md for every name and shape).
@@ -139,6 +145,8 @@ def score_model(
     out: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
     hooks = CombinedHooks(layout, metrics)
+    if phase is not None and total:
+        phase("passes", total, "tokens")
     try:
         if data_pass:
             grads = _combined_pass(model, layout, batches, metrics, hooks, autocast, step, cancel)
@@ -148,7 +156,20 @@ def score_model(
         if ablating:
             ablator = Ablator(model, layout, batches, device, autocast, step)
             out.update(run_ablation(ablator, metrics, cancel))
-        out.update(linear_scores(layout, metrics & {"sv", "sv_act", "sv_grad"}, hooks.input_rms, grads, cancel))
+        sv_metrics = metrics & {"sv", "sv_act", "sv_grad"}
+        matrices = sum(len(site.linears) for site in layout.layers) if sv_metrics else 0
+        if phase is not None and matrices:
+            phase("singular values", matrices, "matrices")
+        svd_done = 0
+
+        def svd_step() -> None:
+            nonlocal svd_done
+            svd_done += 1
+            if progress is not None:
+                progress(svd_done, matrices)
+
+        out.update(linear_scores(layout, sv_metrics, hooks.input_rms, grads, cancel,
+                                 step=svd_step if matrices else None))
         out.update(magnitude_scores(layout, metrics))
     finally:
         model.train(was_training)

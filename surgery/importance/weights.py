@@ -83,6 +83,7 @@ def linear_scores(
     rms: RmsFn | None = None,
     grads: dict[str, torch.Tensor] | None = None,
     cancel=None,
+    step: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """sv / sv_act / sv_grad for every dense decoder Linear.
 
@@ -92,6 +93,7 @@ def linear_scores(
         rms: path -> per-input-channel RMS (needed for sv_act).
         grads: path -> dL/dW in the module's own layout (needed for sv_grad).
         cancel: a threading.Event checked between matrices.
+        step: called after each matrix (the progress of this phase).
     """
     out: dict[str, torch.Tensor] = {}
     for site in layout.layers:
@@ -104,6 +106,8 @@ def linear_scores(
             want_grad = "sv_grad" in metrics and grads is not None and path in grads
             r = rms(path) if "sv_act" in metrics and rms is not None else None
             if not ("sv" in metrics or want_grad or r is not None):
+                if step is not None:
+                    step()
                 continue
             u, s, vh, s_act = spectra(w, vectors=want_grad, values="sv" in metrics, rms=r)
             if "sv" in metrics:
@@ -114,6 +118,8 @@ def linear_scores(
                 out[f"{path}/sv_grad"] = ((u.t() @ g) * vh).sum(1).float().cpu()  # u_i^T G v_i, (r,)
             if s_act is not None:
                 out[f"{path}/sv_act"] = s_act.float().cpu()
+            if step is not None:
+                step()
     return out
 
 

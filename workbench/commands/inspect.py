@@ -8,7 +8,16 @@ import typer
 from rich.table import Table
 
 from surgery.inspect import ModelReport, inspect_source
-from workbench.cli_common import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, fmt_int, fmt_params, out, print_json
+from workbench.cli_common import (
+    AllowPickleOpt,
+    JsonOpt,
+    TrustRemoteCodeOpt,
+    fmt_int,
+    fmt_params,
+    out,
+    print_json,
+    status,
+)
 
 
 def render(report: ModelReport) -> Table:
@@ -55,7 +64,9 @@ def inspect(
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Show a model layer by layer (shapes, parameters, FLOPs/token) without reading its weights."""
-    report = inspect_source(source, context=context, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    with status(not json_out) as progress:  # the first use of the demo downloads and converts it (~40 s)
+        report = inspect_source(source, context=context, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code, progress=progress)
     if json_out:
         print_json(report.to_dict())
     else:

@@ -12,7 +12,16 @@ from typing import Annotated
 import typer
 
 from surgery.errors import UserError
-from workbench.cli_common import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, err, fmt_int, out, print_json
+from workbench.cli_common import (
+    AllowPickleOpt,
+    JsonOpt,
+    LateNotes,
+    TrustRemoteCodeOpt,
+    err,
+    fmt_int,
+    out,
+    print_json,
+)
 
 
 def _check_out(path: Path) -> None:
@@ -27,33 +36,40 @@ def _check_out(path: Path) -> None:
 
 
 def _progress_bar(enabled: bool):
-    """(rich Progress or None, status(message), progress(done, total)) for the library callbacks."""
+    """(rich Progress or None, status(message), progress(done, total), phase(name, total, unit)) for the library
+    callbacks; without a terminal, a one-line note per phase instead of a bar."""
     if not enabled:
-        return None, None, None
+        return None, None, None, None
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
 
-    class Tokens(ProgressColumn):
+    class Count(ProgressColumn):
         def render(self, task):
             if task.total is None:
                 return Text("")
-            return Text(f"{int(task.completed):,}/{int(task.total):,} tokens")
+            return Text(f"{int(task.completed):,}/{int(task.total):,} {task.fields.get('unit', 'tokens')}")
 
     class Rate(ProgressColumn):
         def render(self, task):
-            return Text(f"{task.speed:,.0f} tok/s" if task.speed else "", style="cyan")
+            unit = {"tokens": "tok/s", "matrices": "matrices/s"}.get(task.fields.get("unit", "tokens"), "/s")
+            return Text(f"{task.speed:,.3g} {unit}" if task.speed else "", style="cyan")
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), Tokens(), Rate(), TimeRemainingColumn(),
-                   console=err, transient=True)
-    task = bar.add_task("starting", total=None)
+    # one update per batch can be a minute apart on a CPU: rich's default 30 s speed window would never hold two
+    # samples, and the ETA would stay -:--:--
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), Count(), Rate(), TimeRemainingColumn(),
+                   console=err, transient=True, speed_estimate_period=3600)
+    task = bar.add_task("starting", total=None, unit="tokens")
 
     def status(message: str) -> None:
         bar.update(task, description=message)
 
-    def progress(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total, description="scoring")
+    def phase(name: str, total: int, unit: str) -> None:
+        bar.reset(task, total=total, completed=0, description=name, unit=unit)  # its own bar, rate and ETA
 
-    return bar, status, progress
+    def progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, status, progress, phase
 
 
 def score(
@@ -86,7 +102,10 @@ def score(
 
     parse_methods(method)  # a typo fails before anything loads
     _check_out(out_file)
-    bar, status, progress = _progress_bar(not json_out and err.is_terminal)
+    bar, status, progress, phase = _progress_bar(not json_out and err.is_terminal)
+    notes = LateNotes() if bar is None and not json_out else None  # off a terminal: a line per long step
+    if notes is not None:
+        status, phase = notes, lambda name, total, unit: notes(f"scoring: {name} ({total:,} {unit})")
     if bar is not None:
         bar.start()
     try:
@@ -94,13 +113,15 @@ def score(
                               device=device, device_map=device_map, dtype=dtype, autocast=autocast,
                               text_field=text_field,
                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
-                              status=status)
+                              status=status, phase=phase)
         if status:
             status("writing scores")
         save_scores(out_file, scores)
     finally:
         if bar is not None:
             bar.stop()
+        if notes is not None:
+            notes.close()
     meta = scores.meta
     if json_out:
         print_json({"out": str(out_file), "metrics": sorted(scores.metrics()), "tensors": len(scores.tensors),
