@@ -159,3 +159,20 @@ def test_demo_nonuniform_export_reads_right_in_mlx_lm(tmp_path):
     # (drop_layers only) at 6.6e-04 (measured); this plan gave 1.4e-03 with logits up to 27
     assert diff <= 5e-3, diff
     assert _greedy_mlx(mlx_model, ids, 32) == _greedy_torch(pruned, ids, 32)
+
+
+def test_kv_groups_that_cannot_serve_the_global_head_count():
+    """SmolLM2's 9 query heads: 2 kept groups of 3 get a zero third group; 2 groups of 4 fit no divisor of 9."""
+    from surgery.export.vllm import decilm_layout
+    from surgery.shapes import shape_from_config
+
+    def shape(heads, kv):
+        return shape_from_config({"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9,
+                                  "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,
+                                  "num_hidden_layers": 1, "vocab_size": 100,
+                                  "surgery_layers": [{"heads": heads, "kv_heads": kv, "mlp": 1536, "skip": []}]})
+
+    heads, (block,) = decilm_layout(shape(6, 2))
+    assert (heads, block.kv_out, block.group_out) == (9, 3, 3)
+    with pytest.raises(UserError, match="2 KV groups of 4 query heads"):
+        decilm_layout(shape(8, 2))
