@@ -40,7 +40,10 @@ CASES = {
         {"op": "drop_layers", "layers": [1]},
         {"op": "drop_mlp", "layer": 2},
     ],
+    "llama3_rope": [{"op": "prune_kv_groups", "layer": 2, "groups": [1]}],  # rope_scaling read from legacy keys
 }
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
 
 
 def _greedy_torch(model, ids: torch.Tensor, n: int) -> list[int]:
@@ -65,7 +68,8 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     result = {}
     for name, steps in CASES.items():
-        pruned, _ = apply_plan(make_model("llama", **CONFIG), parse_plan({"version": 1, "steps": steps}))
+        config = {**CONFIG, "rope_parameters": LLAMA3} if name == "llama3_rope" else CONFIG
+        pruned, _ = apply_plan(make_model("llama", **config), parse_plan({"version": 1, "steps": steps}))
         save_model_dir(pruned, root / name, tokenizer=tiny_tokenizer(), manifest={"version": 1})
         report = export_vllm(str(root / name), root / f"{name}-vllm", dtype="float32")
         mlx_model, _ = mlx_lm.load(str(root / f"{name}-vllm"), tokenizer_config={"trust_remote_code": True})
@@ -76,7 +80,7 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_mlx_lm_reads_the_export_exactly(exported, case):
     model, mlx_model, _, _ = exported[case]
-    ids = tokens(2, 12)
+    ids = tokens(2, 40)  # 40 positions: a misread RoPE (llama3 scaling dropped) moves these logits by > 1e-2
     with torch.no_grad():
         want = model(ids).logits.numpy()
     got = np.array(mlx_model(mx.array(ids.numpy())))
@@ -176,3 +180,16 @@ def test_kv_groups_that_cannot_serve_the_global_head_count():
     assert (heads, block.kv_out, block.group_out) == (9, 3, 3)
     with pytest.raises(UserError, match="2 KV groups of 4 query heads"):
         decilm_layout(shape(8, 2))
+
+
+def test_cli_prints_padding_and_refuses_bad_input_in_one_line(capsys, exported, tmp_path):
+    from cli_helpers import call, one_error_line
+
+    src = exported["heads_kv_neurons_lowrank"][3].parent / "heads_kv_neurons_lowrank"
+    code, out, err = call(capsys, "export", src, "--to", "vllm", "--out", tmp_path / "v", "--dtype", "bfloat16")
+    assert code == 0 and "serve with: vllm serve" in out and "padding in all: +" in err
+    assert json.loads((tmp_path / "v" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    code, _, err = call(capsys, "export", src, "--to", "vllm", "--out", tmp_path / "v")
+    assert code == 2 and "not empty" in one_error_line(err)
+    code, _, err = call(capsys, "export", tmp_path / "missing", "--to", "vllm", "--out", tmp_path / "w")
+    assert code == 2 and one_error_line(err) and not (tmp_path / "w").exists()
