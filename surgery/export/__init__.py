@@ -3,6 +3,7 @@
 - `hf`: the HF-format directory `apply` writes (plain transformers, or `surgery.load` for per-layer shapes);
 - `gguf`: a single .gguf file for llama.cpp (`llama` architecture when uniform, `deci` when layers differ);
 - `vllm`: vLLM's heterogeneous Llama layout (`DeciLMForCausalLM`, `model_type: nemotron-nas`);
+- `runtimes`: which runtimes (transformers, llama.cpp, vLLM, surgery.load) run a shape, with what padding;
 - `atomic`: the atomic-directory writer every directory target shares.
 
 The names below are the package's public API (the HF target and the atomic writer, used across surgery).

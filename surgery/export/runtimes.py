@@ -60,12 +60,12 @@ def _uniform(shape: ModelShape) -> bool:
 
 def _densified(shape: ModelShape) -> list[Adjustment]:
     """The cost of multiplying every low-rank factor pair back into a dense weight."""
-    from surgery.export.vllm import _linear_dims
+    from surgery.export.vllm import source_linear_dims
 
     out = []
     for i, s in enumerate(shape.layers):
         for rel, rank in sorted(s.low_rank.items()):
-            o, n = _linear_dims(rel, s, s.heads, shape.hidden)
+            o, n = source_linear_dims(rel, s, shape.hidden)
             params = o * n - rank * (o + n)
             out.append(Adjustment(f"layer {i}: {rel} rank {rank} densified", params, 2 * params))
     return out

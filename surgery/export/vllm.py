@@ -137,14 +137,14 @@ def layout_adjustments(shape: ModelShape, heads: int, layout: list[BlockLayout])
             adjustments.append(Adjustment(f"layer {i}: MLP width {b.mlp} padded to {b.mlp_out} (a multiple of "
                                           f"{FFN_GRID}) with zero neurons (exact)", params, 2 * params))
         for rel, rank in sorted(s.low_rank.items()):
-            out_f, in_f = _linear_dims(rel, s, heads, hidden)
+            out_f, in_f = source_linear_dims(rel, s, hidden)
             params = out_f * in_f - rank * (out_f + in_f)
             adjustments.append(Adjustment(f"layer {i}: {rel} rank-{rank} factors multiplied back into a dense "
                                           f"{out_f}x{in_f} weight (exact)", params, 2 * params))
     return adjustments
 
 
-def _linear_dims(rel: str, s: LayerShape, heads: int, hidden: int) -> tuple[int, int]:
+def source_linear_dims(rel: str, s: LayerShape, hidden: int) -> tuple[int, int]:
     """(out, in) of a projection as the source holds it (before padding)."""
     name = rel.rsplit(".", 1)[-1]
     dims = {"q_proj": (s.heads * s.head_dim, hidden), "k_proj": (s.kv_heads * s.head_dim, hidden),
