@@ -77,19 +77,52 @@ def prune_attention_heads(
     query head's group is kept. Because kept heads stay in ascending order, query head i of the result belongs to
     KV group i // (len(keep_q) / len(keep_kv)), exactly as `repeat_kv` expects.
     """
+    _select(attn, attention_selections(spec, keep_q, keep_kv, n_q, n_kv, head_dim), spec.conv1d)
+    set_attention_counts(attn, spec, len(keep_q), len(keep_kv), head_dim)
+
+
+# {projection name: (kept output features, kept input features)}, None meaning "all of them"
+Selections = dict[str, tuple[list[int] | None, list[int] | None]]
+
+
+def attention_selections(
+    spec: ArchSpec, keep_q: Sequence[int], keep_kv: Sequence[int], n_q: int, n_kv: int, head_dim: int
+) -> Selections:
+    """The features each attention projection keeps when heads `keep_q` and KV heads `keep_kv` stay.
+
+    The one source of truth for head cuts: the in-memory op and the streaming applier (surgery.stream) both read it.
+    """
     q_rows = head_rows(keep_q, head_dim)
     kv_rows = head_rows(keep_kv, head_dim)
     if spec.qkv:
-        fused = get_module(attn, spec.qkv)
         # rows (or Conv1D columns) are [q: n_q*hd | k: n_kv*hd | v: n_kv*hd]
         k_off, v_off = n_q * head_dim, (n_q + n_kv) * head_dim
-        select_outputs(fused, q_rows + [k_off + r for r in kv_rows] + [v_off + r for r in kv_rows], spec.conv1d)
+        sel: Selections = {spec.qkv: (q_rows + [k_off + r for r in kv_rows] + [v_off + r for r in kv_rows], None)}
     else:
-        select_outputs(get_module(attn, spec.q), q_rows, spec.conv1d)
-        select_outputs(get_module(attn, spec.k), kv_rows, spec.conv1d)
-        select_outputs(get_module(attn, spec.v), kv_rows, spec.conv1d)
-    select_inputs(get_module(attn, spec.o), q_rows, spec.conv1d)
-    set_attention_counts(attn, spec, len(keep_q), len(keep_kv), head_dim)
+        sel = {spec.q: (q_rows, None), spec.k: (kv_rows, None), spec.v: (kv_rows, None)}
+    sel[spec.o] = (None, q_rows)
+    return sel
+
+
+def mlp_selections(spec: ArchSpec, keep: Sequence[int], width: int) -> Selections:
+    """The features each MLP projection keeps when neurons `keep` stay (fused gate_up: [gate | up] rows)."""
+    keep = list(keep)
+    if spec.gate_up:
+        sel: Selections = {spec.gate_up: (keep + [width + i for i in keep], None)}
+    else:
+        sel = {spec.gate: (keep, None)} if spec.gate else {}
+        sel[spec.up] = (keep, None)
+    sel[spec.down] = (None, keep)
+    return sel
+
+
+def _select(parent: nn.Module, selections: Selections, conv1d: bool) -> None:
+    for name, (outputs, inputs) in selections.items():
+        module = get_module(parent, name)
+        if outputs is not None:
+            select_outputs(module, outputs, conv1d)
+        if inputs is not None:
+            select_inputs(module, inputs, conv1d)
 
 
 def set_attention_counts(attn: nn.Module, spec: ArchSpec, n_q: int, n_kv: int, head_dim: int) -> None:
@@ -107,15 +140,8 @@ def set_attention_counts(attn: nn.Module, spec: ArchSpec, n_q: int, n_kv: int, h
 
 def prune_mlp_neurons(mlp: nn.Module, spec: ArchSpec, keep: Sequence[int], width: int) -> None:
     """Keep MLP neurons `keep`: rows of gate/up (fc_in), columns of down (fc_out); fused gate_up handled."""
-    keep = list(keep)
-    if spec.gate_up:
-        # rows are [gate: width | up: width]; chunk(2) in the forward splits them again
-        select_outputs(get_module(mlp, spec.gate_up), keep + [width + i for i in keep], spec.conv1d)
-    else:
-        if spec.gate:
-            select_outputs(get_module(mlp, spec.gate), keep, spec.conv1d)
-        select_outputs(get_module(mlp, spec.up), keep, spec.conv1d)
-    select_inputs(get_module(mlp, spec.down), keep, spec.conv1d)
+    # fused gate_up rows are [gate: width | up: width]; chunk(2) in the forward splits them again
+    _select(mlp, mlp_selections(spec, keep, width), spec.conv1d)
 
 
 def drop_attention(layer: nn.Module, spec: ArchSpec, layer_idx: int, head_dim: int) -> None:
@@ -197,6 +223,8 @@ OPS: dict[str, Callable[..., None]] = {
 __all__ = [
     "OPS",
     "Placeholder",
+    "Selections",
+    "attention_selections",
     "drop_attention",
     "drop_mlp",
     "get_module",
@@ -204,6 +232,7 @@ __all__ = [
     "low_rank",
     "low_rank_factors",
     "make_low_rank",
+    "mlp_selections",
     "prune_attention_heads",
     "prune_mlp_neurons",
     "select_inputs",

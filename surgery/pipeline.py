@@ -110,6 +110,21 @@ def calibration_blocks(v: Validation, trust_remote_code: bool = False):
     return blocks
 
 
+def apply_manifest(plan: Plan, v: Validation, params_after: int, force: bool, path: str) -> dict:
+    """The manifest (surgery.json) of an apply; `path` says which applier ran ("stream" or "in_memory")."""
+    return {
+        "version": 1,
+        "plan": plan.model_dump(mode="json", exclude_none=True),
+        "input": {"source": v.resolved.original, "kind": v.resolved.kind, "fingerprint": v.fingerprint},
+        "params": {"before": v.params_before, "after": params_after},
+        "warnings": v.warnings,
+        "forced": bool(force and v.fingerprint_ok is False),
+        "versions": versions(),
+        "command": " ".join(sys.argv[:1] + sys.argv[1:]) if sys.argv else "",
+        "apply": {"path": path},
+    }
+
+
 @dataclass
 class ApplyResult:
     out: Path
@@ -128,8 +143,12 @@ def apply_to_source(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    stream: bool | None = None,
 ) -> ApplyResult:
     """Validate, then load the model, apply the plan and write `out` atomically with its manifest.
+
+    `stream`: True streams the plan from the input safetensors without building the model (surgery.stream; a plan
+    that cannot stream is refused), False loads it, None (default) streams when the plan and source allow.
 
     Raises:
         FingerprintMismatch: the plan was made for other weights (unless `force`).
@@ -148,6 +167,13 @@ def apply_to_source(
             f"the plan was made for weights {plan.model.fingerprint[:19]}... but {v.resolved.original} has "
             f"{v.fingerprint[:19]}... (pass --force to apply anyway)"
         )
+    if stream is not False:
+        from surgery.stream.apply import stream_apply_source
+
+        streamed = stream_apply_source(plan, v, out, required=bool(stream), dtype=dtype, overwrite=overwrite,
+                                       force=force, trust_remote_code=trust_remote_code, progress=progress)
+        if streamed is not None:
+            return streamed
     blocks = calibration_blocks(v, trust_remote_code) if v.resolution.needs_data else None
     if progress:
         progress("loading weights")
@@ -161,16 +187,7 @@ def apply_to_source(
         data_report = apply_calibrated(loaded.model, v.resolution, loaded.tokenizer, blocks=blocks).describe()
     else:
         apply_resolution(loaded.model, v.resolution)
-    manifest = {
-        "version": 1,
-        "plan": plan.model_dump(mode="json", exclude_none=True),
-        "input": {"source": v.resolved.original, "kind": v.resolved.kind, "fingerprint": v.fingerprint},
-        "params": {"before": v.params_before, "after": count_params(loaded.model)},
-        "warnings": v.warnings,
-        "forced": bool(force and v.fingerprint_ok is False),
-        "versions": versions(),
-        "command": " ".join(sys.argv[:1] + sys.argv[1:]) if sys.argv else "",
-    }
+    manifest = apply_manifest(plan, v, count_params(loaded.model), force, "in_memory")
     if data_report is not None:
         manifest["calibration"] = data_report
     if progress:

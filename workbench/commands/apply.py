@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from surgery.errors import UserError
 from surgery.plan import load_plan, read_plan_json
 from workbench.cli_common import (
     AllowPickleOpt,
@@ -24,7 +25,7 @@ from workbench.cli_common import (
 
 def apply(
     plan_file: Annotated[Path, typer.Argument(help="Plan file (JSON).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (written atomically).")] = None,
     model: ModelOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Apply even if the plan was made for other weights.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
@@ -32,6 +33,12 @@ def apply(
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    stream: Annotated[bool | None, typer.Option(
+        "--stream/--no-stream",
+        help="Stream from the input safetensors without building the model (default: whenever the plan allows; "
+        "--stream refuses a plan that cannot).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List the slices streaming would read and the output sizes; reads no weights.")] = False,
 ) -> None:
     """Apply a plan to a model and save the result (config, safetensors, tokenizer, surgery.json manifest)."""
     from surgery.pipeline import apply_to_source  # torch/transformers: imported only when needed
@@ -39,6 +46,11 @@ def apply(
     from surgery.jobs.pipeline import is_pipeline_file
 
     data = read_plan_json(plan_file)  # once: the file may be a pipe (`<(cat plan.json)`)
+    if dry_run:
+        _dry_run(load_plan(plan_file, data), model, stream, dtype, allow_pickle, trust_remote_code, json_out)
+        return
+    if out_dir is None:
+        raise UserError("missing --out DIR (where to write the result)")
     if is_pipeline_file(data):  # distill -> prune -> redistill files run as a headless pipeline
         from workbench.commands.jobs import pipeline
 
@@ -48,7 +60,8 @@ def apply(
     start = time.perf_counter()
     with status(not json_out) as progress:
         result = apply_to_source(plan, out_dir, model, force=force, overwrite=overwrite, dtype=dtype,
-                                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+                                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
+                                 stream=stream)
     seconds = time.perf_counter() - start
     m = result.manifest
     if json_out:
@@ -63,5 +76,32 @@ def apply(
     )
     out.print(
         f"[green]wrote[/] {result.out}: params {fmt_int(before)} -> {fmt_int(after)} "
-        f"({1 - after / before:.1%} removed) in {seconds:.1f}s; load with {how}"
+        f"({1 - after / before:.1%} removed) in {seconds:.1f}s ({m['apply']['path'].replace('_', '-')}); "
+        f"load with {how}"
     )
+
+
+def _dry_run(plan, model, stream, dtype, allow_pickle, trust_remote_code, json_out) -> None:
+    """`apply --dry-run`: the plan of reads, from headers only."""
+    from surgery.stream.apply import dry_run_source
+
+    report = dry_run_source(plan, model, stream=stream, dtype=dtype, allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
+    if json_out:
+        print_json(report)
+        return
+    for w in report["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}")
+    if report["path"] != "stream":
+        out.print(f"in-memory apply (cannot stream: {report['why'][0]})")
+        return
+    for r in report["reads"]:
+        cut = " ".join(f"{k} {v[0]}/{v[1]}" for k in ("rows", "cols") if (v := r[k]) and v[0] != v[1])
+        how = f"low rank {r['low_rank']} of " if r["low_rank"] else ""
+        what = f"{how}{r['source']}{' [' + cut + ']' if cut else ''}" if r["source"] else "(placeholder, 0 bytes)"
+        out.print(f"{r['file']}  {r['name']}  <- {what}  read {fmt_int(r['bytes_read'])} B, "
+                  f"write {fmt_int(r['bytes_written'])} B")
+    for s in report["shards"]:
+        out.print(f"{s['file']}: {fmt_int(s['bytes'])} bytes, {s['tensors']} tensors")
+    out.print(f"streaming apply: reads {fmt_int(report['bytes_read'])} bytes, writes {fmt_int(report['bytes_written'])} "
+              f"bytes in {len(report['shards'])} file(s); params after {fmt_int(report['params_after'])}")

@@ -31,7 +31,7 @@ def export(
     source: Annotated[str, typer.Argument(help="Model: an `apply` output, an HF directory, a .gguf file or smollm2-135m.")],
     to: Annotated[Target, typer.Option("--to", help="gguf (llama.cpp) or vllm (DeciLM / nemotron-nas layout).")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output: a .gguf file (gguf) or a directory (vllm).")],
-    dtype: Annotated[str, typer.Option(help="gguf: f32, f16, bf16 or q8_0; vllm: float32, bfloat16, float16 or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="gguf: f32, f16 (= auto), bf16 or q8_0; vllm: float32, bfloat16, float16 or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,

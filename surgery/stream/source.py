@@ -1,0 +1,84 @@
+"""Where every tensor of a safetensors checkpoint lies on disk: file, absolute byte offset, dtype, shape.
+
+`surgery.inspect.read_safetensors_header` checks a header and gives sizes; streaming also needs the offsets, so
+this reads the same header once more (a few KB per file) and keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from surgery.errors import SourceError
+from surgery.inspect import read_safetensors_header
+from surgery.shards import index_shards
+
+# safetensors dtype names <-> torch dtypes (the formats a transformers checkpoint holds)
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One stored tensor: its bytes are file[start : start + nbytes], C order."""
+
+    file: Path
+    start: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index along dim 0 (one element for a 1-D tensor)."""
+        return math.prod(self.shape[1:]) * self.itemsize
+
+
+def weight_shards(directory: Path) -> list[Path]:
+    """The safetensors files holding a HF directory's weights (the index's shards, or model.safetensors)."""
+    names = index_shards(directory)
+    if names is not None:
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise SourceError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+
+def tensor_locations(directory: Path | str) -> dict[str, SourceTensor]:
+    """Every tensor of the checkpoint in `directory`, from its headers alone (no weight byte is read).
+
+    Raises:
+        SourceError: A header is corrupt, or holds a dtype streaming cannot read.
+    """
+    directory = Path(directory)
+    found: dict[str, SourceTensor] = {}
+    for path in weight_shards(directory):
+        read_safetensors_header(path)  # the checks: sizes, offsets inside the file
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = ST_TO_TORCH.get(entry["dtype"])
+            if dtype is None:
+                raise SourceError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which streaming cannot read")
+            found[name] = SourceTensor(path, 8 + n + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
+    return found
