@@ -52,31 +52,37 @@ def load() -> str:
 
 
 def variants(args) -> dict[str, tuple]:
-    """name -> (layout, low-rank spec or None, rank method, calibration file or None, reconstruct inputs or None)."""
-    wiki, shake = args.calib, str(SHAKESPEARE)
+    """name -> (layout, low-rank spec or None, rank method, calibration file or None, reconstruct inputs or None,
+    ridge)."""
+    wiki, shake, r = args.calib, str(SHAKESPEARE), args.ridge
     rows = {}
     for layout in ("uniform", "non-uniform"):
-        rows[f"{layout}/cut"] = (layout, None, None, None, None)
-        rows[f"{layout}/recon-pruned"] = (layout, None, None, wiki, "pruned")
-        rows[f"{layout}/recon-original"] = (layout, None, None, wiki, "original")
-        rows[f"{layout}/recon-pruned-shakespeare"] = (layout, None, None, shake, "pruned")
+        rows[f"{layout}/cut"] = (layout, None, None, None, None, r)
+        rows[f"{layout}/recon-pruned"] = (layout, None, None, wiki, "pruned", r)
+        rows[f"{layout}/recon-original"] = (layout, None, None, wiki, "original", r)
+        rows[f"{layout}/recon-pruned-shakespeare"] = (layout, None, None, shake, "pruned", r)
+        for other in (0.01, 1.0):
+            rows[f"{layout}/recon-pruned-ridge{other:g}"] = (layout, None, None, wiki, "pruned", other)
     for method in ("svd", "whitened"):
-        rows[f"lowrank-attn-{method}/recon-pruned"] = ("non-uniform", "attn", method, wiki, "pruned")
-    rows["lowrank-attn-whitened/no-recon"] = ("non-uniform", "attn", "whitened", wiki, None)
+        rows[f"lowrank-attn-{method}/cut"] = ("non-uniform", "attn", method, wiki if method != "svd" else None,
+                                              None, r)
+        rows[f"lowrank-attn-{method}/recon-pruned"] = ("non-uniform", "attn", method, wiki, "pruned", r)
     return rows
 
 
 def build_plan(args, spec: tuple, tokenizer, config: dict, cache: dict):
-    layout, low_rank, method, calib, inputs = spec
+    layout, low_rank, method, calib, inputs, ridge = spec
     key = (layout, low_rank)
     if key not in cache:
         target = Target(params=args.target, low_rank=(low_rank,) if low_rank else None,
                         rank_keep=args.rank_keep if low_rank else None)
-        cache[key] = suggest_for_source(args.model, [args.scores], target, uniform=layout == "uniform").plan
+        # the sv file (data-free) has no data fingerprint to match the data-driven scores': merged with force
+        cache[key] = suggest_for_source(args.model, args.scores, target, uniform=layout == "uniform",
+                                        force=len(args.scores) > 1).plan
     plan = cache[key]
     if calib is None:
         return plan
-    step = Reconstruct(op="reconstruct", inputs=inputs, ridge=args.ridge) if inputs else None
+    step = Reconstruct(op="reconstruct", inputs=inputs, ridge=ridge) if inputs else None
     return calibrate_plan(plan, config, tokenizer, calib, tokens=args.calib_tokens, seq_len=args.seq_len,
                           reconstruct=step, rank_method=method if low_rank else None)
 
@@ -112,13 +118,15 @@ def replay(plan_path: Path, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--scores", required=True)
+    ap.add_argument("--scores", required=True, nargs="+", help="score files (add an sv file for low-rank rows)")
     ap.add_argument("--calib", required=True, help="calibration text disjoint from the evaluated blocks")
     ap.add_argument("--target", type=float, default=0.8)
-    ap.add_argument("--rank-keep", type=float, default=0.9)
+    ap.add_argument("--rank-keep", type=float, default=0.8)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--ridge", type=float, default=1e-3)
+    ap.add_argument("--ridge", type=float, default=0.1)
+    ap.add_argument("--skip-baseline", action="store_true", help="do not evaluate the unpruned model (another "
+                    "run does, on the same tokens): ratios print as nan")
     ap.add_argument("--eval-blocks", type=int, default=32)
     ap.add_argument("--eval-seq-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
@@ -137,7 +145,7 @@ def main() -> None:
           f"tokens ({eval_blocks.fingerprint[:19]}...); calibration {args.calib_tokens} tokens, seq {args.seq_len}, "
           f"ridge {args.ridge}", flush=True)
     results = {}
-    ppl0, t_eval = evaluate(base_model, eval_blocks, "unpruned")
+    ppl0, t_eval = (float("nan"), 0.0) if args.skip_baseline else evaluate(base_model, eval_blocks, "unpruned")
     results["unpruned"] = {"ppl": ppl0, "eval_s": t_eval, "params": count_params(base_model)}
     print(f"unpruned: ppl {ppl0:.2f} ({t_eval:.0f}s)", flush=True)
 
