@@ -235,3 +235,22 @@ def test_calibration_too_short_is_refused_with_the_tokens_needed(tiny_dir, tmp_p
     assert code == 2 and "rank-deficient" in line, line
     assert int(re.search(r"need at least (\d+) tokens", line).group(1)) > 64  # the kept neurons + the bias-free 1
     assert not plan.exists()
+
+
+def test_plan_editor_keeps_calibration_reconstruct_and_whitened_steps():
+    """Opening a calibrated plan in the TUI's editor and editing marks never drops its data-driven parts."""
+    from surgery.shapes import shape_from_config
+    from workbench.editor import PlanEditor
+
+    model = make_model("llama")
+    blocks = blocks_of()
+    doc = plan_for(blocks, [{"op": "prune_neurons", "layer": 1, "neurons": [0, 1]},
+                            {"op": "low_rank", "module": "model.layers.2.mlp.up_proj", "rank": 8,
+                             "method": "whitened"}], inputs="original")
+    editor = PlanEditor(shape_from_config(model.config.to_dict()), parse_plan(doc))
+    editor.toggle_layer(0)
+    out = json.loads(editor.plan().to_json())
+    assert out["calibration"] == doc["calibration"] | {"batch_size": 8}
+    assert {"op": "reconstruct", "inputs": "original", "ridge": RIDGE} in out["steps"]
+    assert {"op": "low_rank", "module": "model.layers.2.mlp.up_proj", "rank": 8, "method": "whitened"} in out["steps"]
+    assert {"op": "drop_layers", "layers": [0]} in out["steps"]

@@ -89,6 +89,9 @@ class PlanEditor:
         self._undo: list[list[LayerMarks]] = []
         self._redo: list[list[LayerMarks]] = []
         self.pending: dict[int, set[int]] = {}  # layer -> the head set being picked, not GQA-legal yet
+        # a loaded plan's data-driven parts (calibration block, reconstruct step, whitened low_rank), which are not
+        # marks: kept as they are and written back by plan(), so editing such a plan never drops them
+        self.data_steps: dict = {}
         if plan is not None:
             self.load_plan(plan)
         if session is not None:
@@ -113,10 +116,18 @@ class PlanEditor:
             if m.drop_mlp:
                 steps.append({"op": "drop_mlp", "layer": i})
             for rel, rank in sorted(m.ranks.items()):
-                steps.append({"op": "low_rank", "module": f"{spec.layers}.{i}.{rel}", "rank": rank})
+                step = {"op": "low_rank", "module": f"{spec.layers}.{i}.{rel}", "rank": rank}
+                if (i, rel) in self.data_steps.get("whitened", ()):
+                    step["method"] = "whitened"
+                steps.append(step)
         if dropped:
             steps.append({"op": "drop_layers", "layers": dropped})
-        return parse_plan({"version": 1, "steps": steps})
+        doc: dict = {"version": 1, "steps": steps}
+        if self.data_steps.get("reconstruct") is not None:
+            steps.append(self.data_steps["reconstruct"].model_dump(exclude_none=True))
+        if self.data_steps.get("calibration") is not None:
+            doc["calibration"] = self.data_steps["calibration"].model_dump(exclude_none=True)
+        return parse_plan(doc)
 
     def load_plan(self, plan: Plan) -> None:
         """Replace the marks by those of `plan` (validated against the model first)."""
@@ -126,6 +137,12 @@ class PlanEditor:
             layers.append(LayerMarks(set(cut.heads), sorted(cut.neurons), cut.dropped, cut.drop_attention,
                                      cut.drop_mlp, dict(cut.low_rank)))
         self.layers = layers
+        self.data_steps = {
+            "calibration": plan.calibration,
+            "reconstruct": resolution.reconstruct,
+            "whitened": {(c.index, rel) for c in resolution.layers for rel, m in c.low_rank_method.items()
+                         if m == "whitened"},
+        }
         self.resolution = resolution
 
     # ----------------------------------------------------------------------------------------------- edits
