@@ -1,0 +1,245 @@
+"""Streaming apply (surgery.stream) at three sizes, every number measured side by side in one run.
+
+demo        the real demo model (SmolLM2-135M, fp32): streaming `apply` of a uniform 80% plan against a plain
+            `from_pretrained` + `save_pretrained` (+ tokenizer) of the same model: time ratio (goal <= 1.0) and
+            peak RSS of each (each in its own process, /usr/bin/time -v).
+synthetic7b a 7B-shaped Llama (random bf16 weights written once into a temp dir, ~13.5 GB) pruned to 80% by
+            streaming: wall time, peak RSS (goal < 2 GB), bytes written per second against `cp` + `sync` of the
+            same checkpoint. Everything is deleted at the end. `--shape 3b` for a smaller disk.
+headers70b  a 70B-shaped header set (Llama-3-70B config; each shard a real safetensors header, then `truncate`d
+            to its full size: sparse, ~0 bytes on disk): `inspect`, `plan validate` (cold, then with the
+            fingerprint cached) and `apply --dry-run`, wall time and peak RSS.
+
+Run: nice -n 10 python benchmarks/stream_apply.py demo|synthetic7b|headers70b [--work DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+}  # fmt: skip
+
+
+def measured(cmd: list[str], **kw) -> dict:
+    """Run `cmd` under /usr/bin/time -v: wall seconds, peak RSS (MB), its stdout."""
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, **kw)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
+    return {"wall_s": wall, "rss_mb": rss_kb / 1024, "stdout": p.stdout}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_checkpoint(out: Path, config: dict, fill: bool, seed: int = 0) -> int:
+    """A bf16 Llama checkpoint in save_pretrained's layout (5 GB shards, index): random weights when `fill`, else
+    headers only, each file truncated to its full size (sparse). Returns the bytes of its safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from surgery.stream.apply import split_like_save_pretrained
+    from surgery.stream.reads import TensorRead
+    from surgery.stream.writer import file_order, header_bytes
+
+    out.mkdir(parents=True)
+    cfg = LlamaConfig(**config, dtype="bfloat16")
+    cfg.save_pretrained(out)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    state = dict(sorted(model.state_dict().items()))  # save_pretrained's order (it sorts when reverting names)
+    split = split_like_save_pretrained(state, "5GB")
+    g = torch.Generator().manual_seed(seed)
+    total = 0
+    for name, tensors in sorted(split.filename_to_tensors.items()):
+        ordered = file_order([TensorRead(n, state[n].dtype, tuple(state[n].shape)) for n in tensors])
+        head = header_bytes(ordered)
+        size = len(head) + sum(r.nbytes for r in ordered)
+        with open(out / name, "wb") as f:
+            f.write(head)
+            if fill:
+                for r in ordered:
+                    t = (torch.randn(r.shape, generator=g) * 0.02).to(torch.bfloat16)
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                f.truncate(size)
+        total += size
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": sum(t.numel() for t in state.values()), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return total
+
+
+def uniform_plan(config: dict, keep: float = 0.8, seed: int = 0) -> dict:
+    """~`keep` of the parameters: the same number of KV groups and neurons removed in every layer (random ones)."""
+    rng = random.Random(seed)
+    heads, kv, width = config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]
+    drop_groups = max(1, round(kv * (1 - keep)))
+    drop_neurons = round(width * (1 - keep))
+    steps = []
+    for i in range(config["num_hidden_layers"]):
+        steps.append({"op": "prune_kv_groups", "layer": i, "groups": sorted(rng.sample(range(kv), drop_groups))})
+        steps.append({"op": "prune_neurons", "layer": i, "neurons": sorted(rng.sample(range(width), drop_neurons))})
+    del heads
+    return {"version": 1, "steps": steps}
+
+
+def workbench(*args: str) -> list[str]:
+    return ["workbench", *args]
+
+
+def demo(work: Path, repeats: int) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from apply_speed import magnitude_plan
+
+    from surgery.sources import resolve_source
+
+    src = resolve_source("smollm2-135m").path
+    plan_file = work / "plan.json"
+    plan_file.write_text(json.dumps(magnitude_plan(src)))
+    plain_code = (
+        "import sys, time, torch; torch.set_num_threads(1)\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "t = time.perf_counter()\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto'); m.save_pretrained(sys.argv[2])\n"
+        "AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])\n"
+        "print(time.perf_counter() - t)\n"
+    )
+    stream_code = (
+        "import sys, time, torch; torch.set_num_threads(1)\n"
+        "from surgery.pipeline import apply_to_source; from surgery.plan import load_plan\n"
+        "plan = load_plan(sys.argv[3])\n"
+        "t = time.perf_counter()\n"
+        "r = apply_to_source(plan, sys.argv[2], sys.argv[1], stream=True)\n"
+        "assert r.manifest['apply']['path'] == 'stream'\n"
+        "print(time.perf_counter() - t)\n"
+    )
+    import_code = "import torch, transformers, surgery.pipeline, surgery.stream; from transformers import AutoModelForCausalLM"
+    base = measured([sys.executable, "-c", import_code])
+    # warm-up: the source fingerprint is cached after its first computation (as it is for every later apply)
+    subprocess.run([sys.executable, "-c", stream_code, str(src), str(work / "warm"), str(plan_file)], check=True,
+                   capture_output=True)
+    rows = {"plain": [], "stream": []}
+    for i in range(repeats):
+        for name, code in (("plain", plain_code), ("stream", stream_code)):
+            out = work / f"{name}{i}"
+            m = measured([sys.executable, "-c", code, str(src), str(out), str(plan_file)])
+            rows[name].append((float(m["stdout"].strip().splitlines()[-1]), m["rss_mb"]))
+            shutil.rmtree(out)
+    med = {k: sorted(v)[len(v) // 2] for k, v in rows.items()}
+    print(f"demo: interpreter + imports alone: peak RSS {base['rss_mb']:.0f} MB")
+    for k, (s, rss) in med.items():
+        spread = (max(x for x, _ in rows[k]) - min(x for x, _ in rows[k])) / 2
+        print(f"demo: {k:6s} {s:.2f} s ±{spread:.2f} (in-process, median of {repeats}), peak RSS "
+              f"{max(r for _, r in rows[k]):.0f} MB")
+    print(f"demo: streaming apply / plain load+save = {med['stream'][0] / med['plain'][0]:.2f} (goal <= 1.0)")
+
+
+def synthetic(work: Path, shape: str) -> None:
+    config = SHAPES[shape]
+    src, out, copy = work / "src", work / "out", work / "copy"
+    from surgery.estimate import count_params, meta_model
+
+    size = 2 * count_params(meta_model({"model_type": "llama", **config}))  # bf16 bytes
+    free = shutil.disk_usage(work).free
+    if free < 2.2 * size:  # the input, then cp's copy of it (or the output) beside it
+        raise SystemExit(f"{shape}: needs ~{2.2 * size / 1e9:.0f} GB free, {work} has {free / 1e9:.0f} GB: use --shape 3b")
+    t = time.perf_counter()
+    total = write_checkpoint(src, config, fill=True)
+    print(f"{shape}: wrote {total / 1e9:.2f} GB of random bf16 weights in {time.perf_counter() - t:.0f} s "
+          f"(disk had {free / 1e9:.0f} GB free)")
+    plan = work / "plan.json"
+    plan.write_text(json.dumps(uniform_plan(config)))
+    v = measured(workbench("plan", "validate", str(plan), "--model", str(src), "--json"))
+    info = json.loads(v["stdout"])
+    kept = info.get("params_after", 0) / max(info.get("params_before", 1), 1)
+    print(f"{shape}: plan validate (cold: fingerprints every input byte) {v['wall_s']:.1f} s, peak RSS "
+          f"{v['rss_mb']:.0f} MB; plan keeps {kept:.1%} of the parameters")
+    subprocess.run(["sync"], check=True)
+    t = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(copy)], check=True)
+    subprocess.run(["sync"], check=True)
+    cp_s = time.perf_counter() - t
+    cp_rate = dir_bytes(copy) / cp_s
+    shutil.rmtree(copy)
+    subprocess.run(["sync"], check=True)
+    a = measured(workbench("apply", str(plan), "--model", str(src), "--out", str(out), "--stream", "--json"))
+    manifest = json.loads(a["stdout"])
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"{shape}: cp -r + sync of the input: {cp_s:.1f} s, {cp_rate / 1e6:.0f} MB/s")
+    print(f"{shape}: streaming apply (--stream, fingerprint cached): {a['wall_s']:.1f} s wall, peak RSS "
+          f"{a['rss_mb']:.0f} MB (goal < 2 GB), wrote {written / 1e9:.2f} GB = {written / a['wall_s'] / 1e6:.0f} MB/s "
+          f"({written / a['wall_s'] / cp_rate:.0%} of cp), read {manifest['apply']['bytes_read'] / 1e9:.2f} GB; "
+          f"params {manifest['params']['before']:,} -> {manifest['params']['after']:,}")
+
+
+def headers70b(work: Path) -> None:
+    config = SHAPES["70b"]
+    src = work / "h70b"
+    t = time.perf_counter()
+    total = write_checkpoint(src, config, fill=False)
+    on_disk = sum(p.stat().st_blocks * 512 for p in src.iterdir())
+    print(f"70b: header set of {len(list(src.glob('*.safetensors')))} shards, {total / 1e9:.1f} GB apparent, "
+          f"{on_disk / 1e6:.1f} MB on disk, written in {time.perf_counter() - t:.1f} s")
+    plan = work / "plan70b.json"
+    plan.write_text(json.dumps(uniform_plan(config)))
+    rows = [
+        ("inspect", workbench("inspect", str(src), "--json")),
+        ("plan validate (cold fingerprint)", workbench("plan", "validate", str(plan), "--model", str(src), "--json")),
+        ("plan validate (fingerprint cached)", workbench("plan", "validate", str(plan), "--model", str(src), "--json")),
+        ("apply --dry-run", workbench("apply", str(plan), "--model", str(src), "--dry-run", "--json")),
+    ]
+    for name, cmd in rows:
+        m = measured(cmd)
+        extra = ""
+        if name.startswith("apply"):
+            d = json.loads(m["stdout"])
+            extra = (f"; {len(d['reads'])} tensor reads, reads {d['bytes_read'] / 1e9:.1f} GB, writes "
+                     f"{d['bytes_written'] / 1e9:.1f} GB in {len(d['shards'])} shards")
+        print(f"70b: {name}: {m['wall_s']:.1f} s, peak RSS {m['rss_mb']:.0f} MB{extra}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["demo", "synthetic7b", "headers70b"])
+    ap.add_argument("--work", type=Path, default=None, help="Scratch directory (default: a new one under /tmp).")
+    ap.add_argument("--shape", choices=["7b", "3b"], default="7b")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="Keep the scratch directory.")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="wb-stream-", dir=args.work))
+    try:
+        if args.what == "demo":
+            demo(work, args.repeats)
+        elif args.what == "synthetic7b":
+            synthetic(work, args.shape)
+        else:
+            headers70b(work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
