@@ -74,7 +74,12 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
             raise UserError(f"output path exists and is not a directory: {out}")
         if any(out.iterdir()) and not overwrite:
             raise UserError(f"output directory exists and is not empty: {out} (pass --overwrite to replace it)")
-    parent = absolute.parent
+    check_parent_writable(out)
+
+
+def check_parent_writable(out: Path) -> None:
+    """`out` can be created: its nearest existing ancestor is a directory this process may write into."""
+    parent = _normalise(out).parent
     probe = parent
     while not probe.exists():
         probe = probe.parent
@@ -225,14 +230,7 @@ def check_output_file(out: Path, overwrite: bool = False) -> None:
         raise UserError(f"output path is a directory, not a file: {out}")
     if out.exists() and not overwrite:
         raise UserError(f"output file exists: {out} (pass --overwrite to replace it)")
-    parent = out.absolute().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"cannot create {out}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {parent}: permission denied")
+    check_parent_writable(out)
 
 
 @contextlib.contextmanager
