@@ -71,3 +71,30 @@ def test_plan_panel(snap_compare, tiny_app, size):
         await _settle(pilot)
 
     assert snap_compare(tiny_app, terminal_size=size, run_before=run_before)
+
+
+FORMS = {  # fixed defaults: the real ones name this machine's data paths
+    "score": {"data": "wiki.test.raw", "tokens": "4096", "seq_len": "256",
+              "methods": "head-grad,kv-group-grad,neuron-taylor,layer-bi,sv,sv-grad"},
+    "job": {"teacher": "tiny-llama", "student": "exports/pruned", "data": "input.txt", "losses": "kl:1.0,ce:0.1",
+            "steps": "100"},
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_forms_fit_80x24(snap_compare, tiny_app, form):
+    """Every field and the button on screen at 80x24 (the score form was 84 columns wide, the job form cut off)."""
+    from workbench.screens.jobs import NewJobScreen
+    from workbench.screens.score import ScoreFormScreen
+
+    async def run_before(pilot):
+        await _settle(pilot)
+        pilot.app.push_screen((ScoreFormScreen if form == "score" else NewJobScreen)(FORMS[form]))
+        await _settle(pilot)
+        screen = pilot.app.screen
+        inside = screen.query_one("VerticalScroll").region
+        assert inside.right <= 80 and inside.bottom <= 24
+        for widget in [*screen.query("Input"), screen.query_one("Button")]:
+            assert inside.contains_region(widget.region), widget
+
+    assert snap_compare(tiny_app, terminal_size=(80, 24), run_before=run_before)

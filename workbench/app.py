@@ -46,19 +46,20 @@ class WorkbenchApp(App):
     TITLE = "workbench"
     CSS_PATH = "app.tcss"
     BINDINGS = [
+        # footer order = priority: at 80 columns the first ones are what fits after the screen's own keys
+        Binding("q", "quit", "quit", id="app.quit"),
         Binding("question_mark", "help", "help", id="app.help"),
-        Binding("p", "plan", "plan", id="app.plan"),
-        Binding("s", "score", "score", id="app.score"),
-        Binding("ctrl+c", "cancel_scoring", "cancel scoring", show=False, id="app.cancel_scoring"),
-        Binding("j", "jobs", "jobs", id="app.jobs"),
-        Binding("c", "compare", "compare", id="app.compare"),
         Binding("u,ctrl+z", "undo", "undo", id="app.undo"),
         Binding("U,ctrl+y", "redo", "redo", id="app.redo"),
+        Binding("p", "plan", "plan", id="app.plan"),
+        Binding("s", "score", "score", id="app.score"),
+        Binding("c", "compare", "compare", id="app.compare"),
+        Binding("j", "jobs", "jobs", id="app.jobs"),
+        Binding("L", "mark_lowest", "lowest %", id="app.mark_lowest"),
         Binding("t", "next_metric", "metric", id="app.next_metric"),
-        Binding("L", "mark_lowest", "mark lowest %", id="app.mark_lowest"),
+        Binding("ctrl+c", "cancel_scoring", "cancel scoring", show=False, id="app.cancel_scoring"),
         Binding("o", "load_scores", "load scores", show=False, id="app.load_scores"),
         Binding("w", "save_plan", "save plan", show=False, id="app.save_plan"),
-        Binding("q", "quit", "quit", id="app.quit"),
     ]
 
     def __init__(self, source: str, *, scores: str | None = None, load_weights: bool = True,

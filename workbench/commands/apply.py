@@ -29,7 +29,8 @@ def apply(
     model: ModelOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Apply even if the plan was made for other weights.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 (bf16), float16 (f16) or auto (the checkpoint's; "
+                                             "float32 for a dequantized GGUF such as the demo).")] = "auto",
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,

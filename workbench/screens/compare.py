@@ -53,7 +53,7 @@ class CompareScreen(Screen):
             yield Static(f"comparing {len(self.sources)} model(s) · data {self.data or 'none'}", id="compare-info")
             yield DataTable(id="compare", zebra_stripes=True)
             yield Static(id="bars")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "compare"

@@ -12,11 +12,11 @@ from pathlib import Path
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
 
 from workbench.plots import plotext_chart
+from workbench.screens.form import FormScreen
 
 COLUMNS = ("job", "state", "step", "loss", "tokens/s", "eta", "eval")
 
@@ -32,37 +32,13 @@ def loss_series(events: list[dict]) -> dict[str, list[float]]:
     return series
 
 
-class NewJobScreen(ModalScreen[dict | None]):
+class NewJobScreen(FormScreen):
     """teacher, student, data, losses, steps -> a job document (validated by the caller)."""
 
-    DEFAULT_CSS = """
-    NewJobScreen { align: center middle; }
-    NewJobScreen > Vertical { width: 80; height: auto; border: round $primary; background: $surface; padding: 0 1; }
-    """
-    BINDINGS = [Binding("escape", "cancel", "cancel", id="newjob.cancel")]
-    FIELDS = (("teacher", "Teacher"), ("student", "Student (e.g. the plan's output)"), ("data", "Training text"),
-              ("losses", "Losses"), ("steps", "Steps"))
-
-    def __init__(self, defaults: dict[str, str]) -> None:
-        super().__init__()
-        self.defaults = defaults
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label("[b]Start a distillation job[/b] (runs in the background; survives quitting)")
-            for key, label in self.FIELDS:
-                yield Label(label)
-                yield Input(value=self.defaults.get(key, ""), id=f"f-{key}")
-            yield Button("start", variant="primary", id="start")
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss({key: self.query_one(f"#f-{key}", Input).value.strip() for key, _ in self.FIELDS})
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.on_button_pressed(None)  # type: ignore[arg-type]
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
+    TITLE_TEXT = "[b]Start a distillation job[/b] (in the background; survives quitting)"
+    FIELDS = (("teacher", "Teacher"), ("student", "Student"), ("data", "Training text"), ("losses", "Losses"),
+              ("steps", "Steps"))
+    BUTTON = "start"
 
 
 class JobsScreen(Screen):
@@ -71,7 +47,7 @@ class JobsScreen(Screen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "back", id="jobs.back"),
         Binding("n", "new_job", "new distill job", id="jobs.new"),
-        Binding("c", "cancel_job", "cancel job", id="jobs.cancel"),
+        Binding("x", "cancel_job", "cancel job", id="jobs.cancel"),  # `c` is compare everywhere
     ]
 
     def __init__(self, root: Path) -> None:
@@ -84,7 +60,7 @@ class JobsScreen(Screen):
         yield Static(f"jobs in {self.root}", id="jobs-root")
         yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
         yield Static(id="curve")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "jobs"

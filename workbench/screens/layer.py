@@ -17,12 +17,13 @@ class LayerScreen(Screen):
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "back", id="layer.back"),
-        Binding("plus,equals_sign", "neurons(1)", "cut more", id="layer.cut_more"),
-        Binding("minus", "neurons(-1)", "cut less", id="layer.cut_less"),
-        Binding("left_square_bracket", "rank(-1)", "rank -", id="layer.rank_down"),
-        Binding("right_square_bracket", "rank(1)", "rank +", id="layer.rank_up"),
+        # pairs share one footer entry ("+/- cut"), so the app's keys (q, ?, u) still fit at 80 columns
+        Binding("plus,equals_sign", "neurons(1)", "cut", key_display="+/-", id="layer.cut_more"),
+        Binding("minus", "neurons(-1)", "cut less", show=False, id="layer.cut_less"),
+        Binding("left_square_bracket", "rank(-1)", "rank", key_display="[/]", id="layer.rank_down"),
+        Binding("right_square_bracket", "rank(1)", "rank +", show=False, id="layer.rank_up"),
         Binding("x", "clear_rank", "full rank", id="layer.clear_rank"),
-        Binding("k", "weakest_per_group", "weakest/group", id="layer.weakest_per_group"),
+        Binding("k", "weakest_per_group", "weakest", id="layer.weakest_per_group"),
     ]
     NEURON_STEP = 1 / 32  # one key press moves the cut by 1/32 of the MLP width
 
@@ -41,7 +42,7 @@ class LayerScreen(Screen):
             yield Select([(name, name) for name in app.linear_names()], prompt="Linear for the spectrum",
                          id="linear", allow_blank=False)
             yield Static(id="spectrum")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = f"layer {self.layer_index}"

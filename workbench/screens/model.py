@@ -30,7 +30,7 @@ class ModelScreen(Screen):
         yield TotalsBar(id="totals")
         table = DataTable(id="layers", cursor_type="row", zebra_stripes=True)
         yield table
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one("#layers", DataTable)

@@ -54,7 +54,7 @@ class PlanScreen(Screen):
         yield Static(id="plan-summary")
         yield Static("[dim]runtimes: checking…[/dim]", id="plan-runtimes")
         yield ListView(id="ops")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "plan"

@@ -24,8 +24,8 @@ class HeadGrid(Widget, can_focus=True):
         Binding("right", "move(1)", "next head", show=False, id="grid.right"),
         Binding("up", "move_group(-1)", "prev group", show=False, id="grid.up"),
         Binding("down", "move_group(1)", "next group", show=False, id="grid.down"),
-        Binding("space", "toggle_head", "mark head", id="grid.toggle_head"),
-        Binding("g", "toggle_group", "mark KV group", id="grid.toggle_group"),
+        Binding("space", "toggle_head", "head", id="grid.toggle_head"),
+        Binding("g", "toggle_group", "KV group", id="grid.toggle_group"),
     ]
 
     cursor = reactive(0)
