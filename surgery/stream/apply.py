@@ -247,9 +247,10 @@ def write_stream(
             writer.write_file(tmp / shard.name, shard_pieces(shard.tensors, reader, factors, tick), cancel)
     finally:
         reader.close()
+        fingerprint = writer.close()
     if plan.index is not None:  # written as save_pretrained writes it (the whole directory is atomic anyway)
         (tmp / INDEX_NAME).write_text(json.dumps(plan.index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return writer.fingerprint
+    return fingerprint
 
 
 def save_streamed_dir(
