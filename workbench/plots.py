@@ -57,21 +57,37 @@ def log_spectrum(values: Sequence[float], floor: float = 1e-12) -> list[float]:
     return [math.log10(max(abs(float(v)), floor)) for v in values]
 
 
+# one glyph per series, so curves read apart without colour (sv and sv_grad used to share the braille dot)
+MARKERS = (("braille", "⣿"), ("x", "x"), ("+", "+"), ("o", "o"))
+
+
+def legend_line(labels: Sequence[str]) -> str:
+    """The legend under a chart (inside the canvas it covered the data): "⣿ log10 |sv|   x log10 |sv_grad|"."""
+    return "   ".join(f"{MARKERS[i % len(MARKERS)][1]} {label}" for i, label in enumerate(labels))
+
+
+def log_curve(scores: Sequence[float], cut: int) -> tuple[list[float], int]:
+    """Neuron scores sorted ascending (what a cut removes first) on a log10 axis, and the cut position: on a linear
+    axis the few large scores flatten the low half, which is where the cut is."""
+    _, ys, at = sorted_curve(scores, cut)
+    return log_spectrum(ys), at
+
+
 def plotext_chart(series: dict[str, list[float]], width: int, height: int, *, title: str = "",
                   vline: float | None = None) -> str:
-    """A plotext (6.x) line chart as a plain string (no colour codes), for a Static widget."""
+    """A plotext (6.x) line chart as a plain string (no colour codes), for a Static widget; each series has its
+    own glyph, and the legend is a line under the chart."""
     import plotext as plt
 
     fig = plt.figure
     fig.clear()
-    fig.plot_size(max(20, width), max(6, height))
+    fig.plot_size(max(20, width), max(6, height - 1))
     fig.theme("colorless")
-    for label, ys in series.items():
-        signal = fig.signal(list(range(len(ys))), list(ys), marker="braille")
-        signal.label(label)
+    for i, ys in enumerate(series.values()):
+        signal = fig.signal(list(range(len(ys))), list(ys), marker=MARKERS[i % len(MARKERS)][0])
         fig.draw(signal)
     if vline is not None:
         fig.line(vline, orientation="vertical")
     if title:
         fig.title(title)
-    return fig.build().string(colorless=True)
+    return fig.build().string(colorless=True) + "\n" + legend_line(list(series))

@@ -8,7 +8,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Select, Static
 
-from workbench.plots import log_spectrum, lowest, plotext_chart, sorted_curve
+from workbench.plots import log_curve, log_spectrum, lowest, plotext_chart
 from workbench.widgets.head_grid import HeadGrid
 
 
@@ -74,9 +74,9 @@ class LayerScreen(Screen):
         neurons = app.scores.neuron(layer, neuron_metric) if app.scores and neuron_metric else None
         n_cut = len(app.editor.layers[layer].neurons)
         if neurons:
-            xs, ys, at = sorted_curve(neurons, n_cut)
-            chart = plotext_chart({neuron_metric: ys}, width, 12, title=f"neurons by {neuron_metric} (cut {n_cut})",
-                                  vline=at)
+            ys, at = log_curve(neurons, n_cut)
+            chart = plotext_chart({f"log10 |{neuron_metric}|, lowest first": ys}, width, 12,
+                                  title=f"neurons by {neuron_metric} (cut {n_cut})", vline=at)
         else:
             chart = f"MLP: {n_cut} of {s.mlp} neurons cut (score the model to see their importance)"
         self.query_one("#neurons", Static).update(chart)
