@@ -7,6 +7,9 @@ them) are read with `torch.load(weights_only=True)`, which refuses arbitrary obj
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +195,40 @@ def read_config(resolved_or_path: ResolvedSource | Path | str) -> dict:
     return read_config_file(path)
 
 
+@contextlib.contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Silence transformers' multi-line "LOAD REPORT" (missing / mismatched tensors) while a model loads: the
+    caller refuses those cases itself in one line, and a library must not draw into its caller's terminal."""
+    log = logging.getLogger("transformers")  # its modules' loggers inherit this level
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def check_config_against_weights(resolved: ResolvedSource) -> None:
+    """Refuse a config.json that disagrees with the safetensors headers, before anything is allocated.
+
+    A tampered config (an MLP width of 10**10, a low-rank rank of 10**9 in `surgery_layers`, a string for a head
+    count) would otherwise make transformers or the surgery loader allocate it; the headers say what is really
+    there. Reads config.json and the headers only. Families without an arch table are left to transformers.
+
+    Raises:
+        SourceError: The config is not sane or does not match the tensors (the message names the layer).
+    """
+    from surgery.errors import UnsupportedModelError
+    from surgery.inspect import inspect_model
+
+    if resolved.pickle_weights:
+        return  # no headers to compare with: the state dict is checked against the built model instead
+    try:
+        inspect_model(resolved.path, context=0)
+    except UnsupportedModelError:
+        return
+
+
 def load_tokenizer(resolved: ResolvedSource | Path | str, *, trust_remote_code: bool = False) -> Any | None:
     """The tokenizer saved next to the model, or None when the directory has none.
 
@@ -281,6 +318,7 @@ def load_model(
     )
     config_dict = read_config(resolved)
     torch_dtype = parse_dtype(dtype, config_dict)
+    check_config_against_weights(resolved)
 
     if "surgery_layers" in config_dict:
         from surgery.export import load_surgery_checkpoint  # lazy: export imports the whole surgery stack
@@ -290,7 +328,7 @@ def load_model(
         model = _load_pickled(resolved.path, torch_dtype, trust_remote_code)
     else:
         try:
-            with MODEL_BUILD_LOCK, quiet_progress_bars():
+            with MODEL_BUILD_LOCK, quiet_progress_bars(), quiet_load_report():
                 from transformers import AutoModelForCausalLM  # under the lock: lazy imports race in threads
 
                 model, info = AutoModelForCausalLM.from_pretrained(
@@ -302,6 +340,8 @@ def load_model(
                     **({"device_map": device_map} if device_map is not None else {}),
                 )
         except _LOAD_ERRORS as e:
+            if "ignore_mismatched_sizes" in str(e):  # its text points at the report silenced above
+                raise SourceError(f"tensor shapes in {resolved.path} do not match its config.json") from None
             raise SourceError(f"cannot load the model in {resolved.path} ({_line(e)})") from None
         # from_pretrained only warns about missing tensors and initialises them randomly: refuse instead.
         missing = list(info.get("missing_keys") or [])

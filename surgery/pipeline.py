@@ -82,12 +82,13 @@ def validate_for_source(
     progress: Progress | None = None,
 ) -> Validation:
     """Resolve the source, validate the plan against its config, check the fingerprint; reads no weights."""
-    from surgery.loading import read_config
+    from surgery.loading import check_config_against_weights, read_config
 
     resolved = resolve_source(
         pick_source(plan, model), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
     )
     config_dict = read_config(resolved)
+    check_config_against_weights(resolved)  # a tampered config.json is refused before anything is sized by it
     resolution = resolve_plan(plan, shape_from_config(config_dict))
     if progress:
         progress("fingerprinting weights")

@@ -73,39 +73,68 @@ def config_get(cfg: dict, key: str, default=None):
     return cfg.get(key, default)
 
 
+MAX_SIZE = 2**31 - 1  # no real dimension comes close; a hostile config.json must not make us allocate it
+MAX_LAYERS = 10_000  # the deepest released LMs have a few hundred layers
+
+
+def size_field(value, what: str, *, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """A size from config.json: a JSON integer (not a bool, a string or a float) in [minimum, maximum].
+
+    Raises:
+        SourceError: Anything else; the message names the field.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        from surgery.errors import SourceError
+
+        raise SourceError(f"config.json: {what} must be an integer from {minimum} to {maximum:,} (got {value!r})")
+    return value
+
+
 def global_sizes(cfg: dict, spec: ArchSpec) -> tuple[int, int, int, int, int]:
-    """(hidden, heads, kv_heads, head_dim, mlp width) from a config dict."""
-    hidden = int(config_get(cfg, spec.cfg_hidden))
-    heads = int(config_get(cfg, spec.cfg_heads))
-    kv_heads = int(config_get(cfg, spec.cfg_kv_heads) or heads) if spec.cfg_kv_heads else heads
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    """(hidden, heads, kv_heads, head_dim, mlp width) from a config dict.
+
+    Raises:
+        SourceError: A size that is not a sane positive integer.
+    """
+    hidden = size_field(config_get(cfg, spec.cfg_hidden), spec.cfg_hidden)
+    heads = size_field(config_get(cfg, spec.cfg_heads), spec.cfg_heads)
+    kv_heads = heads
+    if spec.cfg_kv_heads and config_get(cfg, spec.cfg_kv_heads) is not None:
+        kv_heads = size_field(config_get(cfg, spec.cfg_kv_heads), spec.cfg_kv_heads)
+    head_dim = size_field(cfg["head_dim"], "head_dim") if cfg.get("head_dim") is not None else hidden // heads
     mlp = config_get(cfg, spec.cfg_mlp)
     if mlp is None:
         mlp = (spec.cfg_mlp_default_mult or 4) * hidden
-    return hidden, heads, kv_heads, head_dim, int(mlp)
+    return hidden, heads, kv_heads, head_dim, size_field(mlp, spec.cfg_mlp or "MLP width")
 
 
 def shape_from_config(cfg: dict) -> ModelShape:
     """Build the ModelShape of a config.json dict (with `surgery_layers` when present)."""
     spec = spec_for_config(cfg)
     hidden, heads, kv_heads, head_dim, mlp = global_sizes(cfg, spec)
-    num_layers = int(config_get(cfg, spec.cfg_layers))
+    num_layers = size_field(config_get(cfg, spec.cfg_layers), spec.cfg_layers, maximum=MAX_LAYERS)
     entries = cfg.get(SURGERY_LAYERS_KEY)
     if entries:
-        layers = [
-            LayerShape(
-                heads=int(e["heads"]),
-                kv_heads=int(e["kv_heads"]),
-                head_dim=head_dim,
-                mlp=int(e["mlp"]),
-                low_rank={k: int(v) for k, v in (e.get("low_rank") or {}).items()},
-                source_layer=e.get("source_layer"),
-            )
-            for e in entries
-        ]
-        if len(layers) != num_layers:
-            from surgery.errors import SourceError
+        from surgery.errors import SourceError
 
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise SourceError(f"config.json: {SURGERY_LAYERS_KEY} must be a list of objects, one per layer")
+        try:
+            layers = [
+                LayerShape(
+                    heads=size_field(e["heads"], f"{SURGERY_LAYERS_KEY}[{i}].heads", minimum=0),
+                    kv_heads=size_field(e["kv_heads"], f"{SURGERY_LAYERS_KEY}[{i}].kv_heads", minimum=0),
+                    head_dim=head_dim,
+                    mlp=size_field(e["mlp"], f"{SURGERY_LAYERS_KEY}[{i}].mlp", minimum=0),
+                    low_rank={k: size_field(v, f"{SURGERY_LAYERS_KEY}[{i}].low_rank.{k}")
+                              for k, v in (e.get("low_rank") or {}).items()},
+                    source_layer=e.get("source_layer"),
+                )
+                for i, e in enumerate(entries)
+            ]
+        except (KeyError, AttributeError) as exc:
+            raise SourceError(f"config.json: a {SURGERY_LAYERS_KEY} entry lacks {exc}") from None
+        if len(layers) != num_layers:
             raise SourceError(
                 f"config.json: {SURGERY_LAYERS_KEY} has {len(layers)} entries but {spec.cfg_layers} is {num_layers}"
             )
@@ -113,4 +142,5 @@ def shape_from_config(cfg: dict) -> ModelShape:
         layers = [LayerShape(heads, kv_heads, head_dim, mlp) for _ in range(num_layers)]
     tied = bool(cfg.get("tie_word_embeddings", spec.family == "gpt2"))
     scaled = bool(cfg.get("scale_attn_by_inverse_layer_idx", False))
-    return ModelShape(spec, hidden, int(cfg["vocab_size"]), tied, layers, heads, kv_heads, mlp, scaled)
+    vocab = size_field(cfg.get("vocab_size"), "vocab_size")
+    return ModelShape(spec, hidden, vocab, tied, layers, heads, kv_heads, mlp, scaled)
