@@ -334,8 +334,8 @@ def dry_run_source(
     max_shard_size: str = "5GB",
 ) -> dict:
     """What `apply` would read and write, from config and safetensors headers alone (no weight byte is read, the
-    fingerprint is not computed): `StreamPlan.describe()`, or {"path": "in_memory", "why": [...]} plus the output
-    sizes when the plan cannot stream.
+    fingerprint is not computed): `StreamPlan.describe()`, or {"path": "in_memory", "why": [...]} when the plan
+    cannot stream.
 
     Raises:
         NotStreamable: `stream` is True and the plan cannot stream.

@@ -112,7 +112,9 @@ def tensor_reads(
         position, rest = name[len(prefix) :].split(".", 1)
         cut = resolution.layers[kept[int(position)]]
         src_prefix = f"{prefix}{cut.index}."
-        sel = selections.setdefault(cut.index, layer_selections(cut, spec))
+        if cut.index not in selections:  # once per layer: kept_neurons walks the layer's whole width
+            selections[cut.index] = layer_selections(cut, spec)
+        sel = selections[cut.index]
         module, param = rest.rsplit(".", 1)
         rel, _, part = module.rpartition(".")
         if rel in cut.low_rank and part in ("a", "b"):
