@@ -604,6 +604,9 @@ def inspect_model(path: Path | str, *, context: int = 2048) -> ModelReport:
             for name, lin in linears.items()
             if lin.rank is not None
         }
+        if want.mlp and not width:  # name the tensor that is missing, not only the width it implies
+            raise SourceError(f"{where}: config.json says MLP width {want.mlp} but there is no "
+                              f"{prefix}.{spec.mlp}.{spec.down}.weight")
         _check_against_config(where, LayerShape(heads, kv_heads, want.head_dim, width, low_rank), want)
 
         attn_prefix, mlp_prefix = f"{prefix}.{spec.attn}.", f"{prefix}.{spec.mlp}."

@@ -286,7 +286,8 @@ def test_surgery_checkpoint_is_delegated(tiny_dir, monkeypatch, tiny_model):
     import types
 
     cfg = json.loads((tiny_dir / "config.json").read_text())
-    cfg["surgery_layers"] = [{}, {}]
+    # entries that match the tensors: the config is checked against the headers before any loader runs
+    cfg["surgery_layers"] = [{"heads": 4, "kv_heads": 2, "mlp": 96, "skip": []}] * 2
     (tiny_dir / "config.json").write_text(json.dumps(cfg))
     calls = []
 
@@ -297,7 +298,7 @@ def test_surgery_checkpoint_is_delegated(tiny_dir, monkeypatch, tiny_model):
     monkeypatch.setitem(sys.modules, "surgery.export", types.SimpleNamespace(load_surgery_checkpoint=fake_loader))
     loaded = load_model(str(tiny_dir), dtype="bf16")
     assert calls == [(tiny_dir.absolute(), torch.bfloat16, "cpu")]
-    assert loaded.model is tiny_model and loaded.config_dict["surgery_layers"] == [{}, {}]
+    assert loaded.model is tiny_model and loaded.config_dict["surgery_layers"] == cfg["surgery_layers"]
 
 
 # -------------------------------------------------------------------------------------------------- hub ids ----
