@@ -107,7 +107,25 @@ def load_from_disk(path: Path, name: str) -> Loaded:
         snap = SessionSnapshot(name=payload.name, created=first.time, updated=first.time, model=payload.model)
         problem = f"{problem}: rebuilt the session from journal.jsonl ({len(entries)} entries)"
     migrated = version if version is not None and version < SESSION_VERSION else None
-    return Loaded(snap, entries, read.end, list(read.warnings), problem, migrated)
+    return Loaded(snap, entries, read.end, _journal_loss(path / JOURNAL_FILE, snap) + list(read.warnings), problem,
+                  migrated)
+
+
+def _journal_loss(journal: Path, snap: SessionSnapshot) -> list[str]:
+    """A notice when journal.jsonl is gone or shorter than the snapshot says it was (deleted, emptied, replaced):
+    edits journaled after session.json was last written are then lost, and the user must hear of it."""
+    expected = snap.journal_offset or 0
+    if not expected:
+        return []
+    try:
+        size = journal.stat().st_size
+    except FileNotFoundError:
+        return [f"journal.jsonl is missing (session.json expected {expected} bytes of it): edits made after the "
+                "last snapshot are lost; the session is as of that snapshot"]
+    if size < expected:
+        return [f"journal.jsonl holds {size} bytes but session.json expected at least {expected} (it was emptied "
+                "or replaced): edits made after the last snapshot may be lost; the session is as of that snapshot"]
+    return []
 
 
 def remove_stale_temp_files(path: Path) -> None:

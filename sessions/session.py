@@ -53,6 +53,10 @@ class ReadOnlySession(UserError):
     """An edit on a session opened read-only."""
 
 
+class SessionExists(UserError):
+    """A session of that name is already there (perhaps created by another process a moment ago)."""
+
+
 class SessionWriteError(UserError):
     """An edit could not be saved (disk full, I/O error); nothing changed."""
 
@@ -103,7 +107,7 @@ class Session(SessionView):
         root = Path(root) if root is not None else sessions_root()
         final = root / check_name(name)
         if is_session_dir(final):
-            raise UserError(f"session {name!r} already exists in {root}: open it, or pick another name")
+            raise SessionExists(f"session {name!r} already exists in {root}: open it, or pick another name")
         now = time.time()
         entry = JournalEntry(seq=1, time=now, kind="create",
                              payload=CreatePayload(name=name, model=model).model_dump(mode="json"))
@@ -124,6 +128,9 @@ class Session(SessionView):
             try:
                 os.rename(tmp, final)  # fails if `final` exists and is not empty (another creator won)
             except OSError:
+                if is_session_dir(final):  # another process created it a moment ago
+                    raise SessionExists(f"session {name!r} already exists in {root}: open it, or pick another "
+                                        "name") from None
                 raise UserError(f"cannot create session {name!r}: {final} exists and is not a session") from None
             fsync_dir(root)
         except OSError as exc:
@@ -185,7 +192,10 @@ class Session(SessionView):
         root = Path(root) if root is not None else sessions_root()
         if is_session_dir(root / check_name(name)):
             return cls.open(name, root=root, snapshot_every=snapshot_every), False
-        return cls.create(name, model, root=root, snapshot_every=snapshot_every), True
+        try:
+            return cls.create(name, model, root=root, snapshot_every=snapshot_every), True
+        except SessionExists:  # another process created it between the check and the rename: open theirs
+            return cls.open(name, root=root, snapshot_every=snapshot_every), False
 
     @classmethod
     def _load(cls, path: Path, name: str, notices: list[str], snapshot_every: int) -> Session:
@@ -207,8 +217,9 @@ class Session(SessionView):
             self._state.seq = entry.seq
             return
         try:
+            self._check_like_a_live_edit(entry)
             effect = self._state.apply(entry)
-        except EntryError as exc:
+        except (EntryError, UserError, ValueError, TypeError) as exc:  # ValueError: pydantic's, int("x")
             self.notices.append(f"journal.jsonl: skipped entry {entry.seq}: {exc}")
             self._state.seq = entry.seq  # never hand its seq out again
             return
@@ -216,6 +227,24 @@ class Session(SessionView):
             self._state.seq = entry.seq  # journaled but changes nothing now (e.g. after a skipped entry)
         elif effect.warnings:
             self.notices.extend(f"journal.jsonl: {w}" for w in effect.warnings)
+
+    def _check_like_a_live_edit(self, entry: JournalEntry) -> None:
+        """The range checks `mark` / `bulk_mark` / `set_rank` make before journaling, made again on replay: a
+        journal edited by hand (or by another version) cannot bring in a mark a live edit refuses.
+
+        Raises:
+            UserError: The entry's marks do not fit the session's model.
+        """
+        p = entry.payload if isinstance(entry.payload, dict) else {}
+        marks = [p] if entry.kind in ("mark", "unmark") else p.get("marks") or [] if entry.kind == "bulk_mark" else []
+        for m in marks:
+            if isinstance(m, dict):
+                check_mark(self.shape, m.get("what", ""), m.get("indices", ()), m.get("layer"))
+        ranks = dict(p.get("ranks") or {}) if entry.kind == "bulk_mark" else {}
+        if entry.kind == "set_param" and p.get("op") == "low_rank":
+            ranks[p.get("module")] = p.get("rank")
+        for module, rank in ranks.items():
+            check_rank(self.shape, module, rank)
 
     def _start_writing(self, lock: SessionLock) -> None:
         """Open the journal for appending (cutting a torn tail) and bring session.json up to date."""

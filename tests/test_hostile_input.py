@@ -456,3 +456,78 @@ def test_missing_or_misshapen_tensor_is_one_line_without_the_load_report( tmp_pa
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert not any("LOAD REPORT" in m or "not sharded" in m for m in seen), seen
+
+
+# ------------------------------------------------------------------------------------------------ item 13 ----
+
+
+@pytest.fixture
+def session_model(model_dir):
+    from sessions import describe_source
+
+    return describe_source(str(model_dir))
+
+
+def test_journal_replay_refuses_a_mark_a_live_edit_refuses(tmp_path, session_model):
+    from sessions import Session
+
+    root = tmp_path / "sessions"
+    s = Session.create("s", session_model, root=root, snapshot_every=1000)
+    s.mark("neurons", [5], layer=1)
+    with pytest.raises(UserError, match="out of range"):
+        s.mark("neurons", [5], layer=99)
+    seq = s.seq
+    s.close()
+    # a hand-edited journal smuggles in what the live edit refused (and a rank past the matrix)
+    journal = root / "s" / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    bad = json.loads(lines[-1])
+    bad.update(seq=seq + 1, payload={**bad["payload"], "layer": 99})
+    rank = dict(bad, seq=seq + 2, kind="set_param",
+                payload={"op": "low_rank", "module": "model.layers.0.mlp.down_proj", "rank": 10**6})
+    journal.write_text("\n".join(lines + [json.dumps(bad), json.dumps(rank)]) + "\n")
+    with Session.open("s", root=root) as reopened:
+        marks = reopened.marks.model_dump()
+        assert "99" not in json.dumps(marks) and "1000000" not in json.dumps(marks), marks
+        assert sum("skipped entry" in n for n in reopened.notices) == 2, reopened.notices
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+def test_a_deleted_or_emptied_journal_is_noticed(tmp_path, session_model, damage):
+    from sessions import Session
+
+    root = tmp_path / "sessions"
+    with Session.create("s", session_model, root=root, snapshot_every=1000) as s:
+        s.mark("neurons", [5], layer=1)  # journaled after the last snapshot
+        s.snapshot()
+        s.mark("neurons", [6], layer=1)
+    # the journal behind session.json is lost (a careless `rm`, a restore from a backup, a full disk)
+    journal = root / "s" / "journal.jsonl"
+    journal.unlink() if damage == "deleted" else journal.write_bytes(b"")
+    with Session.open("s", root=root) as reopened:
+        assert any("journal.jsonl" in n and ("missing" in n or "emptied" in n) for n in reopened.notices), \
+            reopened.notices
+
+
+def test_two_processes_creating_one_session_both_get_it(tmp_path, session_model, monkeypatch):
+    import sessions.session as session_module
+    from sessions import Session
+
+    root = tmp_path / "sessions"
+    real_rename = session_module.os.rename
+    racing = []
+
+    def other_process_wins(src, dst):  # the other creator's rename lands between our check and ours
+        if not racing:
+            racing.append(dst)
+            Session.create("s", session_model, root=root).close()
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(session_module.os, "rename", other_process_wins)
+    s, created = Session.open_or_create("s", session_model, root=root)
+    with s:
+        assert created is False and s.name == "s"
+    shutil.rmtree(root / "s")
+    racing.clear()
+    with pytest.raises(UserError, match="already exists"):  # a plain create says so, not "is not a session"
+        Session.create("s", session_model, root=root)
