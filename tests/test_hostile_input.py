@@ -531,3 +531,16 @@ def test_two_processes_creating_one_session_both_get_it(tmp_path, session_model,
     racing.clear()
     with pytest.raises(UserError, match="already exists"):  # a plain create says so, not "is not a session"
         Session.create("s", session_model, root=root)
+
+
+def test_journal_that_is_a_directory_is_one_line(capsys, tmp_path, session_model, monkeypatch):
+    from sessions import Session
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    Session.create("s", session_model).close()
+    journal = next((tmp_path / "home").rglob("journal.jsonl"))
+    journal.unlink()
+    journal.mkdir()
+    code, _, err = call(capsys, "sessions", "show", "s")
+    assert code == 2, err
+    assert "journal.jsonl" in one_error_line(err)
