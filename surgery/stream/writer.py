@@ -76,13 +76,14 @@ class SliceReader:
             os.close(fd)
         self._files.clear()
 
-    def _pread(self, path: Path, offset: int, n: int) -> memoryview:
+    def _pread(self, path: Path, offset: int, n: int, into: int = 0) -> memoryview:
+        """Read `n` bytes at `offset` into the buffer at position `into`; returns that part of the buffer."""
         fd = self._files.get(path)
         if fd is None:
             fd = self._files[path] = os.open(path, os.O_RDONLY)
-        if n > len(self._buf):
-            self._buf = bytearray(n)
-        view = memoryview(self._buf)[:n]
+        if into + n > len(self._buf):
+            self._buf = bytearray(into + n)
+        view = memoryview(self._buf)[into : into + n]
         got = 0
         while got < n:
             k = os.preadv(fd, [view[got:]], offset + got)
@@ -99,12 +100,20 @@ class SliceReader:
         n_rows = src.shape[0] if src.shape else 1
         rb = src.row_bytes
         if read.cols is None and src.dtype == read.dtype:
-            for a, b in _runs(read.rows, n_rows):  # pure byte ranges: no tensor is ever built
+            # pure byte ranges, no tensor is ever built; runs (a neuron cut keeps many short ones) are packed into
+            # one CHUNK before it is written, so the writes stay few and large
+            fill = 0
+            for a, b in _runs(read.rows, n_rows):
                 pos, end = src.start + a * rb, src.start + b * rb
                 while pos < end:
-                    n = min(CHUNK, end - pos)
-                    yield self._pread(src.file, pos, n)
-                    pos += n
+                    n = min(CHUNK - fill, end - pos)
+                    self._pread(src.file, pos, n, into=fill)
+                    fill, pos = fill + n, pos + n
+                    if fill == CHUNK:
+                        yield memoryview(self._buf)[:fill]
+                        fill = 0
+            if fill:
+                yield memoryview(self._buf)[:fill]
             return
         cols = None if read.cols is None else torch.tensor(read.cols, dtype=torch.long)
         per_chunk = max(1, CHUNK // max(rb, 1))
