@@ -108,7 +108,9 @@ def test_what_the_format_forced_is_reported(exported):
     low = exported["low_rank"][2]
     densified = [a for a in low.adjustments if "densified" in a.what]
     assert [a.params_added for a in densified] == [64 * 64 - 6 * 128, 64 * 96 - 8 * 160]
-    assert exported["uniform"][2].adjustments == []
+    uniform = exported["uniform"][2].adjustments  # MLP width 80 in every layer: zero neurons up to 96
+    assert len(uniform) == 1 and "padded to multiples of 32" in uniform[0].what
+    assert uniform[0].params_added == 3 * (3 * 64 * 16)
 
 
 QWEN_STEPS = {  # llama.cpp's qwen2 needs every query head (heads x head size = hidden); qwen3 does not
