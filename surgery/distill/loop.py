@@ -321,6 +321,9 @@ class Trainer:
             _check_finite(step, {"gradient norm": grad_norm})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # finite grads can still push a weight past float range (an absurd lr): one fused pass, before this step's
+        # weights can reach a checkpoint or the output
+        _check_finite(step, {"weight norm": float(torch.nn.utils.get_total_norm(list(self.params)))})
         logged["total"] = sum(self.weights[n] * v for n, v in logged.items())
         return StepResult(logged, lr, grad_norm, self.cfg.batch_size * self.cfg.seq_len, batches[0].source)
 
