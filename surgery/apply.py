@@ -61,6 +61,12 @@ def apply_resolution(
 ) -> nn.Module:
     """Apply a Resolution to `model` in place and return it. The model must be the one it was resolved against."""
     spec = resolution.shape.spec
+    if resolution.hidden_removed:
+        # First, on the dense layers: a low_rank step then factorises the sliced weight, not a slice of factors.
+        hidden = resolution.shape.hidden
+        scale = (hidden / resolution.result_hidden) ** 0.5 if resolution.rescale_norms else 1.0
+        ops.prune_hidden_channels(model, spec, resolution.kept_channels, scale)
+        setattr(model.config, spec.cfg_hidden, resolution.result_hidden)
     layers = ops.get_module(model, spec.layers)
     total = len(resolution.layers)
     for cut in resolution.layers:

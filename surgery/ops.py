@@ -158,6 +158,57 @@ def drop_mlp(layer: nn.Module, spec: ArchSpec) -> None:
         setattr(layer, norm, nn.Identity())
 
 
+def _select_linear_side(module: nn.Module, keep: Sequence[int], outputs: bool) -> None:
+    """Keep outputs (rows) or inputs (columns) `keep` of a Linear, or of a LowRankLinear's outer factor."""
+    if isinstance(module, LowRankLinear):
+        _select_linear_side(module.b if outputs else module.a, keep, outputs)
+        if outputs:
+            module.out_features = len(keep)
+        else:
+            module.in_features = len(keep)
+        return
+    (select_outputs if outputs else select_inputs)(module, keep, False)
+
+
+def prune_hidden_channels(model: nn.Module, spec: ArchSpec, keep: Sequence[int], norm_scale: float = 1.0) -> None:
+    """Keep residual-stream channels `keep` everywhere (Llama layout, `spec.hidden_prunable`).
+
+    Embedding columns, the weight of every norm that acts on the residual stream (multiplied by `norm_scale`),
+    the input columns of q/k/v/gate/up, the output rows of o/down, lm_head's columns; a tied lm_head is re-tied to
+    the sliced embedding instead of being sliced twice. Norms over head_dim (Qwen3's q_norm/k_norm) stay.
+    """
+    idx = torch.as_tensor(list(keep), dtype=torch.long)
+    embed = get_module(model, spec.embed)
+    tied = get_module(model, spec.lm_head).weight is embed.weight
+    embed.weight = _new_param(embed.weight, embed.weight.index_select(1, idx.to(embed.weight.device)))
+    embed.embedding_dim = len(keep)
+
+    def slice_norm(norm: nn.Module) -> None:
+        if isinstance(norm, nn.Identity):  # the norm of a dropped sub-block
+            return
+        w = norm.weight
+        norm.weight = _new_param(w, w.index_select(0, idx.to(w.device)) * norm_scale)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias = _new_param(norm.bias, norm.bias.index_select(0, idx.to(w.device)))
+
+    for layer in get_module(model, spec.layers):
+        for name in (*spec.attn_norms, *spec.mlp_norms):
+            slice_norm(get_module(layer, name))
+        attn, mlp = get_module(layer, spec.attn), get_module(layer, spec.mlp)
+        for parent, readers, writer in ((attn, (spec.q, spec.k, spec.v), spec.o), (mlp, (spec.gate, spec.up), spec.down)):
+            if isinstance(parent, (SkippedAttention, SkippedMLP)):
+                continue
+            for name in readers:
+                _select_linear_side(get_module(parent, name), keep, outputs=False)
+            _select_linear_side(get_module(parent, writer), keep, outputs=True)
+    slice_norm(get_module(model, spec.final_norm))
+    head = get_module(model, spec.lm_head)
+    if tied:
+        head.weight = embed.weight
+    else:
+        _select_linear_side(head, keep, outputs=False)
+
+
 def linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
     """The (out, in) weight of a Linear or of a GPT-2 Conv1D."""
     return module.weight.t() if conv1d else module.weight
@@ -234,6 +285,7 @@ __all__ = [
     "make_low_rank",
     "mlp_selections",
     "prune_attention_heads",
+    "prune_hidden_channels",
     "prune_mlp_neurons",
     "select_inputs",
     "select_outputs",

@@ -84,6 +84,22 @@ class DropMLP(_Strict):
     layer: NonNegInt
 
 
+class PruneHidden(_Strict):
+    """Remove residual-stream channels everywhere they appear (Minitron width pruning).
+
+    Embedding columns, every hidden-size norm weight, the input columns of q/k/v/gate/up, the output rows of o/down
+    and the lm_head columns (a tied embedding once). The norms then normalise over the kept channels.
+    """
+
+    op: Literal["prune_hidden"]
+    channels: IndexList = Field(description="original residual-stream channel indices to remove")
+    rescale_norms: bool = Field(
+        default=True,
+        description="multiply every hidden-size RMSNorm weight by sqrt(hidden / kept): exact when the removed "
+        "channels are zero, and close when they carry little energy (the ones norm-magnitude scores remove)",
+    )
+
+
 class LowRank(_Strict):
     """Replace one Linear by two from its truncated SVD at `rank`."""
 
@@ -129,11 +145,12 @@ class Calibration(_Strict):
 
 
 Step = Annotated[
-    Union[PruneHeads, PruneKVGroups, PruneNeurons, DropLayers, DropAttention, DropMLP, LowRank, Reconstruct],
+    Union[PruneHeads, PruneKVGroups, PruneNeurons, DropLayers, DropAttention, DropMLP, LowRank, Reconstruct,
+          PruneHidden],
     Field(discriminator="op"),
 ]
 OP_NAMES = ("prune_heads", "prune_kv_groups", "prune_neurons", "drop_layers", "drop_attention", "drop_mlp", "low_rank",
-            "reconstruct")
+            "reconstruct", "prune_hidden")
 
 
 class Plan(_Strict):

@@ -20,6 +20,7 @@ from surgery.plan import (
     LowRank,
     Plan,
     PruneHeads,
+    PruneHidden,
     PruneKVGroups,
     PruneNeurons,
     Reconstruct,
@@ -94,6 +95,17 @@ class Resolution:
     warnings: list[str]
     reconstruct: Reconstruct | None = None
     calibration: Calibration | None = None
+    hidden_removed: list[int] = field(default_factory=list)  # original residual-stream channels (prune_hidden)
+    rescale_norms: bool = True
+
+    @property
+    def kept_channels(self) -> list[int]:
+        removed = set(self.hidden_removed)
+        return [c for c in range(self.shape.hidden) if c not in removed]
+
+    @property
+    def result_hidden(self) -> int:
+        return self.shape.hidden - len(self.hidden_removed)
 
     @property
     def needs_data(self) -> bool:
@@ -148,9 +160,11 @@ def _parse_module(path: str, shape: ModelShape) -> tuple[int, str, str] | None:
     return None
 
 
-def linear_dims(cut: LayerCut, kind: str, name: str, shape: ModelShape) -> tuple[int, int]:
-    """(out, in) of a layer Linear ("attn" or "mlp" `kind`) after the plan's structural cuts."""
-    spec, hd, hidden = shape.spec, cut.shape.head_dim, shape.hidden
+def linear_dims(cut: LayerCut, kind: str, name: str, shape: ModelShape, hidden: int | None = None) -> tuple[int, int]:
+    """(out, in) of a layer Linear ("attn" or "mlp" `kind`) after the plan's structural cuts (`hidden`: the
+    residual width after prune_hidden, default the model's)."""
+    spec, hd = shape.spec, cut.shape.head_dim
+    hidden = shape.hidden if hidden is None else hidden
     q, kv, width = len(cut.kept_heads) * hd, len(cut.kept_groups) * hd, len(cut.kept_neurons)
     dims = {
         spec.q: (q, hidden),
@@ -173,6 +187,9 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
     cuts = [LayerCut(i, s, shape.spec.attn) for i, s in enumerate(shape.layers)]
     n = len(cuts)
     reconstruct_at: int | None = None
+    hidden_removed: set[int] = set()
+    hidden_steps: list[int] = []
+    rescale_norms = True
 
     def layer_ok(where: str, layer: int) -> bool:
         if layer >= n:
@@ -225,6 +242,11 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
                     cuts[layer].low_rank[rel] = step.rank
                     cuts[layer].low_rank_steps[rel] = i
                     cuts[layer].low_rank_method[rel] = step.method or "svd"
+        elif isinstance(step, PruneHidden):
+            hidden_steps.append(i)
+            rescale_norms = rescale_norms and step.rescale_norms
+            if _check_indices(f"{at}.channels", step.channels, shape.hidden, "channel", None, problems):
+                hidden_removed.update(step.channels)
         elif isinstance(step, Reconstruct):
             if reconstruct_at is not None:
                 problems.append(f"{at}: a plan has at most one reconstruct step (steps[{reconstruct_at}] is one)")
@@ -234,14 +256,41 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
                 layer_ok(f"{at}.layers", layer)
 
     _check_layers(cuts, shape, problems, warnings)
-    _check_ranks(cuts, shape, problems, warnings)
+    if hidden_steps:
+        _check_hidden(hidden_steps, hidden_removed, shape, plan, problems)
+    _check_ranks(cuts, shape, problems, warnings, shape.hidden - len(hidden_removed))
     reconstruct = plan.steps[reconstruct_at] if reconstruct_at is not None else None
     if not problems:
         _mark_refits(cuts, shape, reconstruct, reconstruct_at, warnings)
         _check_calibration(plan.calibration, cuts, shape, reconstruct_at, problems)
     if problems:
         raise PlanError(problems)
-    return Resolution(shape, cuts, warnings, reconstruct, plan.calibration)
+    return Resolution(shape, cuts, warnings, reconstruct, plan.calibration, sorted(hidden_removed), rescale_norms)
+
+
+def _check_hidden(steps: list[int], removed: set[int], shape: ModelShape, plan: Plan, problems: list[str]) -> None:
+    """prune_hidden: a family that implements it, channels left, a size the family's config can express."""
+    at, spec, hidden = f"steps[{steps[-1]}].channels", shape.spec, shape.hidden
+    if not spec.hidden_prunable:
+        problems.append(f"steps[{steps[-1]}]: prune_hidden is not supported for {spec.family} models "
+                        "(supported: llama, qwen2, qwen3)")
+        return
+    if len(removed) >= hidden:
+        problems.append(f"{at}: removes every one of the model's {hidden} channels; keep at least one")
+        return
+    if any(s.op == "reconstruct" or getattr(s, "method", None) == "whitened" for s in plan.steps):
+        problems.append(f"steps[{steps[-1]}]: prune_hidden cannot be combined with reconstruct or whitened "
+                        "low_rank yet (they run layer by layer on the unpruned residual stream)")
+    kept = hidden - len(removed)
+    # The base head count is what a config with surgery_layers writes, so it must divide the new width; uniform
+    # head cuts that do not divide it fall back to surgery_layers (rewrite_config checks plain loadability).
+    if spec.hidden_divisible_by_heads and kept % shape.base_heads:
+        step = shape.base_heads
+        legal = [s for s in (kept - kept % step, kept - kept % step + step) if 0 < s < hidden]
+        offer = ", ".join(f"{s} (remove {hidden - s} channels)" for s in legal)
+        problems.append(f"{at}: hidden size {kept} ({hidden} - {len(removed)}) cannot be expressed: the {spec.family} "
+                        f"config needs num_attention_heads ({shape.base_heads}) to divide hidden_size; nearest legal "
+                        f"sizes: {offer}")
 
 
 def _mark_refits(cuts: list[LayerCut], shape: ModelShape, step: Reconstruct | None, at: int | None,
@@ -347,7 +396,8 @@ def _check_gqa(cut: LayerCut, blame: str, problems: list[str]) -> None:
     )
 
 
-def _check_ranks(cuts: list[LayerCut], shape: ModelShape, problems: list[str], warnings: list[str]) -> None:
+def _check_ranks(cuts: list[LayerCut], shape: ModelShape, problems: list[str], warnings: list[str],
+                 hidden: int | None = None) -> None:
     for cut in cuts:
         for rel, rank in cut.low_rank.items():
             at = f"steps[{cut.low_rank_steps[rel]}].rank"
@@ -355,7 +405,7 @@ def _check_ranks(cuts: list[LayerCut], shape: ModelShape, problems: list[str], w
                 warnings.append(f"{at}: layer {cut.index} {rel} is removed by another step; low_rank ignored")
                 continue
             block, name = rel.split(".")
-            out_f, in_f = linear_dims(cut, "attn" if block == shape.spec.attn else "mlp", name, shape)
+            out_f, in_f = linear_dims(cut, "attn" if block == shape.spec.attn else "mlp", name, shape, hidden)
             if rank > min(out_f, in_f):
                 problems.append(
                     f"{at}: rank {rank} exceeds min(out, in) = {min(out_f, in_f)} of layer {cut.index} {name} "

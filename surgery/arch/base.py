@@ -33,6 +33,10 @@ class ArchSpec:
         embed, final_norm, lm_head: top-level module paths (for inspect and parameter accounting).
         per_module_config: the attention forward reads head counts from `self.config` (Phi-3), so a pruned
             layer needs its own config copy.
+        hidden_prunable: `prune_hidden` is implemented for this layout (plain embedding, RMSNorms, separate
+            q/k/v and gate/up Linears).
+        hidden_divisible_by_heads: the config class refuses a hidden size that num_attention_heads does not divide,
+            even with an explicit head_dim (LlamaConfig: KNOWN_TRAPS 2).
     """
 
     family: str
@@ -62,6 +66,8 @@ class ArchSpec:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     per_module_config: bool = False
+    hidden_prunable: bool = False
+    hidden_divisible_by_heads: bool = False
     # attention attributes that hold counts and must follow the pruned shapes, by meaning
     attn_count_attrs: dict[str, str] = field(default_factory=dict)
 

@@ -10,4 +10,5 @@ SPEC = replace(
     model_types=("gemma3_text",),
     attn_norms=("input_layernorm", "post_attention_layernorm"),
     mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    hidden_prunable=False,  # embeddings scaled by sqrt(hidden_size), norms are (1 + w): not handled yet
 )

@@ -18,4 +18,6 @@ SPEC = ArchSpec(
     attn_norms=("input_layernorm",),
     mlp_norms=("post_attention_layernorm",),
     attn_count_attrs={"kv_groups": "num_key_value_groups"},
+    hidden_prunable=True,
+    hidden_divisible_by_heads=True,
 )

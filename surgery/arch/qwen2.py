@@ -4,4 +4,4 @@ from dataclasses import replace
 
 from surgery.arch.llama import SPEC as LLAMA
 
-SPEC = replace(LLAMA, family="qwen2", model_types=("qwen2",))
+SPEC = replace(LLAMA, family="qwen2", model_types=("qwen2",), hidden_divisible_by_heads=False)

@@ -5,4 +5,4 @@ from dataclasses import replace
 
 from surgery.arch.llama import SPEC as LLAMA
 
-SPEC = replace(LLAMA, family="qwen3", model_types=("qwen3",))
+SPEC = replace(LLAMA, family="qwen3", model_types=("qwen3",), hidden_divisible_by_heads=False)

@@ -39,7 +39,10 @@ def plan_blockers(plan: Plan, *, pickle_weights: bool = False, trust_remote_code
     """Why `plan` cannot stream from this source, one line each (empty: it can)."""
     reasons = []
     for i, step in enumerate(plan.steps):
-        if step.op not in STRUCTURAL_OPS:
+        if step.op == "prune_hidden":
+            reasons.append(f"steps[{i}] (prune_hidden): slices every tensor of the model, which the streaming "
+                           "applier does not do yet, so it runs in memory")
+        elif step.op not in STRUCTURAL_OPS:
             reasons.append(f"steps[{i}] ({step.op}): needs the activations of calibration text, so the model must run")
         elif step.op == "low_rank" and getattr(step, "method", None) not in (None, "svd"):
             reasons.append(f"steps[{i}] (low_rank, method {step.method}): needs the input Gram matrix from "
