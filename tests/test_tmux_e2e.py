@@ -38,7 +38,9 @@ def test_demo_model_in_tmux(tmp_path):
     except SourceError as e:
         pytest.skip(f"demo model unavailable: {e}")
     session = f"wb-{uuid.uuid4().hex[:6]}"
-    cmd = f"cd {tmp_path} && {sys.executable} -c 'from workbench.cli import main; main()'"
+    # its own home: `workbench` keeps the demo's default session, which must not carry marks from another run
+    cmd = (f"cd {tmp_path} && WORKBENCH_HOME={tmp_path / 'home'} {sys.executable} -c "
+           "'from workbench.cli import main; main()'")
     tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd)
     try:
         screen = wait_for(session, "1536/1536")  # the layer table, drawn from the headers
