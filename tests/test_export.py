@@ -65,6 +65,9 @@ def test_nonuniform_cut_loads_with_surgery_and_plain_load_fails_loudly(tmp_path,
         torch.testing.assert_close(reloaded(x).logits, pruned(x).logits, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError):  # never a silent random re-init of the removed parts
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # and the config names the loader to whoever looks after that refusal (issue 16)
+    hint = json.loads((tmp_path / "out" / "config.json").read_text())["surgery_load_with"]
+    assert hint.startswith("surgery.load(DIR)") and "ignore_mismatched_sizes" in hint
 
 
 def test_low_rank_checkpoint_roundtrips(tmp_path):

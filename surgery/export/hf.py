@@ -25,6 +25,13 @@ from surgery.shapes import SURGERY_LAYERS_KEY, shape_from_config
 from surgery.shards import index_shards
 
 MANIFEST = "surgery.json"
+# Written into the config.json of surgery-only checkpoints (per-layer shapes). Plain `from_pretrained` still refuses
+# them loudly (the placeholders' shape mismatch); this names the loader to whoever opens the config after that
+# refusal, before they reach for `ignore_mismatched_sizes=True`, which would re-initialise the cut parts at random.
+LOADER_HINT_KEY = "surgery_load_with"
+LOADER_HINT = ("surgery.load(DIR): this checkpoint has per-layer shapes (surgery_layers); "
+               "AutoModelForCausalLM.from_pretrained refuses it, and ignore_mismatched_sizes=True would load "
+               "randomly re-initialised layers instead")
 MANIFEST_VERSION = 1
 
 
@@ -56,6 +63,13 @@ def legacy_rope_keys(config_dict: dict) -> dict:
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
         legacy["rope_scaling"] = {**scaling, "rope_type": rope_type, "type": rope_type}  # 4.x reads either name
     return legacy
+
+
+def add_loader_hint(config_path: Path) -> None:
+    """Name `surgery.load` in a surgery-only checkpoint's config.json (a plain one is left as it is)."""
+    cfg = json.loads(config_path.read_text())
+    if loadable_with(cfg) == "surgery" and cfg.get(LOADER_HINT_KEY) != LOADER_HINT:
+        config_path.write_text(json.dumps(dict(sorted({**cfg, LOADER_HINT_KEY: LOADER_HINT}.items())), indent=2) + "\n")
 
 
 def add_legacy_keys(config_path: Path) -> None:
@@ -94,6 +108,7 @@ def save_model_dir(
             with quiet_progress_bars():
                 model.save_pretrained(tmp, max_shard_size=max_shard_size)
         add_legacy_keys(tmp / "config.json")
+        add_loader_hint(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # fsync (disk-bound) runs beside the output fingerprint (CPU-bound, reads the page cache): same safety,
