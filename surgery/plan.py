@@ -122,12 +122,14 @@ class Reconstruct(_Strict):
 
     op: Literal["reconstruct"]
     inputs: Literal["pruned", "original"] = Field(
-        default="pruned",
-        description="where each layer's inputs come from: the already-pruned (and refit) prefix, or the original "
-        "model; the target is always the original model's output",
+        default="original",
+        description="where each layer's inputs come from: the original model (default: measured better on the demo "
+        "at 4k calibration tokens, docs/benchmarks.md), or the already-pruned (and refit) prefix; the target is "
+        "always the original model's output",
     )
     ridge: Annotated[float, Field(ge=0)] = Field(
-        default=1e-3, description="ridge term, relative to the mean diagonal of each input Gram matrix"
+        default=0.1, description="ridge term toward the plain cut's weights, relative to the mean diagonal of each "
+        "input Gram matrix (0.1: measured on the demo, docs/benchmarks.md)"
     )
     layers: IndexList | None = Field(default=None, description="original layers to refit (default: every cut one)")
 

@@ -84,9 +84,10 @@ def suggest(
                                               "tokens // seq-len blocks of --data).")] = 8192,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 256,
     ridge: Annotated[float, typer.Option("--ridge", help="Reconstruct's ridge term, relative to the mean "
-                                         "diagonal of each Gram matrix.")] = 1e-3,
-    recon_inputs: Annotated[str, typer.Option("--recon-inputs", help="Reconstruct's layer inputs: pruned (from "
-                                              "the pruned, refit prefix) or original.")] = "pruned",
+                                         "diagonal of each Gram matrix; pulls toward the plain cut.")] = 0.1,
+    recon_inputs: Annotated[str, typer.Option("--recon-inputs", help="Reconstruct's layer inputs: original "
+                                              "(default, measured better on the demo) or pruned (from the pruned, "
+                                              "refit prefix).")] = "original",
     text_field: Annotated[str | None, typer.Option("--text-field", help="Field/column holding the text "
                                                    "(.jsonl / .parquet --data).")] = None,
     out_file: Annotated[Path | None, typer.Option("--out", "-o", help="Plan file to write (default: print "
