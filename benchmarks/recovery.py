@@ -61,6 +61,7 @@ def variants(args) -> dict[str, tuple]:
         rows[f"{layout}/recon-pruned"] = (layout, None, None, wiki, "pruned", r)
         rows[f"{layout}/recon-original"] = (layout, None, None, wiki, "original", r)
         rows[f"{layout}/recon-pruned-shakespeare"] = (layout, None, None, shake, "pruned", r)
+        rows[f"{layout}/recon-original-shakespeare"] = (layout, None, None, shake, "original", r)
         for other in (0.01, 1.0):
             rows[f"{layout}/recon-pruned-ridge{other:g}"] = (layout, None, None, wiki, "pruned", other)
     for method in ("svd", "whitened"):
