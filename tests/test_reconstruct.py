@@ -105,7 +105,7 @@ def test_refit_equals_independent_lstsq_on_pruned_prefix_inputs(family):
     spec = spec_for_config(original.config)
     blocks = blocks_of()
     model = copy.deepcopy(original)
-    resolution = validate_plan(parse_plan(plan_for(blocks, cuts(spec))), model)
+    resolution = validate_plan(parse_plan(plan_for(blocks, cuts(spec), inputs="pruned")), model)
     apply_resolution(model, resolution)
     cut_only = copy.deepcopy(model)
     report = run_data_steps(original, model, resolution, blocks)
