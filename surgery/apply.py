@@ -48,6 +48,8 @@ def apply_layer_cut(layer: nn.Module, cut: LayerCut, spec, position: int, factor
             ops.drop_mlp(layer, spec)
         elif cut.neurons:
             ops.prune_mlp_neurons(ops.get_module(layer, spec.mlp), spec, cut.kept_neurons, s.mlp)
+        elif cut.experts:
+            ops.prune_moe_experts(ops.get_module(layer, spec.mlp), spec, cut.kept_experts)
     for rel, rank in sorted(cut.low_rank.items()):
         if factorize and cut.low_rank_method.get(rel) == "whitened":
             continue  # factorised from calibration activations, layer by layer (surgery.reconstruct)
@@ -82,6 +84,9 @@ def apply_resolution(
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
+    expert_counts = {len(c.kept_experts) for c in resolution.kept_layers if c.num_experts}
+    if len(expert_counts) == 1:  # resolve refuses per-layer counts
+        setattr(model.config, spec.cfg_experts, expert_counts.pop())
     if factorize:  # a shapes-only preview does not need a truthful config (and plain_builds_same costs a build)
         rewrite_config(model, resolution.shape, resolution.result_shapes(), kept)
     return model

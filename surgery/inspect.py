@@ -474,6 +474,26 @@ def _mlp(tensors, spec: ArchSpec, prefix: str, where: str):
     return width, linears
 
 
+def _moe_macs(tensors, spec: ArchSpec, prefix: str, experts: int, top_k: int, where: str) -> int:
+    """Multiply-adds per token of one MoE block (router + top_k experts), checking the expert count on disk.
+
+    Checkpoints hold experts one by one (`experts.3.gate_proj.weight`, Mixtral `experts.3.w1.weight`: what
+    save_pretrained writes in transformers 5) or fused (`experts.gate_up_proj`, leading dimension = experts).
+    """
+    base = f"{prefix}.{spec.moe_on_disk or spec.mlp}."
+    router = tensors.get(f"{base}{spec.router}.weight")
+    parts = {n[len(base) + len(spec.experts) + 1:]: info for n, info in tensors.items()
+             if n.startswith(f"{base}{spec.experts}.") and not n.endswith(_BUFFER_SUFFIXES)}
+    fused = "gate_up_proj" in parts
+    found = parts["gate_up_proj"].shape[0] if fused and parts["gate_up_proj"].shape else \
+        len({p.split(".")[0] for p in parts if p.split(".")[0].isdigit()})
+    if router is None or not router.shape or router.shape[0] != experts or found != experts:
+        got = "no router" if router is None else f"a router of {router.shape[0] if router.shape else 0} rows"
+        raise SourceError(f"{where}: config.json says {experts} experts but the weights hold {found} experts and "
+                          f"{got} ({base}{spec.router}.weight)")
+    return router.numel + top_k * sum(info.numel for info in parts.values()) // experts
+
+
 def _check_against_config(where: str, got: LayerShape, want: LayerShape) -> None:
     """Raise SourceError when the tensors and config.json describe the layer differently."""
     pairs = [("query heads", got.heads, want.heads), ("MLP width", got.mlp, want.mlp)]
@@ -597,7 +617,12 @@ def inspect_model(path: Path | str, *, context: int = 2048) -> ModelReport:
         where = f"{where_file}: layer {i}"
         layer_tensors, prefix = per_layer[i], spec.layer_prefix(i)
         heads, kv_heads, attn_linears = _attention(layer_tensors, spec, prefix, want.head_dim, where)
-        width, mlp_linears = _mlp(layer_tensors, spec, prefix, where)
+        moe_macs = 0
+        if shape.experts and shape.experts[i]:
+            moe_macs = _moe_macs(layer_tensors, spec, prefix, shape.experts[i], shape.top_k, where)
+            width, mlp_linears = want.mlp, {}  # the config's width: expert blocks have no dense MLP Linears
+        else:
+            width, mlp_linears = _mlp(layer_tensors, spec, prefix, where)
         low_rank = {
             f"{block}.{name}": lin.rank
             for block, linears in ((spec.attn, attn_linears), (spec.mlp, mlp_linears))
@@ -609,14 +634,15 @@ def inspect_model(path: Path | str, *, context: int = 2048) -> ModelReport:
                               f"{prefix}.{spec.mlp}.{spec.down}.weight")
         _check_against_config(where, LayerShape(heads, kv_heads, want.head_dim, width, low_rank), want)
 
-        attn_prefix, mlp_prefix = f"{prefix}.{spec.attn}.", f"{prefix}.{spec.mlp}."
+        mlp_block = spec.moe_on_disk if shape.experts and shape.experts[i] and spec.moe_on_disk else spec.mlp
+        attn_prefix, mlp_prefix = f"{prefix}.{spec.attn}.", f"{prefix}.{mlp_block}."
         counts = {"attn": 0, "mlp": 0, "norms": 0}
         for name, info in layer_tensors.items():
             if name.endswith(_BUFFER_SUFFIXES):
                 continue
             part = "attn" if name.startswith(attn_prefix) else "mlp" if name.startswith(mlp_prefix) else "norms"
             counts[part] += info.numel
-        macs = sum(lin.macs for lin in (*attn_linears.values(), *mlp_linears.values()))
+        macs = moe_macs + sum(lin.macs for lin in (*attn_linears.values(), *mlp_linears.values()))
         span = attention_span(cfg, i, shape.num_layers, context)
         layer_reports.append(
             LayerReport(

@@ -209,6 +209,19 @@ def prune_hidden_channels(model: nn.Module, spec: ArchSpec, keep: Sequence[int],
         _select_linear_side(head, keep, outputs=False)
 
 
+def prune_moe_experts(mlp: nn.Module, spec: ArchSpec, keep: Sequence[int]) -> None:
+    """Keep experts `keep` of an MoE block: slices 0 of the fused expert Parameters and rows of the router.
+
+    Both modules read `num_experts` in their forward (the experts' one_hot, the router's shapes), so it follows.
+    """
+    experts, router = get_module(mlp, spec.experts), get_module(mlp, spec.router)
+    for module in (experts, router):
+        for name, param in list(module.named_parameters(recurse=False)):
+            idx = torch.as_tensor(list(keep), dtype=torch.long, device=param.device)
+            setattr(module, name, _new_param(param, param.index_select(0, idx)))
+        module.num_experts = len(keep)
+
+
 def linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
     """The (out, in) weight of a Linear or of a GPT-2 Conv1D."""
     return module.weight.t() if conv1d else module.weight
@@ -286,6 +299,7 @@ __all__ = [
     "mlp_selections",
     "prune_attention_heads",
     "prune_hidden_channels",
+    "prune_moe_experts",
     "prune_mlp_neurons",
     "select_inputs",
     "select_outputs",

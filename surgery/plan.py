@@ -100,6 +100,14 @@ class PruneHidden(_Strict):
     )
 
 
+class PruneExperts(_Strict):
+    """Remove experts of one mixture-of-experts layer: their weights and their router rows."""
+
+    op: Literal["prune_experts"]
+    layer: NonNegInt
+    experts: IndexList
+
+
 class LowRank(_Strict):
     """Replace one Linear by two from its truncated SVD at `rank`."""
 
@@ -148,11 +156,11 @@ class Calibration(_Strict):
 
 Step = Annotated[
     Union[PruneHeads, PruneKVGroups, PruneNeurons, DropLayers, DropAttention, DropMLP, LowRank, Reconstruct,
-          PruneHidden],
+          PruneHidden, PruneExperts],
     Field(discriminator="op"),
 ]
 OP_NAMES = ("prune_heads", "prune_kv_groups", "prune_neurons", "drop_layers", "drop_attention", "drop_mlp", "low_rank",
-            "reconstruct", "prune_hidden")
+            "reconstruct", "prune_hidden", "prune_experts")
 
 
 class Plan(_Strict):

@@ -19,6 +19,7 @@ from surgery.plan import (
     DropMLP,
     LowRank,
     Plan,
+    PruneExperts,
     PruneHeads,
     PruneHidden,
     PruneKVGroups,
@@ -46,6 +47,13 @@ class LayerCut:
     low_rank_steps: dict[str, int] = field(default_factory=dict)
     low_rank_method: dict[str, str] = field(default_factory=dict)  # "mlp.down_proj" -> "svd" | "whitened"
     refit: set[str] = field(default_factory=set)  # "attn" (o_proj) and/or "mlp" (down_proj): see Reconstruct
+    num_experts: int = 0  # experts of this layer's MoE block (0: dense)
+    experts: set[int] = field(default_factory=set)  # removed experts
+    expert_steps: list[str] = field(default_factory=list)
+
+    @property
+    def kept_experts(self) -> list[int]:
+        return [e for e in range(self.num_experts) if e not in self.experts]
 
     @property
     def kept_heads(self) -> list[int]:
@@ -83,7 +91,8 @@ class LayerCut:
 
     @property
     def changed(self) -> bool:
-        return self.dropped or self.drop_attention or self.drop_mlp or bool(self.heads or self.neurons or self.low_rank)
+        return self.dropped or self.drop_attention or self.drop_mlp or bool(
+            self.heads or self.neurons or self.low_rank or self.experts)
 
 
 @dataclass
@@ -185,6 +194,8 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
     problems: list[str] = []
     warnings: list[str] = []
     cuts = [LayerCut(i, s, shape.spec.attn) for i, s in enumerate(shape.layers)]
+    for cut, n_experts in zip(cuts, shape.experts):
+        cut.num_experts = n_experts
     n = len(cuts)
     reconstruct_at: int | None = None
     hidden_removed: set[int] = set()
@@ -242,6 +253,17 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
                     cuts[layer].low_rank[rel] = step.rank
                     cuts[layer].low_rank_steps[rel] = i
                     cuts[layer].low_rank_method[rel] = step.method or "svd"
+        elif isinstance(step, PruneExperts) and layer_ok(f"{at}.layer", step.layer):
+            cut = cuts[step.layer]
+            if not shape.spec.cfg_experts:
+                problems.append(f"{at}: prune_experts needs a mixture-of-experts model; this {shape.spec.family} "
+                                "model has no experts")
+            elif not cut.num_experts:
+                moe = [c.index for c in cuts if c.num_experts]
+                problems.append(f"{at}.layer: layer {step.layer} has a dense MLP, no experts (MoE layers: {moe})")
+            elif _check_indices(f"{at}.experts", step.experts, cut.num_experts, "expert", step.layer, problems):
+                cut.experts.update(step.experts)
+                cut.expert_steps.append(f"{at}.experts")
         elif isinstance(step, PruneHidden):
             hidden_steps.append(i)
             rescale_norms = rescale_norms and step.rescale_norms
@@ -256,6 +278,8 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
                 layer_ok(f"{at}.layers", layer)
 
     _check_layers(cuts, shape, problems, warnings)
+    if shape.experts:
+        _check_experts(cuts, shape, problems)
     if hidden_steps:
         _check_hidden(hidden_steps, hidden_removed, shape, plan, problems)
     _check_ranks(cuts, shape, problems, warnings, shape.hidden - len(hidden_removed))
@@ -266,6 +290,29 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
     if problems:
         raise PlanError(problems)
     return Resolution(shape, cuts, warnings, reconstruct, plan.calibration, sorted(hidden_removed), rescale_norms)
+
+
+def _check_experts(cuts: list[LayerCut], shape: ModelShape, problems: list[str]) -> None:
+    """Kept experts >= the router's top-k; one expert count for every MoE layer; no dense-MLP cuts on MoE layers."""
+    moe = [c for c in cuts if c.num_experts and not c.dropped and c.mlp_kept]
+    if any(c.dropped for c in cuts) and any(not c.num_experts for c in cuts):
+        # the config places dense layers by index (mlp_only_layers, decoder_sparse_step), which is not renumbered
+        problems.append("steps: drop_layers is not supported yet on MoE models with dense-MLP layers")
+    for cut in moe:
+        if cut.neurons or any(rel.split(".")[0] == shape.spec.mlp for rel in cut.low_rank):
+            blame = (cut.neuron_steps or [f"steps[{i}]" for i in cut.low_rank_steps.values()])[-1]
+            problems.append(f"{blame}: layer {cut.index} is a mixture-of-experts block; its experts are removed "
+                            "with prune_experts (neuron and low_rank cuts inside experts are not supported)")
+        if cut.experts and len(cut.kept_experts) < shape.top_k:
+            problems.append(
+                f"{cut.expert_steps[-1]}: layer {cut.index} would keep {len(cut.kept_experts)} of {cut.num_experts} "
+                f"experts, fewer than the router's top-k ({shape.top_k}): remove at most "
+                f"{cut.num_experts - shape.top_k}")
+    counts = {c.index: len(c.kept_experts) for c in moe}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"layer {i} keeps {k}" for i, k in counts.items())
+        problems.append(f"steps: every MoE layer must keep the same number of experts (per-layer expert counts are "
+                        f"not supported yet): {detail}")
 
 
 def _check_hidden(steps: list[int], removed: set[int], shape: ModelShape, plan: Plan, problems: list[str]) -> None:

@@ -62,6 +62,8 @@ class ModelShape:
     base_kv_heads: int
     base_mlp: int
     scale_depends_on_layer_index: bool = False
+    experts: list[int] = field(default_factory=list)  # experts per layer (0: dense MLP); empty for dense families
+    top_k: int = 0  # experts each token is routed to (MoE families)
 
     @property
     def num_layers(self) -> int:
@@ -143,4 +145,16 @@ def shape_from_config(cfg: dict) -> ModelShape:
     tied = bool(cfg.get("tie_word_embeddings", spec.family == "gpt2"))
     scaled = bool(cfg.get("scale_attn_by_inverse_layer_idx", False))
     vocab = size_field(cfg.get("vocab_size"), "vocab_size")
-    return ModelShape(spec, hidden, vocab, tied, layers, heads, kv_heads, mlp, scaled)
+    experts, top_k = moe_layout(cfg, spec, num_layers)
+    return ModelShape(spec, hidden, vocab, tied, layers, heads, kv_heads, mlp, scaled, experts, top_k)
+
+
+def moe_layout(cfg: dict, spec: ArchSpec, num_layers: int) -> tuple[list[int], int]:
+    """(experts per layer, 0 for a dense one; top-k) of an MoE config; ([], 0) for a dense family."""
+    if not spec.cfg_experts:
+        return [], 0
+    n = size_field(cfg.get(spec.cfg_experts, cfg.get("num_experts")), spec.cfg_experts)
+    top_k = size_field(cfg.get(spec.cfg_top_k), spec.cfg_top_k, maximum=n)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    step = cfg.get("decoder_sparse_step") or 1  # Qwen3-MoE: layer i is sparse when (i + 1) % step == 0
+    return [0 if i in dense or (i + 1) % step else n for i in range(num_layers)], top_k

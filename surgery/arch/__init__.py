@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from surgery.arch import gemma3, gpt2, llama, phi3, qwen2, qwen3
+from surgery.arch import gemma3, gpt2, llama, moe, phi3, qwen2, qwen3
 from surgery.arch.base import ArchSpec
 from surgery.errors import UnsupportedModelError
 
-FAMILIES: tuple[ArchSpec, ...] = (llama.SPEC, qwen2.SPEC, qwen3.SPEC, gemma3.SPEC, phi3.SPEC, gpt2.SPEC)
+FAMILIES: tuple[ArchSpec, ...] = (llama.SPEC, qwen2.SPEC, qwen3.SPEC, gemma3.SPEC, phi3.SPEC, gpt2.SPEC, moe.QWEN3_MOE,
+                                  moe.MIXTRAL)
 _BY_MODEL_TYPE: dict[str, ArchSpec] = {t: spec for spec in FAMILIES for t in spec.model_types}
 
 

@@ -35,6 +35,8 @@ class ArchSpec:
             layer needs its own config copy.
         hidden_prunable: `prune_hidden` is implemented for this layout (plain embedding, RMSNorms, separate
             q/k/v and gate/up Linears).
+        cfg_experts: config field with the number of experts per MoE layer (None: a dense family); `experts` and
+            `router` are the expert and router modules inside the MLP, `cfg_top_k` the experts each token uses.
         hidden_divisible_by_heads: the config class refuses a hidden size that num_attention_heads does not divide,
             even with an explicit head_dim (LlamaConfig: KNOWN_TRAPS 2).
     """
@@ -68,6 +70,11 @@ class ArchSpec:
     per_module_config: bool = False
     hidden_prunable: bool = False
     hidden_divisible_by_heads: bool = False
+    cfg_experts: str | None = None
+    cfg_top_k: str = "num_experts_per_tok"
+    experts: str = "experts"
+    router: str = "gate"
+    moe_on_disk: str | None = None  # the MoE block's name in checkpoints when it differs from `mlp` (Mixtral)
     # attention attributes that hold counts and must follow the pruned shapes, by meaning
     attn_count_attrs: dict[str, str] = field(default_factory=dict)
 

@@ -1,0 +1,147 @@
+"""prune_experts on tiny Qwen3-MoE and Mixtral models against the oracle: the original model whose router logits
+of the removed experts are -inf before softmax and top-k (a forward hook) gives the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+from cli_helpers import call, one_error_line
+from surgery.apply import apply_plan
+from surgery.plan import parse_plan
+from tiny_models import VOCAB, save_tiny, tiny_tokenizer, tokens
+
+ATOL = 1e-4
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, num_experts_per_tok=2, initializer_range=0.3, max_position_embeddings=128)
+
+
+def moe_model(family: str, seed: int = 0, experts: int = 6):
+    if family == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**SMALL, intermediate_size=96, moe_intermediate_size=32, num_experts=experts,
+                             norm_topk_prob=False)
+    else:
+        cfg = MixtralConfig(**SMALL, intermediate_size=32, num_local_experts=experts)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+def masked_router(model, removed: dict[int, list[int]], normalise: bool):
+    """Hooks that route as if the removed experts' logits were -inf (softmax, top-k, optional renormalising)."""
+    handles = []
+    for layer, gone in removed.items():
+        router = model.model.layers[layer].mlp.gate
+
+        def hook(module, args, out, gone=gone):
+            logits = F.linear(args[0].reshape(-1, module.hidden_dim), module.weight)
+            logits[:, gone] = float("-inf")
+            probs = torch.softmax(logits.float(), -1)
+            top, idx = torch.topk(probs, module.top_k, -1)
+            if normalise:
+                top = top / top.sum(-1, keepdim=True)
+            return out[0], top.to(out[1].dtype), idx
+
+        handles.append(router.register_forward_hook(hook))
+    return handles
+
+
+def _plan(removed):
+    return parse_plan({"steps": [{"op": "prune_experts", "layer": k, "experts": v} for k, v in removed.items()]})
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_prune_experts_matches_masked_original(family):
+    removed = {0: [1, 4, 5], 1: [0, 2, 3]}  # same count per layer: plain transformers can express it
+    model, ids = moe_model(family), tokens()
+    with torch.no_grad():
+        full = model(ids).logits
+        masked_router(model, removed, normalise=family == "mixtral")
+        masked = model(ids).logits
+        pruned, _ = apply_plan(moe_model(family), _plan(removed))
+        got = pruned(ids).logits
+    torch.testing.assert_close(got, masked, atol=ATOL, rtol=0)
+    assert (got - full).abs().max() > 1e-2  # experts that were routed to are gone: the oracle can tell
+    assert pruned.config.to_dict()["num_local_experts"] == 3 and "surgery_layers" not in pruned.config.to_dict()
+    assert pruned.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 3
+
+
+def test_uniform_expert_cut_loads_with_plain_transformers(tmp_path, capsys):
+    src = tmp_path / "src"
+    moe_model("qwen3_moe").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    plan = tmp_path / "plan.json"
+    removed = {0: [1, 4], 1: [0, 2]}
+    plan.write_text(_plan(removed).to_json())
+    capsys.readouterr()
+    code, _, err = call(capsys, "apply", plan, "--model", src, "--out", tmp_path / "out")
+    assert code == 0, err
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ref = moe_model("qwen3_moe")
+    masked_router(ref, removed, normalise=False)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens()).logits, ref(tokens()).logits, atol=ATOL, rtol=0)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 4
+
+
+@pytest.mark.parametrize(("steps", "needle"), [
+    ([{"op": "prune_experts", "layer": 0, "experts": [0, 1, 2, 3, 4]},
+      {"op": "prune_experts", "layer": 1, "experts": [0, 1, 2, 3, 4]}],
+     "would keep 1 of 6 experts, fewer than the router's top-k (2): remove at most 4"),
+    ([{"op": "prune_experts", "layer": 0, "experts": [6]}], "expert 6 out of range (layer 0 has 6 experts)"),
+    ([{"op": "prune_experts", "layer": 0, "experts": [1]}, {"op": "prune_experts", "layer": 1, "experts": [1, 2]}],
+     "every MoE layer must keep the same number of experts"),
+    ([{"op": "prune_neurons", "layer": 0, "neurons": [1]}], "is a mixture-of-experts block"),
+])
+def test_bad_prune_experts_is_one_line_exit_2(tmp_path, capsys, steps, needle):
+    src = tmp_path / "src"
+    moe_model("mixtral").save_pretrained(src)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "steps": steps}))
+    capsys.readouterr()
+    code, _, err = call(capsys, "apply", plan, "--model", src, "--out", tmp_path / "out")
+    assert code == 2
+    if len(steps) == 2 and steps[0]["experts"] == steps[1]["experts"]:  # the same problem in two layers: two lines
+        assert all(line.startswith("error: ") for line in err.splitlines()) and err.count("top-k") == 2
+    else:
+        one_error_line(err)
+    assert needle in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_experts_on_a_dense_model_is_refused(tmp_path, capsys):
+    src = save_tiny(tmp_path / "src", "llama")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "steps": [{"op": "prune_experts", "layer": 0, "experts": [0]}]}))
+    capsys.readouterr()
+    code, _, err = call(capsys, "apply", plan, "--model", src, "--out", tmp_path / "out")
+    assert code == 2
+    assert "prune_experts needs a mixture-of-experts model; this llama model has no experts" in one_error_line(err)
+
+
+def test_masked_router_hook_matches_the_model_when_nothing_is_masked():
+    # the hook re-implements routing: with no expert masked it must reproduce the model exactly
+    for family in ("qwen3_moe", "mixtral"):
+        model, ids = moe_model(family), tokens()
+        with torch.no_grad():
+            full = model(ids).logits
+            masked_router(model, {0: [], 1: []}, normalise=family == "mixtral")
+            torch.testing.assert_close(model(ids).logits, full, atol=ATOL, rtol=0)
+
+
+def test_dense_layers_of_qwen3_moe_are_not_experts_and_block_drop_layers():
+    from surgery.errors import PlanError
+    from surgery.resolve import resolve_plan
+    from surgery.shapes import shape_from_config
+
+    cfg = moe_model("qwen3_moe").config.to_dict()
+    cfg["mlp_only_layers"] = [1]
+    shape = shape_from_config(cfg)
+    assert shape.experts == [6, 0] and shape.top_k == 2
+    for steps, needle in (([{"op": "prune_experts", "layer": 1, "experts": [0]}], "layer 1 has a dense MLP"),
+                          ([{"op": "drop_layers", "layers": [0]}], "drop_layers is not supported yet on MoE")):
+        with pytest.raises(PlanError, match=needle):
+            resolve_plan(parse_plan({"steps": steps}), shape)
