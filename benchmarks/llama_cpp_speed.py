@@ -60,7 +60,7 @@ def prepare(work: Path, score_tokens: int) -> dict[str, Path]:
 def export(models: dict[str, Path | str], work: Path, dtypes: list[str]) -> dict[tuple[str, str], Path]:
     files = {}
     for name, src in models.items():
-        for dtype in dtypes:
+        for dtype in dtypes if name == "original" else [d for d in dtypes if d != "f32"]:  # f32: agreement only
             path = work / f"{name}.{dtype}.gguf"
             if not path.exists():
                 wb("export", src, "--to", "gguf", "--out", path, "--dtype", dtype)
