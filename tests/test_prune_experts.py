@@ -145,3 +145,26 @@ def test_dense_layers_of_qwen3_moe_are_not_experts_and_block_drop_layers():
                           ([{"op": "drop_layers", "layers": [0]}], "drop_layers is not supported yet on MoE")):
         with pytest.raises(PlanError, match=needle):
             resolve_plan(parse_plan({"steps": steps}), shape)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_per_layer_heads_on_moe_load_with_surgery_load(tmp_path, capsys, family):
+    # one layer loses heads: surgery_layers, so the checkpoint goes through surgery.load, which must fuse the
+    # per-expert tensors save_pretrained wrote (Mixtral: block_sparse_moe.experts.E.w1/w2/w3)
+    import surgery
+
+    src = tmp_path / "src"
+    moe_model(family).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    plan = tmp_path / "plan.json"
+    steps = [{"op": "prune_heads", "layer": 0, "heads": [0, 2]},
+             {"op": "prune_experts", "layer": 0, "experts": [1]}, {"op": "prune_experts", "layer": 1, "experts": [4]}]
+    plan.write_text(json.dumps({"version": 1, "steps": steps}))
+    capsys.readouterr()
+    code, _, err = call(capsys, "apply", plan, "--model", src, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "surgery_layers" in json.loads((tmp_path / "out" / "config.json").read_text())
+    expected, _ = apply_plan(moe_model(family), parse_plan({"steps": steps}))
+    with torch.no_grad():
+        torch.testing.assert_close(surgery.load(str(tmp_path / "out"))(tokens()).logits, expected(tokens()).logits,
+                                   atol=ATOL, rtol=0)

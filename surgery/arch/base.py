@@ -75,6 +75,7 @@ class ArchSpec:
     experts: str = "experts"
     router: str = "gate"
     moe_on_disk: str | None = None  # the MoE block's name in checkpoints when it differs from `mlp` (Mixtral)
+    expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # one expert's Linears on disk
     # attention attributes that hold counts and must follow the pruned shapes, by meaning
     attn_count_attrs: dict[str, str] = field(default_factory=dict)
 

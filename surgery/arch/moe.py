@@ -16,4 +16,4 @@ _MOE = dict(hidden_prunable=False, hidden_divisible_by_heads=False, experts="exp
 QWEN3_MOE = replace(LLAMA, family="qwen3_moe", model_types=("qwen3_moe",), cfg_experts="num_local_experts", **_MOE)
 # Mixtral checkpoints name the block `block_sparse_moe` and the experts' Linears w1/w3 (gate, up) and w2 (down)
 MIXTRAL = replace(LLAMA, family="mixtral", model_types=("mixtral",), cfg_experts="num_local_experts",
-                  moe_on_disk="block_sparse_moe", **_MOE)
+                  moe_on_disk="block_sparse_moe", expert_linears=("w1", "w3", "w2"), **_MOE)

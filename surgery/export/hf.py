@@ -169,6 +169,32 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def fuse_expert_tensors(state: dict[str, torch.Tensor], shape) -> dict[str, torch.Tensor]:
+    """Per-expert checkpoint tensors -> the fused layout transformers 5 builds (MoE families).
+
+    save_pretrained writes experts one by one (`experts.3.gate_proj.weight`) and from_pretrained fuses them again;
+    a surgery checkpoint is loaded with load_state_dict, so the same fusing is done here: `gate_up_proj` is
+    (E, 2 x width, hidden) with [gate | up] rows, `down_proj` (E, hidden, width).
+    """
+    spec = shape.spec
+    gate, up, down = spec.expert_linears
+    for i, n in enumerate(shape.experts):
+        if not n:
+            continue
+        disk = f"{spec.layer_prefix(i)}.{spec.moe_on_disk or spec.mlp}."
+        mem = f"{spec.layer_prefix(i)}.{spec.mlp}."
+        try:
+            experts = [{name: state.pop(f"{disk}{spec.experts}.{e}.{name}.weight") for name in (gate, up, down)}
+                       for e in range(n)]
+        except KeyError:
+            continue  # already fused (or missing: the strict load below names it)
+        state[f"{mem}{spec.experts}.gate_up_proj"] = torch.stack([torch.cat([x[gate], x[up]]) for x in experts])
+        state[f"{mem}{spec.experts}.down_proj"] = torch.stack([x[down] for x in experts])
+        if f"{disk}{spec.router}.weight" in state:
+            state[f"{mem}{spec.router}.weight"] = state.pop(f"{disk}{spec.router}.weight")
+    return state
+
+
 def load_surgery_checkpoint(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str = "cpu"):
     """Load a checkpoint with per-layer shapes (`surgery_layers` in config.json): one line for the user.
 
@@ -187,6 +213,11 @@ def load_surgery_checkpoint(path: str | Path, *, dtype: torch.dtype | str | None
         model = AutoModelForCausalLM.from_config(config)
     restructure_to_config(model, config_dict)
     state = _read_safetensors(path)
+    from surgery.shapes import shape_from_config
+
+    shape = shape_from_config(config_dict)
+    if shape.experts:
+        state = fuse_expert_tensors(state, shape)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set()
     if getattr(config, "tie_word_embeddings", False):

@@ -39,7 +39,10 @@ def plan_blockers(plan: Plan, *, pickle_weights: bool = False, trust_remote_code
     """Why `plan` cannot stream from this source, one line each (empty: it can)."""
     reasons = []
     for i, step in enumerate(plan.steps):
-        if step.op == "prune_hidden":
+        if step.op == "prune_experts":
+            reasons.append(f"steps[{i}] (prune_experts): checkpoints store experts one by one and the model fuses "
+                           "them, a mapping the streaming applier does not do yet, so it runs in memory")
+        elif step.op == "prune_hidden":
             reasons.append(f"steps[{i}] (prune_hidden): slices every tensor of the model, which the streaming "
                            "applier does not do yet, so it runs in memory")
         elif step.op not in STRUCTURAL_OPS:
@@ -170,6 +173,9 @@ def build_stream_plan(
         NotStreamable: Some output tensor has no slice of the input behind it.
         SourceError: A safetensors header of the input is corrupt.
     """
+    if resolution.shape.spec.cfg_experts:
+        raise NotStreamable(f"{resolution.shape.spec.family} checkpoints store experts one by one and the model "
+                            "fuses them, a mapping the streaming applier does not do yet")
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
