@@ -65,4 +65,8 @@ def test_uniform_plan_on_demo_loads_with_plain_transformers(tmp_path, demo, prom
     with torch.no_grad(), masked(demo.model, resolution):
         expected = demo.model(prompt).logits
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(prompt).logits, expected, atol=1e-4, rtol=0)
+        got = reloaded(prompt).logits
+    # float32 through 30 layers: 6-head attention and the masked 9-head original sum in different orders, and the
+    # split depends on torch's thread count (2.8e-4 max on logits of magnitude ~25 with 2 threads, 0.6% of
+    # elements past 1e-4); a wrong cut moves logits by whole units
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
