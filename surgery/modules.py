@@ -23,8 +23,10 @@ class Placeholder(nn.Module):
 class SkippedAttention(nn.Module):
     """A removed attention sub-block: contributes nothing to the residual stream.
 
-    It still records an empty (zero-head) key/value entry in the KV cache, so that `cache.get_seq_length()` (which
-    reads layer 0 by default) stays right when the first layer's attention is the one removed.
+    It still records a key/value entry in the KV cache, so that `cache.get_seq_length()` and the causal-mask sizes
+    (both read from layer 0 by default) stay right when the first layer's attention is the one removed. The entry
+    is one head of width 1 per token, not zero heads: `DynamicLayer.get_seq_length()` returns 0 for an entry with no
+    elements, and every later layer's mask and positions would then be built as if nothing were cached.
     """
 
     def __init__(self, layer_idx: int, head_dim: int, placeholder: str) -> None:
@@ -37,8 +39,8 @@ class SkippedAttention(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and hasattr(cache, "update"):
             b, t = hidden_states.shape[:2]
-            empty = hidden_states.new_zeros(b, 0, t, self.head_dim)  # (B, 0 heads, T, hs)
-            cache.update(empty, empty, self.layer_idx)
+            marker = hidden_states.new_zeros(b, 1, t, 1)  # (B, 1 head, T, width 1): B*T elements, never read
+            cache.update(marker, marker, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 
