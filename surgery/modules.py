@@ -83,3 +83,11 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias) of a Linear, or of a LowRankLinear multiplied back (B @ A): what exporters to
+    runtimes without a factored Linear write."""
+    if isinstance(module, LowRankLinear):
+        return module.b.weight @ module.a.weight, module.b.bias
+    return module.weight, getattr(module, "bias", None)

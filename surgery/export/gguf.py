@@ -69,16 +69,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _dense(module, what: str, adjustments: list[Adjustment]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight (out, in), bias) of a Linear, densifying a LowRankLinear (B @ A) and reporting what that costs."""
-    from surgery.modules import LowRankLinear
+    from surgery.modules import LowRankLinear, dense_weight
 
+    weight, bias = dense_weight(module)
     if isinstance(module, LowRankLinear):
-        weight = module.b.weight @ module.a.weight
         out_f, in_f = weight.shape
         added = out_f * in_f - module.rank * (out_f + in_f)
         adjustments.append(Adjustment(f"{what}: rank-{module.rank} factors densified to {out_f}x{in_f} (GGUF has "
                                       "no factored Linear; exact up to rounding)", added, 2 * added))
-        return weight, module.b.bias
-    return module.weight, getattr(module, "bias", None)
+    return weight, bias
 
 
 def _rope_interleave(weight: np.ndarray, head_dim: int) -> np.ndarray:

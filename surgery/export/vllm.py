@@ -28,7 +28,7 @@ from surgery.errors import UserError
 from surgery.export.atomic import _fsync_dir, atomic_dir, check_output_dir
 from surgery.export.hf import legacy_rope_keys
 from surgery.export.report import Adjustment, ExportReport
-from surgery.modules import LowRankLinear
+from surgery.modules import dense_weight
 from surgery.plan import write_text_atomic
 from surgery.shapes import LayerShape, ModelShape, shape_from_config
 
@@ -153,13 +153,6 @@ def source_linear_dims(rel: str, s: LayerShape, hidden: int) -> tuple[int, int]:
     return dims[name]
 
 
-def dense_linear(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (out, in), bias) of a Linear, or of a LowRankLinear multiplied back (B @ A)."""
-    if isinstance(module, LowRankLinear):
-        return module.b.weight @ module.a.weight, module.b.bias
-    return module.weight, module.bias
-
-
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
 
@@ -170,7 +163,7 @@ def _attention_tensors(attn, spec, b: BlockLayout, heads: int, hd: int, hidden: 
     slots = torch.tensor([j * b.group_out + t for j in range(b.kv_heads) for t in range(b.group)])
     out: dict[str, torch.Tensor] = {}
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        w, bias = dense_linear(ops.get_module(attn, getattr(spec, name[0])))
+        w, bias = dense_weight(ops.get_module(attn, getattr(spec, name[0])))
         if name == "q_proj":
             new = w.new_zeros(heads, hd, hidden)  # (H, hs, C)
             new[slots] = w.reshape(b.heads, hd, hidden)
@@ -196,7 +189,7 @@ def _mlp_tensors(mlp, spec, b: BlockLayout) -> dict[str, torch.Tensor]:
     """gate/up/down of one layer, zero neurons appended up to `b.mlp_out`."""
     out: dict[str, torch.Tensor] = {}
     for name, attr in (("gate_proj", spec.gate), ("up_proj", spec.up), ("down_proj", spec.down)):
-        w, bias = dense_linear(ops.get_module(mlp, attr))
+        w, bias = dense_weight(ops.get_module(mlp, attr))
         if name == "down_proj":
             w = _pad_rows(w.t(), b.mlp_out).t()
         else:
