@@ -80,3 +80,19 @@ def test_serve_refusals_are_one_line(wide):
     with pytest.raises(UserError, match="no per-layer shapes"):
         suggest_plan(synthetic_scores(qwen2), qwen2.config.to_dict(), Target(params=0.8, serve="llama.cpp"),
                      uniform=False)
+
+
+def test_llama_cpp_verdict_predicts_the_gguf_exporters_padding(tmp_path, wide):
+    """The plan panel's llama.cpp line must announce the padding the GGUF export then adds (MLP widths off its grid,
+    a zero MLP for attention-only layers), parameter for parameter."""
+    gguf = pytest.importorskip("surgery.export.gguf")
+    _, cfg, _ = wide
+    steps = [{"op": "prune_neurons", "layer": 0, "neurons": list(range(13))},  # 499: off the 32 grid
+             {"op": "prune_neurons", "layer": 1, "neurons": list(range(64))},  # 448: on it
+             {"op": "drop_mlp", "layer": 2}]
+    fit = _fits(cfg, steps)["llama.cpp"]
+    assert fit.runs and fit.adjustments
+    pruned, _ = apply_plan(make_model("llama", **WIDE), parse_plan({"version": 1, "steps": steps}))
+    save_model_dir(pruned, tmp_path / "pruned", tokenizer=tiny_tokenizer(), manifest={"version": 1})
+    report = gguf.export_gguf(str(tmp_path / "pruned"), tmp_path / "out.gguf", dtype="f32")
+    assert sum(a.params_added for a in fit.adjustments) == report.params_added > 0

@@ -81,13 +81,25 @@ def transformers_fit(shape: ModelShape) -> RuntimeFit:
     return RuntimeFit("transformers", True)
 
 
+def _gguf_width_padding(shape: ModelShape) -> list[Adjustment]:
+    """The zero neurons the GGUF export adds to bring MLP widths to its grid (surgery.export.gguf.MLP_MULTIPLE)."""
+    from surgery.export.gguf import MLP_MULTIPLE
+
+    off = [s.mlp for s in shape.layers if s.mlp > 1 and s.mlp % MLP_MULTIPLE]
+    if not off:
+        return []
+    params = sum(3 * shape.hidden * (-w % MLP_MULTIPLE) for w in off)
+    return [Adjustment(f"MLP widths padded to multiples of {MLP_MULTIPLE} in {len(off)} layer(s)", params, 2 * params)]
+
+
 def llama_cpp_fit(shape: ModelShape) -> RuntimeFit:
     family = shape.spec.family
     if family not in ("llama", *_GGUF_UNIFORM_ONLY):
         return RuntimeFit("llama.cpp", False, why_not=f"the GGUF export does not write {family}")
-    if _uniform(shape):  # architecture llama / qwen2 / qwen3: nothing to pad
-        return RuntimeFit("llama.cpp", True)
-    adjustments = _densified(shape)
+    widths = _gguf_width_padding(shape)  # the exporter pads every MLP width to its grid, uniform ones too
+    if _uniform(shape):  # architecture llama / qwen2 / qwen3: nothing else to pad
+        return RuntimeFit("llama.cpp", True, tuple(widths))
+    adjustments = _densified(shape) + widths
     if family in _GGUF_UNIFORM_ONLY:
         return RuntimeFit("llama.cpp", False, why_not=f"llama.cpp's {family} has no per-layer shapes")
     layers = [s for s in shape.layers if s.has_attention or s.has_mlp]  # identity layers are left out
@@ -131,8 +143,9 @@ def serve_rules(runtime: str, shape: ModelShape, config_dict: dict, uniform: boo
     """The allocation rules for `runtime`, or a one-line refusal when it cannot run any pruned form of the model.
 
     vLLM: the query-head count is global (hidden / head_dim) and both readers take it as given, so no head or KV
-    cut (whole layers and MLP neurons only), widths a multiple of 256. llama.cpp (Llama family): any head, KV and
-    width cut; Qwen2/Qwen3 only uniformly.
+    cut (whole layers and MLP neurons only), widths a multiple of 256. llama.cpp (Llama family): any head and KV
+    cut, widths a multiple of 32 (the GGUF export pads others: off-grid widths run at about half speed there);
+    Qwen2/Qwen3 only uniformly.
     """
     if runtime == "vllm":
         fit = vllm_fit(shape, config_dict)  # the source itself must fit the layout (family, head_dim, ...)
@@ -147,5 +160,7 @@ def serve_rules(runtime: str, shape: ModelShape, config_dict: dict, uniform: boo
             raise UserError(f"--serve llama.cpp: the GGUF export does not write {family}")
         if family in _GGUF_UNIFORM_ONLY and not uniform:
             raise UserError(f"--serve llama.cpp: llama.cpp's {family} has no per-layer shapes; drop --non-uniform")
-        return ServeRules("llama.cpp", cut_heads=True, neuron_grain=1)
+        from surgery.export.gguf import MLP_MULTIPLE
+
+        return ServeRules("llama.cpp", cut_heads=True, neuron_grain=MLP_MULTIPLE)
     raise UserError(f"--serve {runtime!r}: expected one of {', '.join(SERVE_TARGETS)}")
