@@ -65,7 +65,7 @@ class DistillConfig(BaseModel):
     lr: float = Field(default=2e-4, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     warmup_steps: int = Field(default=0, ge=0)
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    schedule: Literal["constant", "linear", "cosine", "wsd"] = "constant"
     max_grad_norm: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
     seed: int = 0
 

@@ -46,11 +46,15 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 def lr_at(cfg: DistillConfig, step: int) -> float:
-    """Learning rate of (0-based) `step`: linear warmup, then constant, linear decay or cosine decay to 0."""
+    """Learning rate of (0-based) `step`: linear warmup, then constant, linear decay or cosine decay to 0, or
+    wsd (warmup-stable-decay: the peak held, then a linear decay over the last 20% of the steps)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "wsd":
+        decay = max(1, round(0.2 * cfg.steps))
+        return cfg.lr * min(1.0, (cfg.steps - step) / decay)
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     if cfg.schedule == "linear":
         return cfg.lr * (1.0 - progress)

@@ -44,7 +44,7 @@ def distill(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per optimizer step (all processes).")] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
-    schedule: Annotated[str, typer.Option(help="constant, linear or cosine.")] = "constant",
+    schedule: Annotated[str, typer.Option(help="constant, linear, cosine or wsd (peak held, decay over the last 20%).")] = "constant",
     warmup: Annotated[int, typer.Option(help="Warmup steps.")] = 0,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Text for perplexity before/after.")] = None,
     eval_tokens: Annotated[int | None, typer.Option("--eval-tokens", help="Cap on eval tokens.")] = None,
