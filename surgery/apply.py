@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from surgery import ops
-from surgery.plan import Plan
+from surgery.plan import DATA_RANK_METHODS, Plan
 from surgery.resolve import LayerCut, Resolution, resolve_plan
 from surgery.shapes import SURGERY_LAYERS_KEY, LayerShape, shape_from_config
 
@@ -51,7 +51,7 @@ def apply_layer_cut(layer: nn.Module, cut: LayerCut, spec, position: int, factor
         elif cut.experts:
             ops.prune_moe_experts(ops.get_module(layer, spec.mlp), spec, cut.kept_experts)
     for rel, rank in sorted(cut.low_rank.items()):
-        if factorize and cut.low_rank_method.get(rel) == "whitened":
+        if factorize and cut.low_rank_method.get(rel) in DATA_RANK_METHODS:
             continue  # factorised from calibration activations, layer by layer (surgery.reconstruct)
         if cut._module_kept(rel):
             (ops.low_rank if factorize else ops.empty_low_rank)(layer, rel, rank, spec.conv1d)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from surgery.errors import PlanError, UserError
 from surgery.filemode import ordinary_mode
@@ -108,17 +108,33 @@ class PruneExperts(_Strict):
     experts: IndexList
 
 
+# low_rank methods computed from the plan's calibration activations (surgery.reconstruct), not from W alone
+DATA_RANK_METHODS = ("whitened", "asvd")
+ASVD_ALPHA = 0.5  # ASVD's default exponent on the per-channel mean |x| (Yuan et al. 2023)
+
+
 class LowRank(_Strict):
     """Replace one Linear by two from its truncated SVD at `rank`."""
 
     op: Literal["low_rank"]
     module: str = Field(min_length=1, description="HF module path, e.g. model.layers.5.mlp.down_proj")
     rank: Annotated[int, Field(ge=1, strict=True)]
-    method: Literal["svd", "whitened"] | None = Field(
+    method: Literal["svd", "whitened", "asvd"] | None = Field(
         default=None,
         description="svd (default): truncated SVD of W. whitened: SVD of W S, S the Cholesky factor of the input "
-        "Gram matrix on the plan's calibration text (SVD-LLM); needs the plan's `calibration` block",
+        "Gram matrix on the plan's calibration text (SVD-LLM). asvd: SVD of W diag(s)^alpha, s the per-input-channel "
+        "mean |x| on the calibration text, the scaling undone on the right factor (ASVD). whitened and asvd need the "
+        "plan's `calibration` block",
     )
+    alpha: Annotated[float, Field(gt=0, le=4)] | None = Field(
+        default=None, description=f"asvd only: the exponent on the mean |x| (default {ASVD_ALPHA})"
+    )
+
+    @model_validator(mode="after")
+    def _alpha_needs_asvd(self):
+        if self.alpha is not None and self.method != "asvd":
+            raise ValueError("alpha is only used by method asvd")
+        return self
 
 
 class Reconstruct(_Strict):

@@ -23,6 +23,11 @@ Linear's input Gram matrix, the rank-r truncation of the SVD W S = U Sigma V^T g
 A = Sigma_r^1/2 V_r^T S^-1: the rank-r matrix closest to W in output error on the calibration inputs,
 ||(W - BA) X||_F, not in ||W - BA||_F as a plain SVD.
 
+Activation-scaled low rank (`"method": "asvd"`, Yuan et al. 2023): the SVD of W diag(s)^alpha, s the per-input-
+channel mean |x| on the calibration tokens, truncated, the scaling undone on the right factor
+(`surgery.linalg.asvd_factors`). A diagonal heuristic: unlike whitened it carries no optimality guarantee, and it
+needs no full-rank Gram matrix.
+
 Layers are processed in order; each pass calls the decoder layer directly with the arguments the model's own
 forward passes it (caught once per batch), so no family-specific forward code is needed.
 """
@@ -41,9 +46,9 @@ from torch import nn
 from surgery import ops
 from surgery.data import TokenBlocks, load_blocks
 from surgery.errors import FingerprintMismatch, UserError
-from surgery.linalg import svd64
+from surgery.linalg import asvd_factors, svd64
 from surgery.metrics.common import check_cancel
-from surgery.plan import Calibration, Plan, Reconstruct
+from surgery.plan import ASVD_ALPHA, DATA_RANK_METHODS, Calibration, Plan, Reconstruct
 from surgery.resolve import LayerCut, Resolution
 
 Progress = Callable[[int, int, str], None]
@@ -71,12 +76,14 @@ class DataReport:
 
     fits: list[FitRecord] = field(default_factory=list)
     whitened: list[str] = field(default_factory=list)
+    asvd: list[str] = field(default_factory=list)
     tokens: int = 0
 
     def describe(self) -> dict:
         return {
             "tokens": self.tokens,
             "whitened": list(self.whitened),
+            "asvd": list(self.asvd),
             "refits": [vars(f) for f in self.fits],
         }
 
@@ -122,8 +129,12 @@ def calibrate_plan(
     text_field: str | None = None,
     reconstruct: Reconstruct | None = None,
     rank_method: str | None = None,
+    alpha: float | None = None,
 ) -> Plan:
-    """`plan` with a calibration block for `data`, plus a reconstruct step and/or whitened low_rank steps.
+    """`plan` with a calibration block for `data`, plus a reconstruct step and/or whitened / asvd low_rank steps.
+
+    `rank_method` sets the method of every low_rank step; `alpha` is asvd's exponent (default ASVD_ALPHA, written
+    into each step so the plan says what it replays).
 
     The block records the tokens actually kept (fewer than `tokens` when the data is short), so validation refuses
     data too short for full-rank Gram matrices with the number of tokens needed.
@@ -137,15 +148,19 @@ def calibrate_plan(
     from surgery.shapes import shape_from_config
 
     if reconstruct is None and rank_method in (None, "svd"):
-        raise UserError("--data is used by --reconstruct and --rank-method whitened: pass one of them")
-    if rank_method == "whitened" and not any(isinstance(s, LowRank) for s in plan.steps):
-        raise UserError("--rank-method whitened needs low_rank steps (--low-rank ... --rank-keep ...)")
+        raise UserError("--data is used by --reconstruct and --rank-method whitened/asvd: pass one of them")
+    if rank_method in DATA_RANK_METHODS and not any(isinstance(s, LowRank) for s in plan.steps):
+        raise UserError(f"--rank-method {rank_method} needs low_rank steps (--low-rank ... --rank-keep ...)")
+    if alpha is not None and rank_method != "asvd":
+        raise UserError("--asvd-alpha is only used by --rank-method asvd")
     blocks = load_blocks(data, tokenizer, seq_len, tokens, text_field=text_field)
     cal = Calibration(source=str(data), fingerprint=blocks.fingerprint, tokens=blocks.num_tokens, seq_len=seq_len,
                       batch_size=batch_size, text_field=text_field)
     steps = [s.model_dump(exclude_none=True) for s in plan.steps if not isinstance(s, Reconstruct)]
     if rank_method is not None:
-        steps = [{**s, "method": rank_method} if s["op"] == "low_rank" else s for s in steps]
+        extra = {"alpha": ASVD_ALPHA if alpha is None else alpha} if rank_method == "asvd" else {}
+        steps = [{**{k: v for k, v in s.items() if k != "alpha"}, "method": rank_method, **extra}
+                 if s["op"] == "low_rank" else s for s in steps]
     if reconstruct is not None:
         steps.append(reconstruct.model_dump(exclude_none=True))
     doc = {**plan.model_dump(exclude_none=True), "calibration": cal.model_dump(exclude_none=True), "steps": steps}
@@ -333,21 +348,25 @@ def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tup
     return b.to(weight.dtype), a.to(weight.dtype)
 
 
-def _whiten(layer: nn.Module, rels: dict[str, int], xs: list, calls: list, conv1d: bool) -> None:
-    """Replace each Linear in `rels` (rel -> rank) by its whitened factorisation, from one pass over the data."""
-    grams: dict[str, torch.Tensor] = {}
-    last = list(rels)
+def _whiten(layer: nn.Module, rels: dict[str, tuple], xs: list, calls: list, conv1d: bool) -> None:
+    """Replace each Linear in `rels` (rel -> (method, rank, alpha)) by its whitened or activation-scaled (asvd)
+    factorisation, from one pass over the data: Gram matrices for whitened, per-channel sums of |x| for asvd."""
+    stats: dict[str, torch.Tensor] = {}
+    rows = 0
     for b, x in enumerate(xs):
         with contextlib.ExitStack() as stack:
-            for rel in last:
-                def grab(a, _y, rel=rel):
+            for rel, (method, _, _) in rels.items():
+                def grab(a, _y, rel=rel, method=method):
                     a = _rows(a)
-                    grams[rel] = grams.get(rel, 0) + a.t() @ a
+                    stats[rel] = stats.get(rel, 0) + (a.t() @ a if method == "whitened" else a.abs().sum(0))
                 stack.enter_context(_hook(ops.get_module(layer, rel), grab, stop=False))
             _call(layer, x, calls[b])
-    for rel, rank in rels.items():
+        rows += x.shape[0] * x.shape[1]
+    for rel, (method, rank, alpha) in rels.items():
         linear = ops.get_module(layer, rel)
-        factors = whitened_factors(ops.linear_weight(linear, conv1d), grams[rel], rank)
+        weight = ops.linear_weight(linear, conv1d)
+        factors = (whitened_factors(weight, stats[rel], rank) if method == "whitened"
+                   else asvd_factors(weight, stats[rel] / rows, rank, alpha))
         ops.set_module(layer, rel, ops.make_low_rank(linear, rank, conv1d, factors))
 
 
@@ -357,9 +376,10 @@ def _readers(cut: LayerCut, spec) -> dict[str, str]:
     return {kind: paths[kind] for kind in ("attn", "mlp") if kind in cut.refit}
 
 
-def _whitened(cut: LayerCut) -> dict[str, int]:
-    return {rel: cut.low_rank[rel] for rel, m in sorted(cut.low_rank_method.items())
-            if m == "whitened" and cut._module_kept(rel) and not cut.dropped}
+def _whitened(cut: LayerCut) -> dict[str, tuple]:
+    """The layer's data-driven low_rank steps: rel -> (method, rank, alpha)."""
+    return {rel: (m, cut.low_rank[rel], cut.low_rank_alpha.get(rel)) for rel, m in sorted(cut.low_rank_method.items())
+            if m in DATA_RANK_METHODS and cut._module_kept(rel) and not cut.dropped}
 
 
 @torch.no_grad()
@@ -407,7 +427,8 @@ def run_data_steps(
             layer, xs = layers[j], (x_p if carry else x_o)
             if whitened := _whitened(cut):
                 _whiten(layer, whitened, xs, calls_p[j], spec.conv1d)
-                report.whitened += [f"{spec.layer_prefix(i)}.{rel}" for rel in whitened]
+                for rel, (method, _, _) in whitened.items():
+                    (report.whitened if method == "whitened" else report.asvd).append(f"{spec.layer_prefix(i)}.{rel}")
             for rel in readers.values():
                 report.fits.append(refit_reader(layer, rel, xs, calls_p[j], targets[rel], step.ridge, spec.conv1d,
                                                 f"{spec.layer_prefix(i)}.{rel}"))

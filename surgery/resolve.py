@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from surgery.errors import PlanError
 from surgery.plan import (
+    ASVD_ALPHA,
+    DATA_RANK_METHODS,
     Calibration,
     DropAttention,
     DropLayers,
@@ -45,7 +47,8 @@ class LayerCut:
     head_steps: list[str] = field(default_factory=list)  # "steps[3].heads", for blame
     neuron_steps: list[str] = field(default_factory=list)
     low_rank_steps: dict[str, int] = field(default_factory=dict)
-    low_rank_method: dict[str, str] = field(default_factory=dict)  # "mlp.down_proj" -> "svd" | "whitened"
+    low_rank_method: dict[str, str] = field(default_factory=dict)  # "mlp.down_proj" -> "svd" | "whitened" | "asvd"
+    low_rank_alpha: dict[str, float] = field(default_factory=dict)  # asvd's exponent, per factorised Linear
     refit: set[str] = field(default_factory=set)  # "attn" (o_proj) and/or "mlp" (down_proj): see Reconstruct
     num_experts: int = 0  # experts of this layer's MoE block (0: dense)
     experts: set[int] = field(default_factory=set)  # removed experts
@@ -118,8 +121,8 @@ class Resolution:
 
     @property
     def needs_data(self) -> bool:
-        """True when a step is computed from calibration text (reconstruct, whitened low_rank)."""
-        return any(c.refit or "whitened" in c.low_rank_method.values() for c in self.kept_layers)
+        """True when a step is computed from calibration text (reconstruct, whitened / asvd low_rank)."""
+        return any(c.refit or set(DATA_RANK_METHODS) & set(c.low_rank_method.values()) for c in self.kept_layers)
 
     @property
     def kept_layers(self) -> list[LayerCut]:
@@ -253,6 +256,8 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
                     cuts[layer].low_rank[rel] = step.rank
                     cuts[layer].low_rank_steps[rel] = i
                     cuts[layer].low_rank_method[rel] = step.method or "svd"
+                    if step.method == "asvd":
+                        cuts[layer].low_rank_alpha[rel] = ASVD_ALPHA if step.alpha is None else step.alpha
         elif isinstance(step, PruneExperts) and layer_ok(f"{at}.layer", step.layer):
             cut = cuts[step.layer]
             if not shape.spec.cfg_experts:
@@ -325,8 +330,8 @@ def _check_hidden(steps: list[int], removed: set[int], shape: ModelShape, plan: 
     if len(removed) >= hidden:
         problems.append(f"{at}: removes every one of the model's {hidden} channels; keep at least one")
         return
-    if any(s.op == "reconstruct" or getattr(s, "method", None) == "whitened" for s in plan.steps):
-        problems.append(f"steps[{steps[-1]}]: prune_hidden cannot be combined with reconstruct or whitened "
+    if any(s.op == "reconstruct" or getattr(s, "method", None) in DATA_RANK_METHODS for s in plan.steps):
+        problems.append(f"steps[{steps[-1]}]: prune_hidden cannot be combined with reconstruct or whitened/asvd "
                         "low_rank yet (they run layer by layer on the unpruned residual stream)")
     kept = hidden - len(removed)
     # The base head count is what a config with surgery_layers writes, so it must divide the new width; uniform
@@ -363,7 +368,8 @@ def _mark_refits(cuts: list[LayerCut], shape: ModelShape, step: Reconstruct | No
 
 
 def data_inputs(cut: LayerCut, shape: ModelShape) -> dict[str, int]:
-    """Input width of every Linear of `cut` that a data-driven step fits (refit readers, whitened low rank)."""
+    """Input width of every Linear of `cut` that a Gram-matrix step fits (refit readers, whitened low rank; asvd
+    needs only per-channel means, no full-rank Gram)."""
     spec, widths = shape.spec, {}
     for kind, name, block in (("attn", spec.o, spec.attn), ("mlp", spec.down, spec.mlp)):
         if kind in cut.refit:
@@ -379,13 +385,16 @@ def _check_calibration(cal: Calibration | None, cuts: list[LayerCut], shape: Mod
                        problems: list[str]) -> None:
     """Data-driven steps need the plan's calibration block, with enough tokens for full-rank Gram matrices."""
     needs = [(cut, rel, width) for cut in cuts for rel, width in data_inputs(cut, shape).items()]
-    if not needs:
+    data_ranks = [i for c in cuts for rel, i in c.low_rank_steps.items()
+                  if c.low_rank_method.get(rel) in DATA_RANK_METHODS and c._module_kept(rel) and not c.dropped]
+    if not needs and not data_ranks:
         return
     if cal is None:
-        first = reconstruct_at if reconstruct_at is not None else min(
-            i for c in cuts for rel, i in c.low_rank_steps.items() if c.low_rank_method.get(rel) == "whitened")
+        first = reconstruct_at if reconstruct_at is not None and any(c.refit for c in cuts) else min(data_ranks)
         problems.append(f"steps[{first}]: needs calibration data: the plan has no `calibration` block "
                         "(plan suggest --data FILE writes one)")
+        return
+    if not needs:
         return
     cut, rel, width = max(needs, key=lambda n: n[2])
     have = cal.tokens // cal.seq_len * cal.seq_len

@@ -31,9 +31,9 @@ def _per_layer(counts: dict, what: str) -> str:
 
 def _check_calibration_options(data: str | None, rank_method: str | None, ridge: float, inputs: str) -> None:
     if data is None:
-        raise UserError("--reconstruct and --rank-method whitened need --data FILE (calibration text)")
-    if rank_method not in (None, "svd", "whitened"):
-        raise UserError(f"--rank-method {rank_method!r}: expected svd or whitened")
+        raise UserError("--reconstruct and --rank-method whitened/asvd need --data FILE (calibration text)")
+    if rank_method not in (None, "svd", "whitened", "asvd"):
+        raise UserError(f"--rank-method {rank_method!r}: expected svd, whitened or asvd")
     if not ridge >= 0:
         raise UserError(f"--ridge {ridge}: must be >= 0")
     if inputs not in ("pruned", "original"):
@@ -72,8 +72,11 @@ def suggest(
     rank_metric: Annotated[str | None, typer.Option("--rank-metric", help="Spectrum for --rank-keep. Default: "
                                                     "sv (what the truncation keeps), sv-act.")] = None,
     rank_method: Annotated[str | None, typer.Option("--rank-method", help="How low_rank steps factorise: svd "
-                                                    "(default) or whitened (SVD-LLM: output error on the "
-                                                    "--data activations; needs --data).")] = None,
+                                                    "(default), whitened (SVD-LLM: output error on the "
+                                                    "--data activations) or asvd (W scaled by the mean |x| of "
+                                                    "each input channel ^ alpha); the last two need --data.")] = None,
+    asvd_alpha: Annotated[float | None, typer.Option("--asvd-alpha", help="asvd's exponent on the mean |x| "
+                                                     "(default 0.5).")] = None,
     reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Add a reconstruct step: refit o_proj / "
                                               "down_proj of every cut layer on the --data text (least squares, "
                                               "no training).")] = False,
@@ -114,7 +117,7 @@ def suggest(
     )
     metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric, "kv": kv_metric,
                "ranks": rank_metric}
-    calibrated = reconstruct or rank_method not in (None, "svd") or data is not None
+    calibrated = reconstruct or rank_method not in (None, "svd") or data is not None or asvd_alpha is not None
     if calibrated:
         _check_calibration_options(data, rank_method, ridge, recon_inputs)
     with status(not json_out) as progress:
@@ -128,7 +131,7 @@ def suggest(
             step = Reconstruct(op="reconstruct", inputs=recon_inputs, ridge=ridge) if reconstruct else None
             s.plan = calibrate_for_source(s.plan, data, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                           tokens=calib_tokens, seq_len=seq_len, text_field=text_field,
-                                          reconstruct=step, rank_method=rank_method)
+                                          reconstruct=step, rank_method=rank_method, alpha=asvd_alpha)
     if out_file is not None:
         s.plan.save(out_file)
     kept = s.params_after / s.params_before
