@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from surgery.importance.layout import LayerSite, ModelLayout
+from surgery.importance.width import WIDTH_FORWARD_METRICS, WIDTH_GRAD_METRICS, WidthHooks
 
-GRAD_METRICS = {"head_grad", "kv_group_grad", "head_taylor", "neuron_taylor", "head_delta", "neuron_delta"}
+GRAD_METRICS = {"head_grad", "kv_group_grad", "head_taylor", "neuron_taylor", "head_delta", "neuron_delta",
+                *WIDTH_GRAD_METRICS}
 HEAD_GRAD_METRICS = {"head_grad", "kv_group_grad", "head_taylor", "head_delta"}
-FORWARD_METRICS = {"head_act", "neuron_act", "neuron_wanda", "layer_bi", "sv_act"}
+FORWARD_METRICS = {"head_act", "neuron_act", "neuron_wanda", "layer_bi", "sv_act", *WIDTH_FORWARD_METRICS}
 
 
 class CombinedHooks:
@@ -43,6 +45,7 @@ class CombinedHooks:
         self._handles: list = []
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its sum of squares)
         self.wants_grad = bool(self.metrics & GRAD_METRICS)
+        self.width = WidthHooks(layout, self.metrics, self._add)  # channels and experts (surgery.importance.width)
         # input sum of squares per Linear: sv_act needs every Linear, neuron_wanda only the down projections
         self.sumsq_paths: set[str] = set()
         for site in layout.layers:
@@ -67,6 +70,11 @@ class CombinedHooks:
         self.tokens += int(ids_shape[0]) * int(ids_shape[1])
         self.weight = float(weight)
         self._last = None
+        self.width.start_batch(self.weight)
+
+    def end_batch(self) -> None:
+        """Call after a batch's backward (or its forward, when there is none)."""
+        self.width.end_batch()
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _o_pre(self, site: LayerSite):
@@ -163,6 +171,7 @@ class CombinedHooks:
         reg = self._handles.append
         if self.wants_grad:
             reg(self.layout.embed.register_forward_hook(self._requires_grad_output))
+        self.width.install(reg)  # after the hook above: the channel gate reads the embedding output's gradient
         for site in self.layout.layers:
             if site.o_proj is not None and self.metrics & (HEAD_GRAD_METRICS | {"head_act"}):
                 reg(site.o_proj.register_forward_pre_hook(self._o_pre(site)))
@@ -205,4 +214,5 @@ class CombinedHooks:
             out[key] = torch.stack(
                 [1 - self.sums[f"{key}/{s.index}"].cpu() / n for s in self.layout.layers]
             ).float()
+        out.update(self.width.results(self.sums, self.tokens))
         return out

@@ -5,6 +5,9 @@ Scoring reads the two places every family shares, whatever its projection layout
   query-head outputs, head h at features [h * head_dim, (h + 1) * head_dim);
 - the input of the MLP down projection (`down_proj`; GPT-2's `mlp.c_proj`): one feature per neuron, which is the
   width index for fused gate_up layouts too (Phi-3).
+
+A mixture-of-experts layer (Qwen3-MoE, Mixtral) has no down projection: its site holds the fused experts module
+and the router instead (`experts`, `router`, `num_experts`), and `width` is 0 (no neurons are scored there).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class LayerSite:
     mlp_path: str | None = None
     down: nn.Module | None = None
     linears: dict[str, nn.Module] = field(default_factory=dict)  # full path -> Linear / Conv1D with a 2-D weight
+    experts: nn.Module | None = None  # MoE layers: the fused experts module (gate_up_proj, down_proj per expert)
+    router: nn.Module | None = None
+    num_experts: int = 0
 
     @property
     def group_size(self) -> int:
@@ -49,6 +55,8 @@ class ModelLayout:
     layers: list[LayerSite]
     model_path: str  # "model" (Llama) / "transformer" (GPT-2): the module holding the decoder layers
     embed: nn.Module
+    # every norm over the residual width: each layer's attention and MLP norms, then the final norm
+    hidden_norms: list[nn.Module] = field(default_factory=list)
 
     @property
     def conv1d(self) -> bool:
@@ -85,14 +93,20 @@ def model_layout(model: nn.Module) -> ModelLayout:
         if s.has_mlp:
             site.mlp_path = f"{path}.{spec.mlp}"
             mlp = get_module(layer, spec.mlp)
-            site.down = get_module(mlp, spec.down)
-            for name in spec.mlp_linears:
-                mod = get_module(mlp, name)
-                if _dense(mod):
-                    site.linears[f"{site.mlp_path}.{name}"] = mod
+            if spec.cfg_experts and hasattr(mlp, spec.router) and not hasattr(mlp, spec.down):
+                site.experts, site.router = get_module(mlp, spec.experts), get_module(mlp, spec.router)
+                site.num_experts, site.width = int(site.experts.num_experts), 0
+            else:
+                site.down = get_module(mlp, spec.down)
+                for name in spec.mlp_linears:
+                    mod = get_module(mlp, name)
+                    if _dense(mod):
+                        site.linears[f"{site.mlp_path}.{name}"] = mod
         sites.append(site)
     model_path = spec.layers.rpartition(".")[0] or "model"
-    return ModelLayout(spec, shape, sites, model_path, model.get_input_embeddings())
+    norms = [get_module(layer, name) for layer in layers_module for name in (*spec.attn_norms, *spec.mlp_norms)]
+    norms = [n for n in (*norms, get_module(model, spec.final_norm)) if not isinstance(n, nn.Identity)]
+    return ModelLayout(spec, shape, sites, model_path, model.get_input_embeddings(), norms)
 
 
 def weight_out_in(module: nn.Module, conv1d: bool):

@@ -24,7 +24,8 @@ class Method:
     Attributes:
         name: CLI name ("head-grad").
         kind: "grad", "forward", "ablate" or "weights" (see the module docstring).
-        target: what is scored: "head", "kv_group", "neuron", "layer" or "linear".
+        target: what is scored: "head", "kv_group", "neuron", "layer", "linear", "channel" (residual-stream
+            channels, what prune_hidden cuts) or "expert" (MoE experts, what prune_experts cuts).
         help: one line for `--help` and the docs.
     """
 
@@ -59,6 +60,12 @@ METHODS: dict[str, Method] = {
         Method("sv-grad", "grad", "linear", "dL/d sigma_i = u_i^T (dL/dW) v_i over all calibration tokens"),
         Method("head-magnitude", "weights", "head", "L2 norm of a head's q rows and o columns (data-free baseline)"),
         Method("neuron-magnitude", "weights", "neuron", "L2 norm of a neuron's gate/up rows and down column"),
+        Method("channel-norm", "forward", "channel", "sum over hidden-size norms of mean |norm output| (Minitron)"),
+        Method("channel-taylor", "grad", "channel",
+               "sum over batches of |sum over tokens of h_c * dL/dh_c| over the embedding and every residual write"),
+        Method("expert-freq", "forward", "expert", "fraction of tokens whose router top-k holds the expert"),
+        Method("expert-reap", "forward", "expert", "mean over routed tokens of gate weight x ||expert output|| (REAP)"),
+        Method("expert-grad", "grad", "expert", "sum over batches of |dL/d g_e|, g_e a gate on expert e's output"),
     )
 }
 
@@ -71,17 +78,41 @@ ALIASES: dict[str, tuple[str, ...]] = {
 DEFAULT_METHODS = "fast"
 
 
-def parse_methods(spec: str | Iterable[str]) -> list[Method]:
+def _hidden_families() -> str:
+    from surgery.arch import FAMILIES
+
+    return ", ".join(t for spec in FAMILIES if spec.hidden_prunable for t in spec.model_types)
+
+
+def unavailable(method: Method, arch) -> str | None:
+    """Why `method` cannot score a model of family `arch` (an ArchSpec), or None when it can: channel methods
+    need a family prune_hidden cuts, expert methods a mixture-of-experts family."""
+    if method.target == "channel" and not arch.hidden_prunable:
+        return (f"{method.name} scores residual channels, which prune_hidden cannot cut in {arch.family} models "
+                f"(it cuts {_hidden_families()})")
+    if method.target == "expert" and not arch.cfg_experts:
+        return f"{method.name} scores experts, and this {arch.family} model has none (mixture-of-experts only)"
+    return None
+
+
+def parse_methods(spec: str | Iterable[str], arch=None) -> list[Method]:
     """Parse "head-grad,neuron-taylor" (or a list; aliases fast/ablate/all; underscores accepted).
+
+    Args:
+        arch: the model's ArchSpec, when known. Methods an alias brings that do not apply to it (channel methods
+            on a family prune_hidden cannot cut, expert methods on a dense model) are left out; a method named
+            explicitly that does not apply is an error.
 
     Returns:
         The methods in registry order, without duplicates.
 
     Raises:
-        UserError: unknown method name (the message lists the known ones).
+        UserError: unknown method name (the message lists the known ones), or a named method the model lacks the
+            axis for (the message lists the methods it has).
     """
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     wanted: set[str] = set()
+    explicit: set[str] = set()
     for raw in names:
         name = raw.strip().lower().replace("_", "-")
         if not name:
@@ -90,12 +121,25 @@ def parse_methods(spec: str | Iterable[str]) -> list[Method]:
             wanted.update(ALIASES[name])
         elif name in METHODS:
             wanted.add(name)
+            explicit.add(name)
         else:
             known = ", ".join([*METHODS, *ALIASES])
             raise UserError(f"unknown scoring method {raw.strip()!r}; known: {known}")
     if not wanted:
         raise UserError("no scoring method given: pass --method, e.g. --method head-grad,neuron-taylor")
+    if arch is not None:
+        check_applicable([METHODS[n] for n in explicit], arch)
+        wanted = {n for n in wanted if unavailable(METHODS[n], arch) is None}
     return [m for n, m in METHODS.items() if n in wanted]
+
+
+def check_applicable(methods: Iterable[Method], arch) -> None:
+    """Raise UserError (one line, listing the methods this family has) for the first method it cannot use."""
+    for method in methods:
+        reason = unavailable(method, arch)
+        if reason:
+            legal = ", ".join(n for n, m in METHODS.items() if unavailable(m, arch) is None)
+            raise UserError(f"--method {reason}; methods for this model: {legal}")
 
 
 def metric_names(methods: Iterable[Method]) -> set[str]:

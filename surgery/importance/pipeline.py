@@ -82,6 +82,7 @@ def score_source(
         cancel: set it to stop between batches (raises Cancelled).
         phase: phase(name, total, unit) when a scoring phase starts (see `score_model`).
     """
+    from surgery.arch import spec_for_config
     from surgery.data import load_blocks
     from surgery.loading import check_placement, load_model, parse_dtype
     from surgery.pipeline import source_fingerprint, versions
@@ -105,6 +106,7 @@ def score_source(
     loaded = load_model(source, dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
                         trust_remote_code=trust_remote_code, progress=status)
     check_on_devices(loaded.model)
+    chosen = parse_methods(methods, arch=spec_for_config(loaded.config_dict))  # aliases: the model's axes only
     say("fingerprinting weights")
     fingerprint = source_fingerprint(loaded.resolved)
     blocks = None

@@ -21,7 +21,7 @@ from surgery.errors import UserError
 from surgery.importance.ablate import Ablator, ablation_passes, run_ablation
 from surgery.importance.hooks import FORWARD_METRICS, GRAD_METRICS, CombinedHooks
 from surgery.importance.layout import ModelLayout, model_layout
-from surgery.importance.methods import Method, parse_methods
+from surgery.importance.methods import Method, check_applicable, parse_methods
 from surgery.importance.weights import linear_scores, magnitude_scores, neuron_wanda
 
 TokenProgress = Callable[[int, int], None]
@@ -109,7 +109,9 @@ def score_model(
         model: a supported causal LM (any family in surgery.arch), on any device; left as it was found.
         batches: (B, T) int64 token-id tensors, in order (e.g. `TokenBlocks.batches(batch_size)`); each block
             predicts its own next tokens.
-        methods: method names ("head-grad,neuron-taylor", a list, or Method objects; see surgery.importance).
+        methods: method names ("head-grad,neuron-taylor", a list, or Method objects; see surgery.importance). An
+            alias (fast, all) keeps only the axes the model has; a named channel method on a family prune_hidden
+            cannot cut, or an expert method on a dense model, is a UserError.
         autocast_dtype: run forward passes under torch.autocast with this dtype (bf16 on GPU).
         progress: called as progress(tokens_done, tokens_total) after each batch of each pass.
         cancel: checked between batches; when set, raises Cancelled.
@@ -119,13 +121,14 @@ def score_model(
     Returns:
         `<module path>/<metric>` -> float32 CPU tensor (see docs/scoring.md for every name and shape).
     """
+    layout = model_layout(model)
     if isinstance(methods, str) or (methods and not isinstance(next(iter(methods)), Method)):
-        methods = parse_methods(methods)
+        methods = parse_methods(methods, arch=layout.spec)  # aliases keep only the axes this model has
+    check_applicable(methods, layout.spec)
     metrics = {m.metric for m in methods}
     batches = [b for b in batches if b.numel()]
     if not batches and metrics - {"sv", "head_magnitude", "neuron_magnitude"}:
         raise UserError("no calibration tokens: pass --data with at least one block of --seq-len tokens")
-    layout = model_layout(model)
     device = input_device(layout)
     autocast = autocast_context(device, autocast_dtype)
     tokens_per_pass = sum(b.numel() for b in batches)
@@ -195,6 +198,7 @@ def _combined_pass(model, layout, batches, metrics, hooks, autocast, step, cance
                 # d(weight * L_b): parameter grads then add up to d(mean loss over all tokens)/dW
                 (loss * weight).backward()
                 grad_state.collect()
+            hooks.end_batch()
             del logits, loss
             step(ids.numel())
         return dict(grad_state.acc)

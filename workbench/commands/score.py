@@ -79,8 +79,10 @@ def score(
                                              "hf:NAME[:CONFIG[:SPLIT]].")] = None,
     method: Annotated[str, typer.Option("--method", help="Comma-separated: head-grad, kv-group-grad, head-taylor, "
                                         "neuron-taylor, head-act, neuron-act, neuron-wanda, layer-bi, head-ablate, "
-                                        "layer-ablate, sv, sv-act, sv-grad, head-magnitude, neuron-magnitude; "
-                                        "or fast (all but ablation), ablate, all.")] = "fast",
+                                        "layer-ablate, sv, sv-act, sv-grad, head-magnitude, neuron-magnitude, "
+                                        "channel-norm, channel-taylor (residual channels), expert-freq, "
+                                        "expert-reap, expert-grad (MoE experts); or fast (all but ablation, "
+                                        "only the axes the model has), ablate, all.")] = "fast",
     tokens: Annotated[int, typer.Option(help="Calibration tokens (the first tokens // seq-len blocks).")] = 16384,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per block.")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward+backward.")] = 8,
@@ -97,7 +99,8 @@ def score(
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
-    """Score heads, KV groups, neurons, layers and singular values on calibration text; write one score file."""
+    """Score heads, KV groups, neurons, layers, singular values, residual channels and MoE experts on calibration
+    text; write one score file."""
     from surgery.importance import parse_methods, save_scores, score_source  # torch: imported only when needed
 
     parse_methods(method)  # a typo fails before anything loads
