@@ -409,3 +409,32 @@ def test_scoring_reports_each_phase_with_its_own_progress():
     assert phases == [("passes", 16, "tokens"), ("singular values", matrices, "matrices")]
     assert [d for p, d, t in seen if p == 1] == [16]
     assert [d for p, d, t in seen if p == 2] == list(range(1, matrices + 1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_grad_equals_autograd_of_an_explicit_layer_gate(family):
+    """layer_grad: a real gate xi_l per decoder layer, h_out -> h_in + xi_l (h_out - h_in) (xi_l = 0 drops the
+    layer); sum over batches of |dL_b/dxi_l| by autograd."""
+    model = make_model(family)
+    got = score_model(model, BATCHES, "layer-grad,head-grad")
+    layout = model_layout(model)
+    xi = torch.ones(len(layout.layers), requires_grad=True)
+
+    def gate(i):
+        def hook(module, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = out[0] if isinstance(out, tuple) else out
+            gated = h_in + xi[i] * (h_out - h_in)
+            return (gated, *out[1:]) if isinstance(out, tuple) else gated
+        return hook
+
+    handles = [s.module.register_forward_hook(gate(s.index), with_kwargs=True) for s in layout.layers]
+    ref = torch.zeros_like(xi)
+    try:
+        for ids in BATCHES:
+            ref += torch.autograd.grad(mean_ce(model(input_ids=ids, use_cache=False).logits, ids), xi)[0].abs()
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got[f"{layout.model_path}/layer_grad"], ref, rtol=1e-4, atol=1e-7)
+    assert ref.min() > 0

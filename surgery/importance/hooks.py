@@ -22,7 +22,7 @@ from surgery.importance.layout import LayerSite, ModelLayout
 from surgery.importance.width import WIDTH_FORWARD_METRICS, WIDTH_GRAD_METRICS, WidthHooks
 
 GRAD_METRICS = {"head_grad", "kv_group_grad", "head_taylor", "neuron_taylor", "head_delta", "neuron_delta",
-                *WIDTH_GRAD_METRICS}
+                "layer_grad", *WIDTH_GRAD_METRICS}
 HEAD_GRAD_METRICS = {"head_grad", "kv_group_grad", "head_taylor", "head_delta"}
 FORWARD_METRICS = {"head_act", "neuron_act", "neuron_wanda", "layer_bi", "sv_act", *WIDTH_FORWARD_METRICS}
 
@@ -160,6 +160,26 @@ class CombinedHooks:
 
         return hook
 
+    def _layer_grad(self, site: LayerSite):
+        """A gate xi_l on the layer's residual update: h_out = h_in + xi_l (h_out - h_in); xi_l = 0 is drop_layer.
+        dL_b/dxi_l = sum over tokens of (h_out - h_in) . dL_b/dh_out, whatever the block does inside."""
+        key = f"{self.layout.model_path}/layer_grad/{site.index}"
+
+        def hook(module, args, kwargs, output):
+            h_out = output[0] if isinstance(output, tuple) else output
+            if not h_out.requires_grad:
+                return
+            h_in = args[0] if args else kwargs["hidden_states"]
+            delta = h_out.detach().float() - h_in.detach().float().to(h_out.device)
+            weight = self.weight
+
+            def on_grad(g):
+                self._add(key, ((delta * g.float()).sum() / weight).abs())
+
+            h_out.register_hook(on_grad)
+
+        return hook
+
     @staticmethod
     def _requires_grad_output(module, args, output):
         # lets activation gradients flow when no parameter requires grad (no weight gradients computed)
@@ -179,6 +199,8 @@ class CombinedHooks:
                 reg(site.down.register_forward_pre_hook(self._down_pre(site)))
             if "layer_bi" in self.metrics:
                 reg(site.module.register_forward_hook(self._layer_bi(site), with_kwargs=True))
+            if "layer_grad" in self.metrics:
+                reg(site.module.register_forward_hook(self._layer_grad(site), with_kwargs=True))
             modules = dict(site.linears)
             if site.down is not None:
                 modules[self.down_path(site)] = site.down
@@ -209,6 +231,10 @@ class CombinedHooks:
                 out[key] = value.cpu()
             elif metric in ("head_act", "neuron_act"):
                 out[key] = (value / n).cpu()
+        if "layer_grad" in self.metrics:
+            key = f"{self.layout.model_path}/layer_grad"
+            out[key] = torch.stack([self.sums.get(f"{key}/{s.index}", torch.zeros(())).cpu()
+                                    for s in self.layout.layers]).float()
         if "layer_bi" in self.metrics:
             key = f"{self.layout.model_path}/layer_bi"
             out[key] = torch.stack(

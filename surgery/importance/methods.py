@@ -53,6 +53,8 @@ METHODS: dict[str, Method] = {
         Method("neuron-act", "forward", "neuron", "mean |activation| of each MLP neuron"),
         Method("neuron-wanda", "forward", "neuron", "||W_down[:, j]||_1 * ||X_j||_2 (Wanda, per neuron)"),
         Method("layer-bi", "forward", "layer", "block influence: 1 - mean cos(h_in, h_out) (ShortGPT)"),
+        Method("layer-grad", "grad", "layer",
+               "sum over batches of |dL/d gate|, the gate scaling the layer's residual update h_out - h_in"),
         Method("head-ablate", "ablate", "head", "exact mean-loss increase when one head is removed (slow)"),
         Method("layer-ablate", "ablate", "layer", "exact mean-loss increase when one layer is removed (slow)"),
         Method("sv", "weights", "linear", "singular values of each decoder Linear weight"),
