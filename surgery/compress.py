@@ -39,6 +39,8 @@ class CompressOptions:
     seq_len: int = 512
     batch_size: int = 2
     lr: float = 2e-4
+    schedule: str = "cosine"
+    temperature: float = 2.0
     losses: dict[str, float] = field(default_factory=lambda: {"kl": 1.0, "ce": 0.1})
     device: str = "cpu"
     seed: int = 0
@@ -53,14 +55,27 @@ def redistill_steps(opts: CompressOptions) -> int:
     return opts.tokens // per_step
 
 
+def check_job_options(opts: CompressOptions) -> None:
+    """Refuse a schedule or temperature the redistillation job would refuse, before the scoring runs."""
+    from typing import get_args
+
+    from surgery.distill.config import DistillConfig
+
+    schedules = get_args(DistillConfig.model_fields["schedule"].annotation)
+    if opts.schedule not in schedules:
+        raise UserError(f"--schedule {opts.schedule}: one of {', '.join(schedules)}")
+    if not opts.temperature > 0:
+        raise UserError(f"--temperature {opts.temperature}: must be > 0")
+
+
 def build_pipeline(source: str, plan, opts: CompressOptions) -> dict:
     """The pipeline document of the recipe after the suggestion: prune (+ reconstruct) then redistill."""
     steps = redistill_steps(opts)
     prune = {"stage": "prune", "steps": [s.model_dump(mode="json", exclude_none=True) for s in plan.steps]}
     if plan.calibration is not None:
         prune["calibration"] = plan.calibration.model_dump(mode="json", exclude_none=True)
-    job = {"steps": steps, "losses": opts.losses, "schedule": "cosine", "warmup_steps": min(3, steps // 10),
-           "lr": opts.lr, "checkpoint_every": max(1, steps // 4)}
+    job = {"steps": steps, "losses": opts.losses, "schedule": opts.schedule, "warmup_steps": min(3, steps // 10),
+           "lr": opts.lr, "temperature": opts.temperature, "checkpoint_every": max(1, steps // 4)}
     doc = {"version": 1, "kind": "pipeline", "model": plan.model.model_dump(mode="json", exclude_none=True)
            if plan.model else {"source": source}, "seed": opts.seed,
            "defaults": {"data": opts.data, "seq_len": opts.seq_len, "batch_size": opts.batch_size,
@@ -95,6 +110,7 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
         if path and not path.startswith("hf:") and not Path(path).expanduser().is_file():
             raise UserError(f"{name}: no such file: {path}")
     redistill_steps(opts)  # a budget below one step is refused before anything runs
+    check_job_options(opts)
     say = progress or (lambda _m: None)
     work = Path(jobs_root) / new_job_id("compress")
     work.mkdir(parents=True)

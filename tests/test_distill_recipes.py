@@ -240,8 +240,12 @@ def test_compress_scores_cuts_reconstructs_redistils_and_records_each_stage(caps
     code, _, err = call(capsys, *base, "--tokens", 10, "--out", out)
     assert code == 2 and "less than one redistillation step" in one_error_line(err)
     assert not out.exists() and not any((tmp_path / "jobs").glob("*"))
+    code, _, err = call(capsys, *base, "--tokens", 144, "--schedule", "cosin", "--out", out)
+    assert code == 2 and "--schedule cosin: one of constant, linear, cosine, wsd" in one_error_line(err)
+    assert not out.exists() and not any((tmp_path / "jobs").glob("*"))
 
-    code, stdout, err = call(capsys, *base, "--tokens", 144, "--out", out, "--json")
+    code, stdout, err = call(capsys, *base, "--tokens", 144, "--out", out, "--json", "--schedule", "wsd",
+                             "--temperature", 1.0)
     assert code == 0, err
     record = json.loads((out / "pipeline.json").read_text())
     assert json.loads(stdout) == record
@@ -257,6 +261,7 @@ def test_compress_scores_cuts_reconstructs_redistils_and_records_each_stage(caps
     pipeline = record["pipeline"]
     assert pipeline["stages"][0]["steps"][-1]["op"] == "reconstruct" and pipeline["stages"][0]["calibration"]
     assert pipeline["stages"][1]["job"]["steps"] == 144 // 48
+    assert pipeline["stages"][1]["job"]["schedule"] == "wsd" and pipeline["stages"][1]["job"]["temperature"] == 1.0
     # the generated pipeline replays byte for byte
     replay_file = tmp_path / "replay.json"
     replay_file.write_text(json.dumps(pipeline))

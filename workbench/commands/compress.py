@@ -31,7 +31,9 @@ def compress(
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="Refit the projections "
                                               "after the cut (training-free).")] = True,
     loss: Annotated[str, typer.Option("--loss", help="Redistillation terms, as `workbench distill`.")] = "kl:1.0,ce:0.1",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine).")] = 2e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule, as `workbench distill`.")] = "cosine",
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit losses.")] = 2.0,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Redistillation tokens per block.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per redistillation step.")] = 2,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
@@ -49,6 +51,7 @@ def compress(
                            eval_seq_len=eval_seq_len, calib_tokens=calib_tokens, calib_seq_len=calib_seq_len,
                            non_uniform=non_uniform,
                            reconstruct=reconstruct, seq_len=seq_len, batch_size=batch_size, lr=lr,
+                           schedule=schedule, temperature=temperature,
                            losses=parse_losses(loss), device=device, seed=seed)
     with status(not json_out) as progress:
         record = run_compress(source, target_params, out_dir, opts, jobs_root=jobs_root(jobs_dir),
