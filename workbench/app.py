@@ -26,7 +26,8 @@ from workbench.screens.layer import LayerScreen
 from workbench.screens.model import ModelScreen
 from workbench.screens.plan import PlanScreen
 from workbench.screens.prompt import PromptScreen
-from workbench.scores_view import HEAD_METRICS, LAYER_METRICS, NEURON_METRICS, ScoreView
+from workbench.scores_view import (CHANNEL_METRICS, EXPERT_METRICS, HEAD_METRICS, LAYER_METRICS, NEURON_METRICS,
+                                   ScoreView)
 
 
 def phase_progress(current: dict, done: int, total: int, now: float | None = None) -> str:
@@ -38,6 +39,10 @@ def phase_progress(current: dict, done: int, total: int, now: float | None = Non
         left = int((total - done) / rate)
         text += f" · {rate:,.3g}/s · ETA {left // 60}:{left % 60:02d}"
     return text
+
+
+METRIC_KINDS = (("head", HEAD_METRICS), ("neuron", NEURON_METRICS), ("layer", LAYER_METRICS),
+                ("channel", CHANNEL_METRICS), ("expert", EXPERT_METRICS))
 
 
 class WorkbenchApp(App):
@@ -77,7 +82,7 @@ class WorkbenchApp(App):
         self.editor: PlanEditor | None = None
         self.scores: ScoreView | None = None
         self.loaded = None
-        self.metrics = {"head": None, "neuron": None, "layer": None}
+        self.metrics = {"head": None, "neuron": None, "layer": None, "channel": None, "expert": None}
         self.applying = False
         self.last_export = ""
         self.revision = 0  # bumped by every accepted change; estimates carry the revision they were made for
@@ -260,7 +265,7 @@ class WorkbenchApp(App):
 
     def on_scores_ready(self, message: ScoresReady) -> None:
         self.scores = message.scores
-        for kind, candidates in (("head", HEAD_METRICS), ("neuron", NEURON_METRICS), ("layer", LAYER_METRICS)):
+        for kind, candidates in METRIC_KINDS:
             self.metrics[kind] = self.scores.first_available(candidates)
         self.notify(f"scores: {', '.join(self.scores.metrics())}")
         self.refresh_views()
@@ -331,6 +336,32 @@ class WorkbenchApp(App):
 
     def action_cancel_scoring(self) -> None:
         self.workers.cancel_group(self, "score")
+
+    def action_width_scores(self) -> None:
+        """Channel norms (and, on MoE models, router frequency and REAP per expert) computed here, when the
+        score file lacks them: a form for the calibration text, then a worker."""
+        from surgery.data import shared_data_file
+        from workbench.screens.score import WidthScoreFormScreen
+
+        if self.editor is None:
+            return
+        defaults = {"data": shared_data_file("wikitext-2-raw/wiki.test.raw"), "tokens": "4096", "seq_len": "256"}
+        self.push_screen(WidthScoreFormScreen(defaults), lambda fields: fields and self.run_width_scores(fields))
+
+    @work(thread=True, exclusive=True, group="score", exit_on_error=False, description="channel / expert scores")
+    def run_width_scores(self, fields: dict) -> None:
+        from workbench.scores_view import width_score_tensors
+
+        self.post_message(StatusText("scoring", "channel / expert scores: loading…"))
+        try:
+            tensors = width_score_tensors(self.source, fields["data"], int(fields["tokens"]), int(fields["seq_len"]),
+                                          loaded=self.loaded)
+        except ValueError as exc:
+            raise UserError(f"score form: {exc}") from None
+        finally:
+            self.post_message(StatusText("scoring", ""))
+        base = self.scores or ScoreView({}, self.editor.shape.spec, "")
+        self.post_message(ScoresReady(base.merged(tensors)))
 
     def metric_for(self, kind: str) -> str | None:
         return self.metrics.get(kind)
@@ -412,11 +443,12 @@ class WorkbenchApp(App):
             self.notify("no scores loaded (o: load a score file)", severity="warning")
             return
         have = self.scores.metrics()
-        for kind, candidates in (("head", HEAD_METRICS), ("neuron", NEURON_METRICS)):
+        for kind, candidates in METRIC_KINDS:
             options = [m for m in candidates if m in have]
             if options and self.metrics[kind] in options:
                 self.metrics[kind] = options[(options.index(self.metrics[kind]) + 1) % len(options)]
-        self.notify(f"metric: heads {self.metrics['head']}, neurons {self.metrics['neuron']}")
+        self.notify(", ".join(f"{kind}s {m}" for kind, m in self.metrics.items() if m and kind != "layer"),
+                    title="metric")
         self.refresh_views()
 
     def action_load_scores(self) -> None:
@@ -512,8 +544,6 @@ class WorkbenchApp(App):
 
     def mark_lowest(self, kind: str, fraction: float) -> None:
         """Mark the lowest `fraction` of heads / KV groups / neurons in every layer by the current metric."""
-        from surgery.plan import parse_plan
-
         from workbench.plots import lowest
 
         metric = self.metrics["neuron" if kind == "neurons" else "head"]
@@ -540,7 +570,24 @@ class WorkbenchApp(App):
                              for j in lowest(per_group[k * g:(k + 1) * g], n)]
                 if heads:
                     steps.append({"op": "prune_heads", "layer": i, "heads": sorted(heads)})
-        self.edit(lambda e: e.set_plan(parse_plan({"version": 1, "steps": steps}), f"mark lowest {kind}"))
+        self.edit(lambda e: e.set_plan(e.plan_with_steps(steps), f"mark lowest {kind}"))
+
+    def mark_lowest_experts(self, count: int) -> bool:
+        """Remove the `count` lowest-scored experts (current expert metric) of every MoE layer: one undoable edit
+        (refused with the resolver's reason, e.g. below the router's top-k)."""
+        from workbench.plots import lowest
+
+        metric = self.metrics["expert"]
+        if not self.scores or not metric:
+            self.notify("no expert scores: C (width view or layer screen) computes them, or load a score file",
+                        severity="warning")
+            return False
+        steps = [s.model_dump(exclude_none=True) for s in self.editor.plan().steps if s.op != "prune_experts"]
+        for i, n in enumerate(self.editor.shape.experts):
+            scores = self.scores.expert(i, metric) if n else None
+            if scores and count > 0 and not self.editor.layers[i].dropped:
+                steps.append({"op": "prune_experts", "layer": i, "experts": lowest(scores, count)})
+        return self.edit(lambda e: e.set_plan(e.plan_with_steps(steps), f"lowest {count} experts of every MoE layer"))
 
     def set_theme(self, name: str) -> None:
         self.theme = name

@@ -8,6 +8,12 @@ Head marks on GQA models: one query head alone almost never keeps "the same numb
 group", so a head set that breaks only that rule is held as a *pending selection* of its layer (`pending`): shown,
 remembered in the session's UI state, but not in the plan. It becomes plan steps (one undoable edit) the moment it
 is GQA-legal, e.g. after one head has been picked in every group.
+
+Expert marks on MoE models work the same way for the rule "every MoE layer keeps the same number of experts": an
+expert set that breaks only that rule is the layer's pending expert selection until every MoE layer has the same
+count. Residual channels (prune_hidden), experts, the reconstruct step and the calibration block are not marks a
+session's journal can hold yet: with a session they are kept in its UI state (`PLAN_EXTRAS_KEY`), so they survive
+`q`, but the session's undo does not reach them (without a session, undo covers them like every other edit).
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from surgery.resolve import Resolution, resolve_plan
 from surgery.shapes import LayerShape, ModelShape
 
 PENDING_KEY = "pending_heads"  # session UI state: {layer: [heads]} as JSON, so a pending selection survives `q`
+PLAN_EXTRAS_KEY = "plan_extras"  # session UI state: the plan's steps a session's marks cannot hold (a plan as JSON)
+EXTRA_OPS = ("prune_hidden", "prune_experts", "reconstruct")
+# the resolver's words for the one expert rule a pending selection may break (surgery.resolve._check_experts)
+UNIFORM_EXPERTS = "every MoE layer must keep the same number of experts"
 
 
 def gqa_shortfall(shape: LayerShape, heads: set[int]) -> dict[int, int] | None:
@@ -60,6 +70,7 @@ class LayerMarks:
     drop_attention: bool = False
     drop_mlp: bool = False
     ranks: dict[str, int] = field(default_factory=dict)  # layer-relative Linear path -> rank
+    experts: set[int] = field(default_factory=set)  # removed experts of an MoE layer
 
 
 def useful_rank(out_f: int, in_f: int) -> int:
@@ -83,15 +94,18 @@ class PlanEditor:
         # a sessions.Session: every accepted change is journaled there (fsync) before it counts, and undo/redo
         # go through its journal, so they survive restarts
         self.session = session
-        if session is not None and plan is None:
-            plan = session.plan()
         self.layers = [LayerMarks() for _ in shape.layers]
-        self._undo: list[list[LayerMarks]] = []
-        self._redo: list[list[LayerMarks]] = []
+        self.hidden: list[int] = []  # removed residual-stream channels (one prune_hidden step)
+        # ((layers, hidden, data_steps) before the change, whether the session journal got an entry for it)
+        self._undo: list[tuple] = []
+        self._redo: list[tuple] = []
         self.pending: dict[int, set[int]] = {}  # layer -> the head set being picked, not GQA-legal yet
+        self.pending_experts: dict[int, set[int]] = {}  # layer -> expert set, waiting for the other MoE layers
         # a loaded plan's data-driven parts (calibration block, reconstruct step, whitened low_rank), which are not
         # marks: kept as they are and written back by plan(), so editing such a plan never drops them
         self.data_steps: dict = {}
+        if session is not None and plan is None:
+            plan = self._with_extras(session.plan(), session.ui.extra.get(PLAN_EXTRAS_KEY))
         if plan is not None:
             self.load_plan(plan)
         if session is not None:
@@ -100,7 +114,8 @@ class PlanEditor:
 
     # ----------------------------------------------------------------------------------------- plan <-> marks
     def plan(self) -> Plan:
-        """The marks as a plan (canonical order: per layer heads, neurons, blocks; then drops; then ranks)."""
+        """The marks as a plan (canonical order: per layer heads, neurons, experts, blocks; then drops; ranks;
+        then the width cut and the reconstruct step)."""
         spec = self.shape.spec
         steps: list[dict] = []
         dropped = [i for i, m in enumerate(self.layers) if m.dropped]
@@ -111,6 +126,8 @@ class PlanEditor:
                 steps.append({"op": "prune_heads", "layer": i, "heads": sorted(m.heads)})
             if m.neurons and not m.drop_mlp:
                 steps.append({"op": "prune_neurons", "layer": i, "neurons": sorted(m.neurons)})
+            if m.experts and not m.drop_mlp:
+                steps.append({"op": "prune_experts", "layer": i, "experts": sorted(m.experts)})
             if m.drop_attention:
                 steps.append({"op": "drop_attention", "layer": i})
             if m.drop_mlp:
@@ -122,6 +139,11 @@ class PlanEditor:
                 steps.append(step)
         if dropped:
             steps.append({"op": "drop_layers", "layers": dropped})
+        if self.hidden:
+            step = {"op": "prune_hidden", "channels": list(self.hidden)}
+            if self.data_steps.get("rescale_norms") is False:
+                step["rescale_norms"] = False
+            steps.append(step)
         doc: dict = {"version": 1, "steps": steps}
         if self.data_steps.get("reconstruct") is not None:
             steps.append(self.data_steps["reconstruct"].model_dump(exclude_none=True))
@@ -129,38 +151,112 @@ class PlanEditor:
             doc["calibration"] = self.data_steps["calibration"].model_dump(exclude_none=True)
         return parse_plan(doc)
 
-    def load_plan(self, plan: Plan) -> None:
-        """Replace the marks by those of `plan` (validated against the model first)."""
-        resolution = resolve_plan(plan, self.shape)
-        layers = []
-        for cut in resolution.layers:
-            layers.append(LayerMarks(set(cut.heads), sorted(cut.neurons), cut.dropped, cut.drop_attention,
-                                     cut.drop_mlp, dict(cut.low_rank)))
-        self.layers = layers
-        self.data_steps = {
+    def plan_with_steps(self, steps: list[dict]) -> Plan:
+        """The plan under edit with other `steps` (dicts), its calibration block kept (e.g. one op removed)."""
+        doc: dict = {"version": 1, "steps": steps}
+        if self.data_steps.get("calibration") is not None:
+            doc["calibration"] = self.data_steps["calibration"].model_dump(exclude_none=True)
+        return parse_plan(doc)
+
+    @staticmethod
+    def _data_steps_of(plan: Plan, resolution: Resolution) -> dict:
+        return {
             "calibration": plan.calibration,
             "reconstruct": resolution.reconstruct,
             "whitened": {(c.index, rel) for c in resolution.layers for rel, m in c.low_rank_method.items()
                          if m == "whitened"},
+            "rescale_norms": resolution.rescale_norms,
         }
+
+    @staticmethod
+    def _marks_of(resolution: Resolution) -> list[LayerMarks]:
+        return [LayerMarks(set(c.heads), sorted(c.neurons), c.dropped, c.drop_attention, c.drop_mlp,
+                           dict(c.low_rank), set(c.experts)) for c in resolution.layers]
+
+    def load_plan(self, plan: Plan) -> None:
+        """Replace the marks by those of `plan` (validated against the model first)."""
+        resolution = resolve_plan(plan, self.shape)
+        self.layers = self._marks_of(resolution)
+        self.hidden = list(resolution.hidden_removed)
+        self.data_steps = self._data_steps_of(plan, resolution)
         self.resolution = resolution
 
+    # ------------------------------------------------------------------------- what a session cannot hold yet
+    @staticmethod
+    def _split(plan: Plan) -> tuple[Plan, str]:
+        """(the marks a session journals, the rest as JSON for its UI state: "" when there is none)."""
+        steps = [s.model_dump(exclude_none=True) for s in plan.steps]
+        marks = parse_plan({"version": 1, "steps": [s for s in steps if s["op"] not in EXTRA_OPS]})
+        extra = {"steps": [s for s in steps if s["op"] in EXTRA_OPS],
+                 "whitened": [s["module"] for s in steps if s.get("method") == "whitened"]}
+        if plan.calibration is not None:
+            extra["calibration"] = plan.calibration.model_dump(exclude_none=True)
+        if not (extra["steps"] or extra["whitened"] or plan.calibration is not None):
+            return marks, ""
+        return marks, json.dumps(extra, sort_keys=True)
+
+    def _with_extras(self, plan: Plan | None, text) -> Plan | None:
+        """A session's marks plus the extras kept in its UI state; the marks alone when the two do not fit."""
+        if plan is None or not text:
+            return plan
+        try:
+            extra = json.loads(text)
+            whitened = set(extra.get("whitened") or ())
+            steps = [{**s, "method": "whitened"} if s["op"] == "low_rank" and s["module"] in whitened else s
+                     for s in (x.model_dump(exclude_none=True) for x in plan.steps)]
+            doc = {"version": 1, "steps": steps + list(extra.get("steps") or [])}
+            if extra.get("calibration"):
+                doc["calibration"] = extra["calibration"]
+            merged = parse_plan(doc)
+            resolve_plan(merged, self.shape)
+        except (ValueError, TypeError, AttributeError, KeyError, PlanError):
+            return plan
+        return merged
+
+    def _journal(self, description: str, before: Plan, forward: Callable[[object], object] | None) -> bool:
+        """Hand an accepted change to the session: marks to its journal, the extras to its UI state. Returns
+        whether the journal got an (undoable) entry."""
+        after = self.plan()
+        (marks_before, extra_before), (marks_after, extra_after) = self._split(before), self._split(after)
+        journaled = forward is not None or marks_after.to_json() != marks_before.to_json()
+        if forward is not None:
+            forward(self.session)
+        elif journaled:
+            self.session.load_plan(marks_after, note=description)
+        if extra_after != extra_before:
+            self.session.set_ui(PLAN_EXTRAS_KEY, extra_after or None)
+        return journaled
+
+    def _save_extras(self) -> None:
+        if self.session is not None:
+            self.session.set_ui(PLAN_EXTRAS_KEY, self._split(self.plan())[1] or None)
+
     # ----------------------------------------------------------------------------------------------- edits
+    def _state(self) -> tuple:
+        return copy.deepcopy((self.layers, self.hidden, self.data_steps))
+
     def _change(self, description: str, edit: Callable[[list[LayerMarks]], None],
-                forward: Callable[[object], object] | None = None) -> Resolution:
-        """Apply `edit` to a copy; keep it only if the plan stays valid (PlanError otherwise, nothing changed) and,
-        with a session, only once the session has it on disk (`forward`; default: the whole plan as one edit)."""
+                forward: Callable[[object], object] | None = None, *, hidden: list[int] | None = None,
+                data_steps: dict | None = None) -> Resolution:
+        """Apply `edit` to a copy (and the new `hidden` channels / `data_steps`, when given); keep it only if the plan
+        stays valid (PlanError otherwise, nothing changed) and, with a session, only once the session has it on
+        disk (`forward`; default: the marks as one edit, the extras in its UI state)."""
         candidate = copy.deepcopy(self.layers)
         edit(candidate)
-        previous, self.layers = self.layers, candidate
+        before = self.plan()
+        previous = self._state()
+        self.layers = candidate
+        if hidden is not None:
+            self.hidden = sorted(set(hidden))
+        if data_steps is not None:
+            self.data_steps = data_steps
         try:
             resolution = resolve_plan(self.plan(), self.shape)
-            if self.session is not None:
-                (forward or (lambda session: session.load_plan(self.plan(), note=description)))(self.session)
+            journaled = self._journal(description, before, forward) if self.session is not None else False
         except Exception:
-            self.layers = previous
+            self.layers, self.hidden, self.data_steps = previous
             raise
-        self._undo.append(previous)
+        self._undo.append((previous, journaled))
         self._redo.clear()
         self.resolution = resolution
         self._commit(description)
@@ -288,42 +384,100 @@ class PlanEditor:
         return linear_dims(self.resolution.layers[layer], kind, name, self.shape)
 
     def set_plan(self, plan: Plan, description: str = "load plan") -> Resolution:
-        """Replace every mark by a plan's (e.g. a suggestion), as one undoable change."""
+        """Replace every mark by a plan's (e.g. a suggestion), its width cut, experts, calibration block and
+        reconstruct step included, as one undoable change."""
         resolution = resolve_plan(plan, self.shape)
-        marks = [LayerMarks(set(c.heads), sorted(c.neurons), c.dropped, c.drop_attention, c.drop_mlp,
-                            dict(c.low_rank)) for c in resolution.layers]
-        resolution = self._change(description, lambda ls: ls.__setitem__(slice(None), marks))
+        marks = self._marks_of(resolution)
+        resolution = self._change(description, lambda ls: ls.__setitem__(slice(None), marks),
+                                  hidden=list(resolution.hidden_removed),
+                                  data_steps=self._data_steps_of(plan, resolution))
         self._set_pending({})  # a whole new plan: a half-picked selection no longer means anything
+        self.pending_experts = {}
         return resolution
+
+    # ------------------------------------------------------------------------------------ width and experts
+    def set_hidden(self, channels: list[int], description: str | None = None) -> Resolution:
+        """Make `channels` (original residual-stream indices) the plan's one prune_hidden step (empty: none)."""
+        return self._change(description or f"cut {len(channels)} residual channels", lambda ls: None,
+                            hidden=list(channels))
+
+    def experts_shown(self, layer: int) -> set[int]:
+        """The layer's removed experts as the user sees them: the pending selection if any, else the plan's."""
+        return set(self.pending_experts.get(layer, self.layers[layer].experts))
+
+    def set_experts(self, layer: int, experts: set[int], description: str | None = None) -> Resolution:
+        """Make `experts` the layer's removed experts. The plan needs the same expert count in every MoE layer: a
+        set that breaks only that rule is held as the layer's pending selection until the other layers match;
+        any other problem (fewer than top-k, a dense layer) is refused with the resolver's reason."""
+        self._require_live(layer)
+        wanted = {**self.pending_experts, layer: set(experts)}
+
+        def edit(ls: list[LayerMarks]) -> None:
+            for i, chosen in wanted.items():
+                ls[i].experts = set(chosen)
+
+        try:
+            resolution = self._change(description or f"experts {sorted(experts)} of layer {layer}", edit)
+        except PlanError as exc:
+            if exc.problems and all(UNIFORM_EXPERTS in p for p in exc.problems):
+                self.pending_experts = wanted
+                return self.resolution
+            raise
+        self.pending_experts = {}
+        return resolution
+
+    def toggle_expert(self, layer: int, expert: int) -> Resolution:
+        verb = "unmark" if expert in self.experts_shown(layer) else "mark"
+        return self.set_experts(layer, self.experts_shown(layer) ^ {expert}, f"{verb} expert {expert} of layer {layer}")
+
+    def expert_pending_note(self, layer: int) -> str | None:
+        """What a pending expert selection still needs (None: nothing pending in this layer)."""
+        if layer not in self.pending_experts:
+            return None
+        kept = {i: n - len(self.experts_shown(i)) for i, n in enumerate(self.shape.experts)
+                if n and not self.layers[i].dropped and not self.layers[i].drop_mlp}
+        counts = ", ".join(f"layer {i} keeps {k}" for i, k in kept.items())
+        return (f"layer {layer}: experts {', '.join(map(str, sorted(self.pending_experts[layer])))} pending "
+                f"({UNIFORM_EXPERTS}): {counts}; mark as many in the other MoE layers, or unmark")
+
+    def set_reconstruct(self, calibrated: Plan, description: str = "add reconstruct step") -> Resolution:
+        """Take a calibrated copy of the plan under edit (surgery.reconstruct.calibrate_plan): its calibration
+        block and reconstruct step, with the marks as they are now."""
+        resolution = resolve_plan(calibrated, self.shape)
+        data = {**self.data_steps, "calibration": calibrated.calibration, "reconstruct": resolution.reconstruct}
+        return self._change(description, lambda ls: None, data_steps=data)
 
     def _from_session(self, entry) -> bool:
         if entry is None:
             return False
-        self.load_plan(self.session.plan())
+        self.load_plan(self._with_extras(self.session.plan(), self._split(self.plan())[1]))
         self._commit("undo" if entry.kind == "undo" else "redo")
         return True
 
-    def undo(self) -> bool:
-        if self.session is not None:
-            return self._from_session(self.session.undo())
-        if not self._undo:
+    def _step(self, back: list[tuple], forth: list[tuple], kind: str) -> bool:
+        """Undo (or redo) the newest change. With a session, a change its journal holds goes through the
+        journal (so undo crosses restarts); an extras-only change (width, experts, reconstruct) comes from
+        this editor's own history."""
+        if self.session is not None and (not back or back[-1][1]):
+            if back:
+                _, journaled = back.pop()
+                forth.append((self._state(), journaled))
+            return self._from_session(getattr(self.session, kind)())
+        if not back:
             return False
-        self._redo.append(self.layers)
-        self.layers = self._undo.pop()
+        state, journaled = back.pop()
+        forth.append((self._state(), journaled))
+        self.layers, self.hidden, self.data_steps = state
         self.resolution = resolve_plan(self.plan(), self.shape)
-        self._commit("undo")
+        self._save_extras()
+        self._commit(kind)
         return True
 
+    def undo(self) -> bool:
+        return self._step(self._undo, self._redo, "undo")
+
     def redo(self) -> bool:
-        if self.session is not None:
-            return self._from_session(self.session.redo())
-        if not self._redo:
-            return False
-        self._undo.append(self.layers)
-        self.layers = self._redo.pop()
-        self.resolution = resolve_plan(self.plan(), self.shape)
-        self._commit("redo")
-        return True
+        return self._step(self._redo, self._undo, "redo")
 
     @property
     def mark_count(self) -> int:

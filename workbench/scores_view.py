@@ -10,6 +10,15 @@ from surgery.arch.base import ArchSpec
 HEAD_METRICS = ("head_grad", "head_taylor", "head_act", "head_ablate")
 NEURON_METRICS = ("neuron_taylor", "neuron_wanda", "neuron_act")
 LAYER_METRICS = ("layer_bi", "layer_ablate")
+# residual channels under the model module ("model/channel_norm", shape (hidden,)); experts under each MoE block
+# ("model.layers.3.mlp/expert_reap", shape (num_experts,)): the names `workbench score` writes
+CHANNEL_METRICS = ("channel_norm", "channel_taylor")
+EXPERT_METRICS = ("expert_reap", "expert_freq", "expert_grad")
+
+
+def model_base(spec: ArchSpec) -> str:
+    """The module whole-model scores are stored under ("model" for Llama, "transformer" for GPT-2)."""
+    return spec.layers.rsplit(".", 1)[0] if "." in spec.layers else spec.layers
 
 
 @dataclass
@@ -42,8 +51,23 @@ class ScoreView:
         return self.tensors.get(f"{self.spec.layers}.{layer}.{self.spec.mlp}/{metric}")
 
     def layer(self, metric: str) -> list[float] | None:
-        base = self.spec.layers.rsplit(".", 1)[0] if "." in self.spec.layers else self.spec.layers
-        return self.tensors.get(f"{base}/{metric}")
+        return self.tensors.get(f"{self._base}/{metric}")
+
+    @property
+    def _base(self) -> str:
+        return model_base(self.spec)
+
+    def channel(self, metric: str) -> list[float] | None:
+        """Residual-stream channel scores (one per hidden channel)."""
+        return self.tensors.get(f"{self._base}/{metric}")
+
+    def expert(self, layer: int, metric: str) -> list[float] | None:
+        """One score per expert of an MoE layer."""
+        return self.neuron(layer, metric)  # the same module path: the layer's MLP (MoE) block
+
+    def merged(self, tensors: dict[str, list[float]]) -> ScoreView:
+        """These scores plus `tensors` (computed in the app: channel / expert scores a score file lacked)."""
+        return ScoreView({**self.tensors, **tensors}, self.spec, self.source)
 
     def spectrum(self, layer: int, rel: str, metric: str = "sv") -> list[float] | None:
         return self.tensors.get(f"{self.spec.layers}.{layer}.{rel}/{metric}")
@@ -51,3 +75,26 @@ class ScoreView:
     def first_available(self, candidates: tuple[str, ...]) -> str | None:
         have = set(self.metrics())
         return next((m for m in candidates if m in have), None)
+
+
+def width_score_tensors(source: str, data: str, tokens: int, seq_len: int, *, loaded=None,
+                        batch_size: int = 8) -> dict[str, list[float]]:
+    """Channel norms (Minitron) and, for MoE models, router frequency and REAP per expert, on the first `tokens`
+    of `data`, named as `workbench score` names them: for a score file that lacks them. Slow: call it from a
+    worker. `loaded`: the app's surgery.loading.LoadedModel when its weights are in already."""
+    from surgery.data import load_blocks
+    from surgery.importance.width import channel_norm_scores, expert_scores
+    from surgery.arch import spec_for_config
+    from surgery.loading import load_model
+
+    loaded = loaded or load_model(source)
+    spec = spec_for_config(loaded.config_dict)
+    blocks = load_blocks(data, loaded.tokenizer, seq_len, tokens)
+    batches = list(blocks.batches(batch_size))
+    out = {f"{model_base(spec)}/channel_norm": channel_norm_scores(loaded.model, batches).tolist()}
+    if spec.cfg_experts:
+        for layer, scores in expert_scores(loaded.model, batches).items():
+            out[f"{spec.layers}.{layer}.{spec.mlp}/expert_freq"] = scores["frequency"].tolist()
+            out[f"{spec.layers}.{layer}.{spec.mlp}/expert_reap"] = scores["reap"].tolist()
+    return out
+

@@ -1,4 +1,5 @@
-"""The layer screen: head grid, neuron importance curve with the cut, singular-value spectra with the rank."""
+"""The layer screen: head grid, neuron importance curve with the cut (or, in an MoE layer, the expert grid),
+singular-value spectra with the rank."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Select, Static
 
 from workbench.plots import log_curve, log_spectrum, lowest, plotext_chart
+from workbench.widgets.expert_grid import ExpertGrid
 from workbench.widgets.head_grid import HeadGrid
 
 
@@ -24,6 +26,8 @@ class LayerScreen(Screen):
         Binding("right_square_bracket", "rank(1)", "rank +", show=False, id="layer.rank_up"),
         Binding("x", "clear_rank", "full rank", id="layer.clear_rank"),
         Binding("k", "weakest_per_group", "weakest", id="layer.weakest_per_group"),
+        Binding("E", "lowest_experts", "lowest N experts, every MoE layer", show=False, id="layer.lowest_experts"),
+        Binding("C", "app.width_scores", "compute expert scores", show=False, id="layer.width_scores"),
     ]
     NEURON_STEP = 1 / 32  # one key press moves the cut by 1/32 of the MLP width
 
@@ -38,6 +42,8 @@ class LayerScreen(Screen):
         with VerticalScroll():
             yield Static(id="summary")
             yield HeadGrid(s.heads, s.kv_heads, id="heads")
+            if self.num_experts:
+                yield ExpertGrid(self.num_experts, app.editor.shape.top_k, id="experts")
             yield Static(id="neurons")
             yield Select([(name, name) for name in app.linear_names()], prompt="Linear for the spectrum",
                          id="linear", allow_blank=False)
@@ -48,6 +54,11 @@ class LayerScreen(Screen):
         self.sub_title = f"layer {self.layer_index}"
         self.query_one(HeadGrid).focus()
         self.refresh_view()
+
+    @property
+    def num_experts(self) -> int:
+        experts = self.app.editor.shape.experts
+        return experts[self.layer_index] if experts else 0
 
     @property
     def linear(self) -> str:
@@ -63,8 +74,11 @@ class LayerScreen(Screen):
         self.query_one("#summary", Static).update(
             f"[b]layer {layer}[/b] · heads {after.heads}/{s.heads} · KV groups {after.kv_heads}/{s.kv_heads} · "
             f"MLP {after.mlp}/{s.mlp}" + (" · [b]DROPPED[/b]" if cut.dropped else "")
+            + (f" · experts {len(cut.kept_experts)}/{cut.num_experts}" if cut.num_experts else "")
             + (f"\n[b]pending[/b] (not in the plan yet) {pending.split(': ', 1)[1]}" if pending else "")
         )
+        if self.num_experts:
+            self.refresh_experts()
         head_metric = app.metric_for("head")
         grid = self.query_one(HeadGrid)
         grid.update_state(app.scores.head(layer, head_metric) if app.scores and head_metric else None,
@@ -73,7 +87,10 @@ class LayerScreen(Screen):
         neuron_metric = app.metric_for("neuron")
         neurons = app.scores.neuron(layer, neuron_metric) if app.scores and neuron_metric else None
         n_cut = len(app.editor.layers[layer].neurons)
-        if neurons:
+        if self.num_experts:
+            chart = (f"mixture-of-experts block: {self.num_experts} experts, router top-k {app.editor.shape.top_k}; "
+                     "cut experts in the grid (space; E: the lowest N in every MoE layer)")
+        elif neurons:
             ys, at = log_curve(neurons, n_cut)
             chart = plotext_chart({f"log10 |{neuron_metric}|, lowest first": ys}, width, 12,
                                   title=f"neurons by {neuron_metric} (cut {n_cut})", vline=at)
@@ -93,6 +110,36 @@ class LayerScreen(Screen):
         else:
             text = f"{self.linear}: rank {rank or 'full'} (score with sv / sv-grad to see the spectrum)"
         self.query_one("#spectrum", Static).update(text)
+
+    def refresh_experts(self) -> None:
+        app, layer = self.app, self.layer_index
+        metric = app.metric_for("expert")
+        pending = layer in app.editor.pending_experts
+        self.query_one(ExpertGrid).update_state(app.scores.expert(layer, metric) if app.scores and metric else None,
+                                                metric or "", app.editor.experts_shown(layer), pending)
+
+    def on_expert_grid_toggle(self, event: ExpertGrid.Toggle) -> None:
+        self.app.edit(lambda e: e.toggle_expert(self.layer_index, event.expert))
+        note = self.app.editor.expert_pending_note(self.layer_index)
+        if note:  # nothing reached the plan: say what the uniform expert count still asks for
+            self.app.notify(note.split(": ", 1)[1], title="pending", severity="warning", timeout=8)
+        self.app.refresh_views()
+
+    def action_lowest_experts(self) -> None:
+        from workbench.screens.prompt import PromptScreen
+
+        if not self.num_experts:
+            self.app.notify("this layer has no experts", severity="warning")
+            return
+
+        def done(answer: str | None) -> None:
+            if answer:
+                try:
+                    self.app.mark_lowest_experts(int(answer))
+                except ValueError:
+                    self.app.notify("a whole number of experts, e.g. 2", severity="error")
+
+        self.app.push_screen(PromptScreen("Remove the N lowest-scored experts of every MoE layer (N):", "1"), done)
 
     def on_head_grid_toggle(self, event: HeadGrid.Toggle) -> None:
         if event.head is not None:

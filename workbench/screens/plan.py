@@ -3,7 +3,6 @@ its output will run on (plain transformers, llama.cpp, vLLM, surgery.load) with 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from textual import work
@@ -120,9 +119,6 @@ class PlanScreen(Screen):
         ops = self.query_one("#ops", ListView)
         if ops.index is None:
             return
-        plan = self.app.editor.plan()
-        steps = [s.model_dump() for i, s in enumerate(plan.steps) if i != ops.index]
-        from surgery.plan import parse_plan
-
-        new = parse_plan(json.loads(json.dumps({"version": 1, "steps": steps})))
-        self.app.edit(lambda e: e.set_plan(new, f"remove op {ops.index}"))
+        editor = self.app.editor
+        steps = [s.model_dump(exclude_none=True) for i, s in enumerate(editor.plan().steps) if i != ops.index]
+        self.app.edit(lambda e: e.set_plan(editor.plan_with_steps(steps), f"remove op {ops.index}"))

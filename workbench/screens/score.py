@@ -18,3 +18,12 @@ class ScoreFormScreen(FormScreen):
     FIELDS = (("data", "Calibration text"), ("tokens", "Tokens"), ("seq_len", "Sequence length"),
               ("methods", "Methods"))
     BUTTON = "score"
+
+
+class WidthScoreFormScreen(FormScreen):
+    """data, tokens, seq-len -> channel norms (and expert frequency / REAP on MoE models), computed in the app."""
+
+    TITLE_TEXT = ("[b]Channel and expert scores[/b] (channel_norm; expert_freq, expert_reap on MoE models; in the "
+                  "background)")
+    FIELDS = (("data", "Calibration text"), ("tokens", "Tokens"), ("seq_len", "Sequence length"))
+    BUTTON = "score"

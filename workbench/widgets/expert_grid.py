@@ -1,0 +1,85 @@
+"""The experts of one MoE layer, coloured by an expert metric (router frequency, REAP); space marks one.
+
+A marked expert reads `×e3` (struck through), a pending one (picked, waiting for the other MoE layers to keep as
+many) `?e3` (underlined): the glyph says it without colour, as in the head grid.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.binding import Binding
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from workbench.plots import heat_bucket
+
+PER_ROW = 8
+
+
+class ExpertGrid(Widget, can_focus=True):
+    """Experts in rows of eight; the focused one's value and the router's top-k under the grid."""
+
+    DEFAULT_CSS = """
+    ExpertGrid { height: auto; min-height: 3; padding: 0 1; border: round $panel; }
+    ExpertGrid:focus { border: round $primary; }
+    """
+    BINDINGS = [
+        Binding("left", "move(-1)", "prev expert", show=False, id="experts.left"),
+        Binding("right", "move(1)", "next expert", show=False, id="experts.right"),
+        Binding("up", f"move(-{PER_ROW})", "row up", show=False, id="experts.up"),
+        Binding("down", f"move({PER_ROW})", "row down", show=False, id="experts.down"),
+        Binding("space", "toggle", "expert", id="experts.toggle"),
+    ]
+
+    cursor = reactive(0)
+
+    class Toggle(Message):
+        def __init__(self, expert: int) -> None:
+            super().__init__()
+            self.expert = expert
+
+    def __init__(self, experts: int, top_k: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.experts, self.top_k = experts, top_k
+        self.scores: list[float] | None = None
+        self.metric = ""
+        self.marked: set[int] = set()
+        self.pending = False  # the marks shown are a pending selection, not in the plan yet
+
+    def update_state(self, scores: list[float] | None, metric: str, marked: set[int], pending: bool) -> None:
+        self.scores, self.metric, self.marked, self.pending = scores, metric, set(marked), pending
+        self.refresh(layout=True)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return -(-self.experts // PER_ROW) + 1
+
+    def render(self) -> Text:
+        styles = self.app.theme_variables if self.app else {}
+        heat = [styles.get(k, "") for k in ("heat-low", "heat-mid", "heat-high")]
+        marked_colour = styles.get("marked", "red")
+        values = self.scores or []
+        lo, hi = (min(values), max(values)) if values else (0.0, 0.0)
+        text = Text()
+        for e in range(self.experts):
+            glyph = ("?" if self.pending else "×") if e in self.marked else " "
+            label = f"{glyph}e{e:<3}" + (f"{values[e]:>8.2e}" if values else "")
+            style = f"on {heat[heat_bucket(values[e], lo, hi)]}" if values and heat[0] else ""
+            if e in self.marked:
+                style = f"underline {marked_colour}" if self.pending else f"strike {marked_colour}"
+            if e == self.cursor and self.has_focus:
+                style += " reverse"
+            text.append(label + " ", style=style.strip())
+            if e % PER_ROW == PER_ROW - 1 or e == self.experts - 1:
+                text.append("\n")
+        value = f"{values[self.cursor]:.4g}" if values else "no scores"
+        text.append(f"expert {self.cursor}: {self.metric or 'metric'} = {value} · {self.experts - len(self.marked)} "
+                    f"of {self.experts} kept (router top-k {self.top_k})", style="italic")
+        return text
+
+    def action_move(self, step: int) -> None:
+        self.cursor = (self.cursor + step) % self.experts
+        self.refresh()
+
+    def action_toggle(self) -> None:
+        self.post_message(self.Toggle(self.cursor))
