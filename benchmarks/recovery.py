@@ -33,7 +33,9 @@ import torch
 
 from surgery.apply import apply_resolution
 from surgery.data import load_blocks
-from surgery.estimate import count_params
+from surgery.estimate import count_params, meta_model
+from surgery.importance.layout import model_layout
+from surgery.importance.ranks import selected_linears
 from surgery.loading import load_model
 from surgery.metrics.perplexity import perplexity
 from surgery.plan import Reconstruct
@@ -68,15 +70,38 @@ def variants(args) -> dict[str, tuple]:
         rows[f"lowrank-attn-{method}/cut"] = ("non-uniform", "attn", method, wiki if method != "svd" else None,
                                               None, r)
         rows[f"lowrank-attn-{method}/recon-pruned"] = ("non-uniform", "attn", method, wiki, "pruned", r)
+    rows["lowrank-attn-asvd/cut"] = ("non-uniform", "attn", "asvd", wiki, None, r)
+    for method in ("svd", "whitened", "asvd"):
+        rows[f"lowrank-attn-{method}/recon-original"] = ("non-uniform", "attn", method, wiki, "original", r)
+        # ranks from sv-grad (--scores must hold sv and sv_grad), as many attention parameters as the energy choice
+        rows[f"lowrank-attn-svgrad-{method}/cut"] = ("non-uniform", "attn@sv-grad", method,
+                                                     wiki if method != "svd" else None, None, r)
     return rows
+
+
+def low_rank_target(args, low_rank: str, cache: dict) -> Target:
+    """The Target of a low-rank row. "attn@sv-grad": ranks allocated by sv-grad for the attention parameters the
+    energy choice (--rank-keep) removes, so the two rank choices are compared at equal parameters."""
+    name, _, metric = low_rank.partition("@")
+    if not metric:
+        return Target(params=args.target, low_rank=(name,), rank_keep=args.rank_keep)
+    energy = suggest_for_source(args.model, args.scores, low_rank_target(args, name, cache), uniform=False,
+                                force=len(args.scores) > 1)
+    ranks = energy.summary["low_rank"]
+    layout = model_layout(meta_model(args.config))
+    shapes = {p: (o, i) for p, _, o, i in selected_linears(layout, layout.layers, (name,))}
+    total = sum(o * i for o, i in shapes.values())
+    removed = sum(shapes[p][0] * shapes[p][1] - r * sum(shapes[p]) for p, r in ranks.items())
+    print(f"{low_rank}: the energy choice (keep {args.rank_keep}) removes {removed:,} of {total:,} {name} parameters",
+          flush=True)
+    return Target(params=args.target, low_rank=(name,), rank_params=1 - removed / total)
 
 
 def build_plan(args, spec: tuple, tokenizer, config: dict, cache: dict):
     layout, low_rank, method, calib, inputs, ridge = spec
     key = (layout, low_rank)
     if key not in cache:
-        target = Target(params=args.target, low_rank=(low_rank,) if low_rank else None,
-                        rank_keep=args.rank_keep if low_rank else None)
+        target = low_rank_target(args, low_rank, cache) if low_rank else Target(params=args.target)
         # the sv file (data-free) has no data fingerprint to match the data-driven scores': merged with force
         cache[key] = suggest_for_source(args.model, args.scores, target, uniform=layout == "uniform",
                                         force=len(args.scores) > 1).plan
@@ -141,6 +166,7 @@ def main() -> None:
 
     loaded = load_model(args.model, dtype="float32")
     base_model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.model.config.to_dict()
+    args.config = config
     eval_blocks = load_blocks(WIKITEXT, tokenizer, args.eval_seq_len, args.eval_blocks * args.eval_seq_len)
     print(f"{args.model}, {args.threads} thread(s), {load()}; eval {eval_blocks.num_blocks} x {eval_blocks.seq_len} "
           f"tokens ({eval_blocks.fingerprint[:19]}...); calibration {args.calib_tokens} tokens, seq {args.seq_len}, "

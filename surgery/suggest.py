@@ -67,7 +67,9 @@ class Target:
     """What to remove. `params`: fraction of all parameters kept, in (0, 1].
 
     `low_rank` (families "attn" / "mlp" or Linear names, see surgery.importance.ranks) with `rank_keep` (the
-    fraction of each matrix's spectrum energy kept) adds low_rank steps; the blocks they name are not pruned.
+    fraction of each matrix's spectrum energy kept) adds low_rank steps; the blocks they name are not pruned. With
+    the `sv_grad` rank metric, ranks are allocated globally instead: `rank_params` is the fraction of the selected
+    matrices' parameters kept, or without it low rank alone meets `params`.
     """
 
     params: float | None = None
@@ -76,6 +78,8 @@ class Target:
     layers: Amount | None = None
     low_rank: tuple[str, ...] | None = None
     rank_keep: float | None = None
+    # with the sv_grad rank metric: fraction of the --low-rank matrices' parameters kept (None: the whole target)
+    rank_params: float | None = None
     serve: str | None = None  # "llama.cpp" / "vllm": only shapes that runtime runs without padding
 
     def describe(self) -> dict:
@@ -145,8 +149,19 @@ def suggest_plan(
 
     if target.params is not None and not 0 < target.params <= 1:
         raise UserError(f"--target-params {target.params}: expected the fraction of parameters kept, in (0, 1]")
-    if (target.low_rank is None) != (target.rank_keep is None):
-        raise UserError("--low-rank and --rank-keep go together, e.g. --low-rank mlp --rank-keep 0.9")
+    gradient = (metrics or {}).get("ranks") in ("sv_grad", "sv-grad") or target.rank_params is not None
+    if target.low_rank is not None and gradient:
+        if target.rank_keep is not None:
+            raise UserError("--rank-keep is an energy fraction for sv / sv-act; sv-grad ranks are chosen for a "
+                            "parameter budget: use --rank-params F (or --target-params alone)")
+        if target.rank_params is not None and not 0 < target.rank_params < 1:
+            raise UserError(f"--rank-params {target.rank_params}: expected the fraction of the --low-rank "
+                            "matrices' parameters kept, in (0, 1)")
+        if target.rank_params is None and target.params is None:
+            raise UserError("--rank-metric sv-grad needs a budget: --rank-params F or --target-params F")
+    elif (target.low_rank is None) != (target.rank_keep is None) or target.rank_params is not None:
+        raise UserError("--low-rank and --rank-keep go together, e.g. --low-rank mlp --rank-keep 0.9 (or "
+                        "--low-rank mlp --rank-metric sv-grad --rank-params 0.6)")
     if target.rank_keep is not None:
         check_keep(target.rank_keep)
     files = [scores] if isinstance(scores, ScoreFile) else list(scores)

@@ -12,8 +12,9 @@ import torch
 
 from surgery.errors import UserError
 from surgery.importance.costs import Costs
+from surgery.importance.hull import lower_hull
 from surgery.importance.layout import LayerSite, ModelLayout
-from surgery.importance.ranks import RankChoice, choose_ranks
+from surgery.importance.ranks import RankChoice, choose_ranks, gradient_ranks, gradient_summary, selected_linears
 from surgery.importance.scorefile import ScoreFile
 
 # Default metric per component, best first, from the demo benchmark at 80% of the parameters (docs/benchmarks.md,
@@ -79,21 +80,8 @@ def hull_allocate(options: list[list[tuple[float, float]]], budget: float) -> li
     choice = [0] * len(options)
     segments = []
     for layer, opts in enumerate(options):
-        order = sorted(range(len(opts)), key=lambda i: (opts[i][0], opts[i][1]))
-        start = next(i for i in order if opts[i][0] == 0)
-        hull = [start]
-        for i in order:
-            a, c = opts[i]
-            if a <= opts[hull[-1]][0]:
-                continue
-            while len(hull) >= 2:  # pop while the last point lies on or above the chord
-                (a1, c1), (a2, c2) = opts[hull[-2]], opts[hull[-1]]
-                if (c2 - c1) * (a - a1) >= (c - c1) * (a2 - a1):
-                    hull.pop()
-                else:
-                    break
-            hull.append(i)
-        choice[layer] = start
+        hull = lower_hull(opts)
+        choice[layer] = hull[0]
         for j in range(1, len(hull)):
             (a1, c1), (a2, c2) = opts[hull[j - 1]], opts[hull[j]]
             segments.append(((c2 - c1) / (a2 - a1), layer, j, hull[j], a2 - a1))
@@ -228,16 +216,44 @@ class Allocator:
                 self.heads[site.index] = st
                 self.removed += st.params
 
-    def _choose_ranks(self) -> None:
-        """low_rank steps for the Linears the target names (`low_rank`), at the rank keeping `rank_keep`."""
+    def _gradient_ranks(self) -> bool:
+        """True when ranks come from sv_grad (a global allocation for a budget), not from energy per matrix."""
+        wanted = (self.wanted.get("ranks") or "").replace("-", "_")
+        if self.target.rank_params is not None and wanted not in ("", "sv_grad"):
+            raise UserError(f"--rank-params is a budget for --rank-metric sv-grad, not {wanted}: use --rank-keep")
+        return self.target.rank_params is not None or wanted == "sv_grad"
+
+    def _ranks_take_goal(self, goal: float | None) -> bool:
+        """sv_grad ranks with no --rank-params: low rank alone removes what --target-params asks."""
+        if not self._gradient_ranks() or self.target.rank_params is not None:
+            return False
+        if self.target.heads is not None or self.target.neurons is not None:
+            raise UserError("--rank-metric sv-grad with --heads/--neurons amounts: give low rank its own budget "
+                            "with --rank-params F")
+        if goal - self.removed <= 0:
+            raise UserError(f"--target-params {self.target.params}: nothing left for low rank to remove")
+        return True
+
+    def _choose_ranks(self, budget: int | None = None) -> None:
+        """low_rank steps for the Linears the target names (`low_rank`): at the rank keeping `rank_keep` of each
+        one's energy, or (sv_grad) allocated globally for `budget` parameters / the `rank_params` fraction."""
         t = self.target
         if self.rules:
             raise UserError(f"--serve {self.rules.runtime} with --low-rank: the export would multiply the factors "
                             "back into dense weights (more parameters than the plan promises); drop one")
         kept = [s for s in self.layout.layers if s.index not in self.dropped]
-        metric = self._metric("ranks")
-        self.ranks = choose_ranks(self.layout, kept, t.low_rank, t.rank_keep,
-                                  lambda path, size: scores_for(self.scores, path, metric, size))
+        if self._gradient_ranks():
+            self.used["ranks"] = pick_metric(self.scores, "ranks", "sv_grad")
+            pick_metric(self.scores, "ranks", "sv")  # the singular values the gradients multiply
+            if budget is None:
+                total = sum(o * i for _, _, o, i in selected_linears(self.layout, kept, t.low_rank))
+                budget = round(total * (1 - t.rank_params))
+            self.ranks = gradient_ranks(self.layout, kept, t.low_rank, budget, lambda path, size: (
+                scores_for(self.scores, path, "sv", size), scores_for(self.scores, path, "sv_grad", size)))
+        else:
+            metric = self._metric("ranks")
+            self.ranks = choose_ranks(self.layout, kept, t.low_rank, t.rank_keep,
+                                      lambda path, size: scores_for(self.scores, path, metric, size))
         self.removed += self.ranks.removed
 
     def _choose_neurons(self, budget: float, unit: str) -> None:
@@ -332,7 +348,11 @@ class Allocator:
         if t.layers is not None:
             self._drop_layers(t.layers)
         if t.low_rank:
-            self._choose_ranks()
+            if self._ranks_take_goal(goal):
+                self._choose_ranks(round(goal - self.removed))
+                goal = None  # low rank alone meets the target: nothing is pruned to fill it
+            else:
+                self._choose_ranks()
         reserved = self.ranks.blocks if self.ranks else set()  # factorised blocks are not pruned
         if "attn" in reserved and t.heads is not None:
             raise UserError("--low-rank factorises attention and --heads prunes it: pick one for attention")
@@ -413,4 +433,6 @@ class Allocator:
             "low_rank": dict(self.ranks.ranks) if self.ranks else {},
             "low_rank_skipped": list(self.ranks.skipped) if self.ranks else [],
         }
+        if self.ranks is not None and self.used.get("ranks") == "sv_grad":
+            self.summary["low_rank_choice"] = gradient_summary(self.ranks)
         return steps

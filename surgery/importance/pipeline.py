@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from surgery.errors import UserError
+from surgery.importance.layerwise import layerwise_methods, open_layerwise, score_checkpoint_layerwise
 from surgery.importance.methods import parse_methods
 from surgery.importance.runner import PhaseStart, TokenProgress, score_model
 from surgery.importance.scorefile import ScoreFile, ScoreMeta
@@ -61,6 +62,7 @@ def score_source(
     text_field: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    layerwise: bool = False,
     progress: TokenProgress | None = None,
     status: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
@@ -79,6 +81,8 @@ def score_source(
         autocast: "bf16"/"fp16" to run the passes under torch.autocast (GPU), None for the weights' dtype.
         progress: progress(done, total) within the current phase (tokens in the passes, matrices in the SVDs).
         status: one-line messages while the model is fetched, loaded and the text tokenized.
+        layerwise: hold one decoder block at a time on `device` (forward-only and weight methods; see
+            surgery.importance.layerwise): a model larger than the device scores on it.
         cancel: set it to stop between batches (raises Cancelled).
         phase: phase(name, total, unit) when a scoring phase starts (see `score_model`).
     """
@@ -87,7 +91,7 @@ def score_source(
     from surgery.loading import check_placement, load_model, parse_dtype
     from surgery.pipeline import source_fingerprint, versions
 
-    chosen = parse_methods(methods)
+    chosen = layerwise_methods(methods) if layerwise else parse_methods(methods)
     metrics = {m.metric for m in chosen}
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
@@ -98,15 +102,22 @@ def score_source(
     needs_data = bool(metrics - _DATA_FREE)
     if needs_data and not data:
         raise UserError("these methods need calibration text: pass --data FILE (e.g. wiki.test.raw)")
+    if layerwise and device_map is not None:
+        raise UserError("--layerwise holds one block at a time on one --device: drop --device-map")
     device, device_map = check_placement(device, device_map)
     parse_dtype(dtype)
     autocast_dtype = parse_autocast(autocast)
 
     say = status or (lambda message: None)
-    loaded = load_model(source, dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code, progress=status)
-    check_on_devices(loaded.model)
-    chosen = parse_methods(methods, arch=spec_for_config(loaded.config_dict))  # aliases: the model's axes only
+    if layerwise:  # no model is loaded: config, tokenizer, then one block at a time
+        loaded = open_layerwise(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                progress=status)
+        chosen = layerwise_methods(methods, arch=spec_for_config(loaded.config_dict))
+    else:
+        loaded = load_model(source, dtype=dtype, device=device, device_map=device_map, allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code, progress=status)
+        check_on_devices(loaded.model)
+        chosen = parse_methods(methods, arch=spec_for_config(loaded.config_dict))  # aliases: the model's axes only
     say("fingerprinting weights")
     fingerprint = source_fingerprint(loaded.resolved)
     blocks = None
@@ -116,8 +127,15 @@ def score_source(
     batches = list(blocks.batches(batch_size)) if blocks is not None else []
     say("scoring")
     start = time.perf_counter()
-    tensors = score_model(loaded.model, batches, chosen, autocast_dtype=autocast_dtype, progress=progress,
-                          cancel=cancel, phase=phase)
+    if layerwise:
+        weights_dtype = parse_dtype(dtype, loaded.config_dict)
+        tensors = score_checkpoint_layerwise(loaded.resolved, loaded.config_dict, batches, chosen, device=device,
+                                             dtype=weights_dtype, autocast_dtype=autocast_dtype, progress=progress,
+                                             cancel=cancel, phase=phase)
+    else:
+        weights_dtype = next(loaded.model.parameters()).dtype
+        tensors = score_model(loaded.model, batches, chosen, autocast_dtype=autocast_dtype, progress=progress,
+                              cancel=cancel, phase=phase)
     seconds = time.perf_counter() - start
     import surgery
 
@@ -131,11 +149,12 @@ def score_source(
         tokens=blocks.num_tokens if blocks else 0,
         seq_len=blocks.seq_len if blocks else None,
         batch_size=batch_size if blocks else None,
-        dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        dtype=str(weights_dtype).removeprefix("torch."),
         autocast=str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
         device=device if device_map is None else describe_devices(loaded.model),
         library_version=surgery.__version__,
         versions=versions(),
         seconds=round(seconds, 3),
+        layerwise=True if layerwise else None,
     )
     return ScoreFile(meta, tensors)

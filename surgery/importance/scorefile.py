@@ -54,6 +54,7 @@ class ScoreMeta(BaseModel):
     library_version: str
     versions: dict[str, str] = Field(default_factory=dict)
     seconds: float | None = None
+    layerwise: bool | None = None  # True: scored one block at a time (`score --layerwise`); absent otherwise
 
     def to_metadata(self) -> dict[str, str]:
         """Flat string metadata for the safetensors header (lists comma-joined, dicts as sorted JSON)."""

@@ -95,6 +95,11 @@ def score(
                                           "(for GPUs).")] = "none",
     text_field: Annotated[str | None, typer.Option("--text-field", help="Field/column holding the text "
                                                    "(.jsonl / .parquet / hf:).")] = None,
+    layerwise: Annotated[bool, typer.Option("--layerwise", help="Hold one decoder block at a time on --device "
+                                            "(read from the safetensors shards), so a model larger than the "
+                                            "device scores on it: forward-only and weight methods (head-act, "
+                                            "neuron-act, neuron-wanda, layer-bi, sv-act, channel-norm, expert-freq, "
+                                            "expert-reap, sv, *-magnitude).")] = False,
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -102,8 +107,9 @@ def score(
     """Score heads, KV groups, neurons, layers, singular values, residual channels and MoE experts on calibration
     text; write one score file."""
     from surgery.importance import parse_methods, save_scores, score_source  # torch: imported only when needed
+    from surgery.importance.layerwise import layerwise_methods
 
-    parse_methods(method)  # a typo fails before anything loads
+    (layerwise_methods if layerwise else parse_methods)(method)  # a typo fails before anything loads
     _check_out(out_file)
     bar, status, progress, phase = _progress_bar(not json_out and err.is_terminal)
     notes = LateNotes() if bar is None and not json_out else None  # off a terminal: a line per long step
@@ -114,7 +120,7 @@ def score(
     try:
         scores = score_source(source, data, method, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                               device=device, device_map=device_map, dtype=dtype, autocast=autocast,
-                              text_field=text_field,
+                              text_field=text_field, layerwise=layerwise,
                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
                               status=status, phase=phase)
         if status:

@@ -29,6 +29,23 @@ def _per_layer(counts: dict, what: str) -> str:
     return f"{min(values)}-{max(values)} {what} in {len(counts)} layer(s)"
 
 
+def _print_gradient_choice(c: dict, console) -> None:
+    """Which matrices sv-grad chose and why: the cheapest estimated loss per parameter saved first."""
+    ranks = sorted(c["matrices"].items(), key=lambda kv: kv[1]["estimate"])
+    spread = f", ranks {min(m['rank'] for _, m in ranks)}-{max(m['rank'] for _, m in ranks)}" if ranks else ""
+    console.print(
+        f"low rank by sv-grad: {c['chosen']} of {c['considered']} matrices factorised{spread}, "
+        f"{fmt_int(c['removed'])} parameters removed (budget {fmt_int(c['budget'])}) by dropping "
+        f"{fmt_int(c['dropped_values'])} singular values with the lowest estimated loss change per parameter "
+        f"(|sigma dL/dsigma| summed: {c['estimated_loss_change']:.4g})"
+    )
+    for path, m in ranks[:3]:
+        console.print(f"  least sensitive: {path} -> rank {m['rank']} (estimate {m['estimate']:.3g})")
+    if c["spared"]:
+        console.print(f"  left dense (dropping any of their singular values costs more per parameter): "
+                      f"{len(c['spared'])}, e.g. {', '.join(c['spared'][:3])}")
+
+
 def _check_calibration_options(data: str | None, rank_method: str | None, ridge: float, inputs: str) -> None:
     if data is None:
         raise UserError("--reconstruct and --rank-method whitened/asvd need --data FILE (calibration text)")
@@ -70,7 +87,16 @@ def suggest(
     rank_keep: Annotated[float | None, typer.Option("--rank-keep", help="Per matrix, the fraction of its "
                                                     "spectrum energy the rank keeps, e.g. 0.9.")] = None,
     rank_metric: Annotated[str | None, typer.Option("--rank-metric", help="Spectrum for --rank-keep. Default: "
-                                                    "sv (what the truncation keeps), sv-act.")] = None,
+                                                    "sv (what the truncation keeps), sv-act. sv-grad: choose "
+                                                    "matrices and ranks globally by the estimated loss change "
+                                                    "|sigma dL/dsigma| of the dropped singular values, for "
+                                                    "--rank-params or --target-params (scores: --method "
+                                                    "sv,sv-grad).")] = None,
+    rank_params: Annotated[float | None, typer.Option("--rank-params", help="With --rank-metric sv-grad: the "
+                                                      "fraction of the --low-rank matrices' parameters kept, e.g. "
+                                                      "0.6 (the rest of --target-params is pruned from the other "
+                                                      "blocks); without it low rank alone meets "
+                                                      "--target-params.")] = None,
     rank_method: Annotated[str | None, typer.Option("--rank-method", help="How low_rank steps factorise: svd "
                                                     "(default), whitened (SVD-LLM: output error on the "
                                                     "--data activations) or asvd (W scaled by the mean |x| of "
@@ -113,6 +139,7 @@ def suggest(
         layers=parse_amount(layers, "layers") if layers is not None else None,
         low_rank=parse_low_rank(low_rank) if low_rank is not None else None,
         rank_keep=rank_keep,
+        rank_params=rank_params,
         serve=serve,
     )
     metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric, "kv": kv_metric,
@@ -156,6 +183,8 @@ def suggest(
         f"{len(s.summary['low_rank'])} matrices low-rank" if s.summary.get("low_rank") else "",
         f"then refits on {fmt_int(s.plan.calibration.tokens)} calibration tokens" if reconstruct else "",
     ) if p]
+    if s.summary.get("low_rank_choice"):
+        _print_gradient_choice(s.summary["low_rank_choice"], out if out_file else err)
     target = f" (target {fmt_int(s.target_params)}, step {fmt_int(s.granularity)})" if s.target_params else ""
     where = f"wrote {out_file}" if out_file else "plan"
     loads = "plain transformers" if not non_uniform else "surgery.load (per-layer shapes)"
