@@ -76,6 +76,11 @@ def variants(args) -> dict[str, tuple]:
         # ranks from sv-grad (--scores must hold sv and sv_grad), as many attention parameters as the energy choice
         rows[f"lowrank-attn-svgrad-{method}/cut"] = ("non-uniform", "attn@sv-grad", method,
                                                      wiki if method != "svd" else None, None, r)
+        # low rank alone meets the target: sv-grad picks among every attention and MLP Linear, nothing is pruned
+        rows[f"lowrank-all-svgrad-{method}/cut"] = ("non-uniform", "attn,mlp@sv-grad-target", method,
+                                                    wiki if method != "svd" else None, None, r)
+    rows["lowrank-attn-svgrad-whitened/recon-original"] = ("non-uniform", "attn@sv-grad", "whitened", wiki,
+                                                           "original", r)
     return rows
 
 
@@ -85,6 +90,8 @@ def low_rank_target(args, low_rank: str, cache: dict) -> Target:
     name, _, metric = low_rank.partition("@")
     if not metric:
         return Target(params=args.target, low_rank=(name,), rank_keep=args.rank_keep)
+    if metric == "sv-grad-target":  # with metrics {"ranks": "sv_grad"} (build_plan)
+        return Target(params=args.target, low_rank=tuple(name.split(",")))
     energy = suggest_for_source(args.model, args.scores, low_rank_target(args, name, cache), uniform=False,
                                 force=len(args.scores) > 1)
     ranks = energy.summary["low_rank"]
@@ -103,8 +110,9 @@ def build_plan(args, spec: tuple, tokenizer, config: dict, cache: dict):
     if key not in cache:
         target = low_rank_target(args, low_rank, cache) if low_rank else Target(params=args.target)
         # the sv file (data-free) has no data fingerprint to match the data-driven scores': merged with force
+        metrics = {"ranks": "sv_grad"} if low_rank and "@sv-grad" in low_rank else None
         cache[key] = suggest_for_source(args.model, args.scores, target, uniform=layout == "uniform",
-                                        force=len(args.scores) > 1).plan
+                                        force=len(args.scores) > 1, metrics=metrics).plan
     plan = cache[key]
     if calib is None:
         return plan
