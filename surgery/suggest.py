@@ -13,6 +13,10 @@ A target is a fraction of parameters kept (`params`), and/or amounts per compone
    fraction of its spectrum energy (sv), when that saves parameters; the named blocks are then not pruned
    (see surgery.importance.ranks). The m KV groups of step 2 can be ranked by a KV-group metric instead.
 
+With `axes` (any of heads, neurons, layers, hidden, experts other than heads+neurons alone) the target is met
+across those axes by score removed per parameter on one scale, the finest axis filling the rest against exact
+counts: see surgery.importance.axes.
+
 With `params` alone, attention and MLP give up the same fraction of their parameters (heads first, as close as
 their coarse granularity allows without overshooting), then neurons fill the rest, so the result is within one
 neuron step (one neuron per kept layer when uniform) of the target. The plan is checked with `resolve_plan`
@@ -81,6 +85,9 @@ class Target:
     # with the sv_grad rank metric: fraction of the --low-rank matrices' parameters kept (None: the whole target)
     rank_params: float | None = None
     serve: str | None = None  # "llama.cpp" / "vllm": only shapes that runtime runs without padding
+    # "heads", "neurons", "layers", "hidden", "experts": meet `params` by score per parameter across these axes
+    # (surgery.importance.axes); None or heads+neurons alone: the attention/MLP split below
+    axes: tuple[str, ...] | None = None
 
     def describe(self) -> dict:
         def text(v):
@@ -137,8 +144,8 @@ def suggest_plan(
         config_dict: the model's config.json (shapes and parameter counts come from it; no weights read).
         target: what to remove (see Target).
         uniform: same cut in every layer (plain-transformers loadable); False lets each layer differ.
-        metrics: {"heads": "head_grad", "neurons": ..., "layers": ..., "ranks": "sv"} to override the preferred
-            metrics; "kv": a KV-group metric (kv_group_grad) choosing which KV groups a layer keeps.
+        metrics: {"heads": "head_grad", "neurons": ..., "layers": ..., "ranks": "sv", "hidden": "channel_taylor",
+            "experts": "expert_grad"} to override the preferred metrics; "kv": a KV-group metric (kv_group_grad) choosing which KV groups a layer keeps.
         model: the ModelRef written into the plan.
         force: merge score files of other data.
 
@@ -174,7 +181,13 @@ def suggest_plan(
         from surgery.export.runtimes import serve_rules
 
         rules = serve_rules(target.serve, shape_from_config(config_dict), config_dict, uniform)
-    alloc = Allocator(layout, costs, merged, target, uniform, metrics or {}, rules=rules)
+    if target.axes is not None and set(target.axes) != {"heads", "neurons"}:
+        from surgery.importance.axes import AxesAllocator
+
+        alloc = AxesAllocator(layout, costs, merged, target, uniform, metrics or {}, config_dict=config_dict,
+                              rules=rules)
+    else:
+        alloc = Allocator(layout, costs, merged, target, uniform, metrics or {}, rules=rules)
     steps = alloc.run()
     provenance = {
         "tool": "workbench plan suggest",

@@ -46,6 +46,15 @@ def _print_gradient_choice(c: dict, console) -> None:
                       f"{len(c['spared'])}, e.g. {', '.join(c['spared'][:3])}")
 
 
+def _print_axes(report: dict, console) -> None:
+    """Which axes `--axes` chose, for how many parameters, and why (score removed per million parameters)."""
+    for axis, r in report.items():
+        why = (f"{r['score_per_m_params']:.4g} {r['metric']} per 1M params removed" if r["params"] else
+               f"not chosen: its cheapest cut costs {r['cheapest_per_m_params']:.4g} per 1M params"
+               if r["cheapest_per_m_params"] is not None else "nothing it can cut")
+        console.print(f"  {axis}: {fmt_int(r['params'])} params ({why})" + ("; fills the target" if r["fills"] else ""))
+
+
 def _check_calibration_options(data: str | None, rank_method: str | None, ridge: float, inputs: str) -> None:
     if data is None:
         raise UserError("--reconstruct and --rank-method whitened/asvd need --data FILE (calibration text)")
@@ -81,6 +90,15 @@ def suggest(
     kv_metric: Annotated[str | None, typer.Option("--kv-metric", help="Rank KV groups by this group score "
                                                   "(kv-group-grad) when whole groups are removed; default: the "
                                                   "summed scores of the heads each group keeps.")] = None,
+    axes: Annotated[str | None, typer.Option("--axes", help="Meet --target-params along these axes, by score "
+                                             "removed per parameter: heads, neurons, layers, hidden (prune_hidden, "
+                                             "every layer), experts (MoE); e.g. hidden,layers. Default: heads and "
+                                             "neurons sharing the cut.")] = None,
+    channel_metric: Annotated[str | None, typer.Option("--channel-metric", help="For --axes hidden. Default: "
+                                                       "channel-taylor, channel-norm (one axis only).")] = None,
+    expert_metric: Annotated[str | None, typer.Option("--expert-metric", help="For --axes experts. Default: "
+                                                      "expert-grad, expert-reap, expert-freq (the last two one "
+                                                      "axis only).")] = None,
     low_rank: Annotated[str | None, typer.Option("--low-rank", help="Factorise these Linears (attn, mlp or "
                                                  "names such as down_proj); their blocks are not pruned. "
                                                  "Needs --rank-keep.")] = None,
@@ -127,6 +145,7 @@ def suggest(
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Turn scores into a valid plan for a size target (uniform across layers unless --non-uniform)."""
+    from surgery.importance.axes import parse_axes
     from surgery.importance.ranks import parse_low_rank
     from surgery.suggest import Target, parse_amount, suggest_for_source  # torch: imported only when needed
 
@@ -141,9 +160,10 @@ def suggest(
         rank_keep=rank_keep,
         rank_params=rank_params,
         serve=serve,
+        axes=parse_axes(axes) if axes is not None else None,
     )
     metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric, "kv": kv_metric,
-               "ranks": rank_metric}
+               "ranks": rank_metric, "hidden": channel_metric, "experts": expert_metric}
     calibrated = reconstruct or rank_method not in (None, "svd") or data is not None or asvd_alpha is not None
     if calibrated:
         _check_calibration_options(data, rank_method, ridge, recon_inputs)
@@ -180,11 +200,16 @@ def suggest(
         f"dropped layers {s.summary['layers_dropped']}" if s.summary.get("layers_dropped") else "",
         _per_layer(s.summary.get("heads_removed", {}), "heads"),
         _per_layer(s.summary.get("neurons_removed", {}), "neurons"),
+        f"{s.summary['hidden_removed']} residual channels" if s.summary.get("hidden_removed") else "",
+        _per_layer(s.summary.get("experts_removed", {}), "experts"),
         f"{len(s.summary['low_rank'])} matrices low-rank" if s.summary.get("low_rank") else "",
         f"then refits on {fmt_int(s.plan.calibration.tokens)} calibration tokens" if reconstruct else "",
     ) if p]
     if s.summary.get("low_rank_choice"):
         _print_gradient_choice(s.summary["low_rank_choice"], out if out_file else err)
+    if s.summary.get("axes"):
+        (out if out_file else err).print("axes (lowest score removed per parameter first):")
+        _print_axes(s.summary["axes"], out if out_file else err)
     target = f" (target {fmt_int(s.target_params)}, step {fmt_int(s.granularity)})" if s.target_params else ""
     where = f"wrote {out_file}" if out_file else "plan"
     loads = "plain transformers" if not non_uniform else "surgery.load (per-layer shapes)"
