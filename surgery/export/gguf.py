@@ -1,6 +1,7 @@
 """The GGUF target: one .gguf file that llama.cpp (llama-cli, llama-server, llama-cpp-python) runs as it is.
 
-Architecture: `llama` (or `qwen2` / `qwen3`) when every layer has the same shapes; `deci` when they differ. `deci`
+Architecture: `llama` (or `qwen2` / `qwen3`) when every layer has the same shapes; `deci` when they differ; MoE
+models as `qwen3moe` (Qwen3-MoE) or `llama` with experts (Mixtral), uniform only (see `_check_moe`). `deci`
 is llama.cpp's Llama with per-layer arrays for `head_count`, `head_count_kv` and `feed_forward_length` (written for
 Llama-3.1-Nemotron-51B). Read from llama.cpp's loader and graph (src/models/deci.cpp), and handled here:
 
@@ -15,6 +16,11 @@ Llama-3.1-Nemotron-51B). Read from llama.cpp's loader and graph (src/models/deci
 - MLP widths are zero-padded to multiples of 32: llama.cpp's fast matmul kernels and q8_0 need whole blocks
   (an off-grid width runs at about half speed: see `_pad_mlp_widths`). Exact; the cost is reported.
 - Tied embeddings: no `output.weight`; llama.cpp then uses `token_embd.weight` for the LM head.
+- A smaller hidden size (`prune_hidden`) is just a smaller `embedding_length`: llama / qwen3 / deci size q/k/v/o
+  by head count x head size, not by the hidden size, and the rescaled norm weights are ordinary weights.
+  llama.cpp's qwen2 builds q and o as hidden x hidden, so a width-pruned Qwen2 is refused there.
+- Experts: the router is `ffn_gate_inp`, the stacked experts `ffn_{gate,up,down}_exps`; llama.cpp has one
+  `expert_count` for all layers (no per-layer array) and renormalises the top-k weights in both architectures.
 
 Query/key rows are permuted from HF's rotate-half RoPE layout to llama.cpp's interleaved one (llama and deci, as
 convert_hf_to_gguf.py's `LlamaModel.permute`); Qwen's `qwen2` / `qwen3` use NeoX RoPE and keep HF's order.
@@ -38,8 +44,11 @@ from surgery.sources import Progress
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 _DTYPE_ALIASES = {"auto": "f16", "float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16",
                   "bfloat16": "bf16", "q8": "q8_0"}
-# Families with a GGUF architecture; the value says which llama.cpp arch serves uniform layers.
-_UNIFORM_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Families with a GGUF architecture; the value says which llama.cpp arch serves uniform layers. Mixtral is
+# llama.cpp's `llama` with experts (convert_hf_to_gguf's LlamaModel writes MixtralForCausalLM so).
+_UNIFORM_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+_ROPE_INTERLEAVED = ("llama", "mixtral")  # llama.cpp's llama / deci rotate interleaved pairs; Qwen's NeoX halves
+_QK_NORMS = ("qwen3", "qwen3_moe")
 Q8_BLOCK = 32  # q8_0 quantises rows in blocks of 32 values
 MLP_MULTIPLE = 32  # MLP widths are zero-padded to this (see _pad_mlp_widths)
 
@@ -59,8 +68,9 @@ class _Layer:
 
     heads: int
     kv_heads: int
-    ff: int
+    ff: int  # MLP width; of each expert in an MoE layer
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    experts: int = 0  # 0: a dense MLP
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -139,10 +149,14 @@ def _collect_layers(model, spec, family: str, head_dim: int, interleave: bool,
                     layer.tensors[f"{gguf_name}.bias"] = bias
             layer.heads = layer.tensors["attn_q.weight"].shape[0] // head_dim
             layer.kv_heads = layer.tensors["attn_k.weight"].shape[0] // head_dim
-            if family == "qwen3":
+            if family in _QK_NORMS:
                 layer.tensors["attn_q_norm.weight"] = _np(attn.q_norm.weight)
                 layer.tensors["attn_k_norm.weight"] = _np(attn.k_norm.weight)
-        if has_mlp:
+        if has_mlp and spec.cfg_experts and hasattr(mlp, spec.experts):
+            layer.tensors["ffn_norm.weight"] = _np(getattr(block, spec.mlp_norms[0]).weight)
+            layer.tensors.update(_expert_tensors(mlp, spec))
+            layer.experts, layer.ff = layer.tensors["ffn_gate_exps.weight"].shape[:2]
+        elif has_mlp:
             layer.tensors["ffn_norm.weight"] = _np(getattr(block, spec.mlp_norms[0]).weight)
             for name, gguf_name in ((spec.gate, "ffn_gate"), (spec.up, "ffn_up"), (spec.down, "ffn_down")):
                 weight, bias = _dense(getattr(mlp, name), f"layer {idx} {spec.mlp}.{name}", adjustments)
@@ -154,10 +168,46 @@ def _collect_layers(model, spec, family: str, head_dim: int, interleave: bool,
     return layers
 
 
+def _expert_tensors(mlp, spec) -> dict[str, np.ndarray]:
+    """An MoE block's router and stacked experts under llama.cpp's names (convert_hf_to_gguf's layout).
+
+    transformers 5 fuses each layer's experts: gate_up_proj (E, 2 * width, hidden) with the gate rows first (the
+    forward `chunk(2)`s it), down_proj (E, hidden, width). GGUF stores dimensions reversed, so these numpy shapes
+    are llama.cpp's {hidden, width, E} / {width, hidden, E}; the router (E, hidden) is `ffn_gate_inp`.
+    """
+    experts, router = getattr(mlp, spec.experts), getattr(mlp, spec.router)
+    gate_up = _np(experts.gate_up_proj)
+    width = gate_up.shape[1] // 2
+    return {"ffn_gate_inp.weight": _np(router.weight),
+            "ffn_gate_exps.weight": np.ascontiguousarray(gate_up[:, :width]),
+            "ffn_up_exps.weight": np.ascontiguousarray(gate_up[:, width:]),
+            "ffn_down_exps.weight": _np(experts.down_proj)}
+
+
 def _uniform(layers: list[_Layer]) -> bool:
     first = layers[0]
-    return all(lay.heads and lay.ff and (lay.heads, lay.kv_heads, lay.ff) == (first.heads, first.kv_heads, first.ff)
-               for lay in layers)
+    key = lambda lay: (lay.heads, lay.kv_heads, lay.ff, lay.experts)  # noqa: E731
+    return all(lay.heads and lay.ff and key(lay) == key(first) for lay in layers)
+
+
+def _check_moe(config, family: str, layers: list[_Layer]) -> None:
+    """Refuse, in one line, MoE shapes llama.cpp's qwen3moe / llama-with-experts cannot hold."""
+    counts = sorted({lay.experts for lay in layers})
+    if counts == [0]:
+        return
+    if 0 in counts:
+        raise UserError(f"GGUF export: llama.cpp's {_UNIFORM_ARCH[family]} needs an MoE block in every layer; this "
+                        "model has dense MLP layers too (mlp_only_layers / decoder_sparse_step)")
+    if len(counts) > 1:
+        raise UserError(f"GGUF export: llama.cpp needs one expert count for every layer; uniform plans export "
+                        f"(this model has {' and '.join(map(str, counts))} in different layers)")
+    if not _uniform(layers):
+        raise UserError("GGUF export: per-layer head or width cuts on an MoE model are not supported (llama.cpp's "
+                        "per-layer architecture, deci, has no experts); prune experts with one count for every "
+                        "layer and keep the attention shapes uniform")
+    if family == "qwen3_moe" and not getattr(config, "norm_topk_prob", True):
+        raise UserError("GGUF export: llama.cpp's qwen3moe renormalises the top-k router weights; this model has "
+                        "norm_topk_prob false, which it cannot express (every released Qwen3-MoE has true)")
 
 
 def _pad_for_deci(layers: list[_Layer], hidden: int, head_dim: int, adjustments: list[Adjustment]) -> None:
@@ -197,7 +247,7 @@ def _pad_mlp_widths(layers: list[_Layer], hidden: int, adjustments: list[Adjustm
     """
     padded = []
     for i, lay in enumerate(layers):
-        if lay.ff <= 1 or lay.ff % MLP_MULTIPLE == 0:
+        if lay.experts or lay.ff <= 1 or lay.ff % MLP_MULTIPLE == 0:  # expert widths are written as they are
             continue
         width = -(-lay.ff // MLP_MULTIPLE) * MLP_MULTIPLE
         extra = width - lay.ff
@@ -315,8 +365,8 @@ def write_gguf(
     family = spec.family
     if family not in _UNIFORM_ARCH:
         raise UserError(f"GGUF export supports Llama-family models (llama, mistral, SmolLM2) with any per-layer "
-                        f"shapes, and qwen2 / qwen3 with uniform layers; not {family}")
-    if getattr(config, "attention_bias", False) and family == "llama":
+                        f"shapes, and qwen2 / qwen3 / qwen3_moe / mixtral with uniform layers; not {family}")
+    if getattr(config, "attention_bias", False) and family in _ROPE_INTERLEAVED:
         raise UserError("GGUF export: Llama models with attention biases are not supported")
     hidden = config.hidden_size
     # from the attention modules, not the config: a pruned model's config may count fewer heads than it was
@@ -334,16 +384,17 @@ def write_gguf(
         progress("collecting tensors")
     adjustments: list[Adjustment] = []
     with torch.no_grad():
-        layers = _collect_layers(model, spec, family, head_dim, family == "llama", adjustments)
+        layers = _collect_layers(model, spec, family, head_dim, family in _ROPE_INTERLEAVED, adjustments)
         if not layers:
             raise UserError("GGUF export: the model has no layer left with attention or an MLP")
+        _check_moe(config, family, layers)
         uniform = _uniform(layers)
         if uniform:
             arch = _UNIFORM_ARCH[family]
             if arch == "qwen2" and layers[0].heads * head_dim != hidden:
                 raise UserError(f"llama.cpp's qwen2 needs query heads x head size = hidden size ({hidden}), this "
                                 f"model has {layers[0].heads} x {head_dim}: export qwen2 cuts that keep every query "
-                                "head (MLP neurons, whole layers, low rank)")
+                                "head and the hidden size (MLP neurons, whole layers, low rank)")
         elif family == "llama":
             arch = "deci"
             _pad_for_deci(layers, hidden, head_dim, adjustments)
@@ -367,6 +418,11 @@ def write_gguf(
         writer.add_head_count(layers[0].heads)
         writer.add_head_count_kv(layers[0].kv_heads)
         writer.add_feed_forward_length(layers[0].ff)
+        if layers[0].experts:
+            writer.add_expert_count(layers[0].experts)
+            writer.add_expert_used_count(int(getattr(config, spec.cfg_top_k)))
+            if arch == "qwen3moe":  # llama.cpp's qwen3moe reads the expert width from its own key
+                writer.add_expert_feed_forward_length(layers[0].ff)
     else:
         writer.add_head_count([lay.heads for lay in layers])
         writer.add_head_count_kv([lay.kv_heads for lay in layers])

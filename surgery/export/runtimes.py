@@ -5,8 +5,12 @@ surgery.load. Pure: shapes in, verdicts out (no weights).
   then writes a plain config; otherwise `surgery_layers`, which only surgery.load reads);
 - llama.cpp: Llama family: any per-layer shapes (architecture `deci`), but a first layer without attention and a
   layer with attention but no MLP get exact zero parts (llama.cpp's deci graph, see surgery.export.gguf);
-  Qwen2/Qwen3: uniform only (`qwen2` / `qwen3` have no per-layer arrays); low-rank factors are densified;
-- vLLM: Llama family; the DeciLM layout's padding, computed by the exporter's own `decilm_layout`;
+  Qwen2/Qwen3: uniform only (`qwen2` / `qwen3` have no per-layer arrays), Qwen2 with every query head and the full
+  hidden size (its q/o are hidden x hidden); Qwen3-MoE / Mixtral: uniform only, one expert count in every layer, an
+  MoE block in every layer (Qwen3-MoE with norm_topk_prob); low-rank factors are densified; a smaller hidden size
+  (prune_hidden) is just a smaller embedding length;
+- vLLM: Llama family; the DeciLM layout's padding, computed by the exporter's own `decilm_layout` (a width cut
+  that is not head_dim x a head count holding every layer's heads is padded back with zero channels); no MoE;
 - surgery.load: every supported family and shape.
 
 `serve_rules` turns a runtime into what `plan suggest --serve` may allocate so that the export pads nothing.
@@ -22,7 +26,7 @@ from surgery.shapes import ModelShape
 
 RUNTIMES = ("transformers", "llama.cpp", "vllm", "surgery.load")
 SERVE_TARGETS = ("llama.cpp", "vllm")
-_GGUF_UNIFORM_ONLY = ("qwen2", "qwen3")
+_GGUF_UNIFORM_ONLY = ("qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,17 @@ class RuntimeFit:
 
 
 def shape_after(resolution) -> ModelShape:
-    """The ModelShape a Resolution's output has (the base model's globals, the kept layers' shapes)."""
-    return replace(resolution.shape, layers=resolution.result_shapes())
+    """The ModelShape a Resolution's output has (the base model's globals, the kept layers' shapes, the hidden size
+    after prune_hidden, the experts each kept layer keeps)."""
+    experts = [len(c.kept_experts) if c.num_experts else 0 for c in resolution.kept_layers]
+    return replace(resolution.shape, layers=resolution.result_shapes(), hidden=resolution.result_hidden,
+                   experts=experts if resolution.shape.experts else [])
 
 
 def _uniform(shape: ModelShape) -> bool:
     layers = shape.layers
     return bool(layers) and len({(s.heads, s.kv_heads, s.mlp) for s in layers}) == 1 and not any(
-        s.low_rank or not s.has_attention or not s.has_mlp for s in layers)
+        s.low_rank or not s.has_attention or not s.has_mlp for s in layers) and len(set(shape.experts)) <= 1
 
 
 def _densified(shape: ModelShape) -> list[Adjustment]:
@@ -73,7 +80,9 @@ def _densified(shape: ModelShape) -> list[Adjustment]:
 
 def transformers_fit(shape: ModelShape) -> RuntimeFit:
     if not _uniform(shape):
-        return RuntimeFit("transformers", False, why_not="per-layer shapes, dropped blocks or low-rank factors")
+        why = ("per-layer expert counts" if len(set(shape.experts)) > 1
+               else "per-layer shapes, dropped blocks or low-rank factors")
+        return RuntimeFit("transformers", False, why_not=why)
     s = shape.layers[0]
     # configs derive or validate head_dim against hidden / heads (GPT-2 derives it, LlamaConfig refuses 7 of 576)
     if shape.hidden % s.heads or (shape.spec.family == "gpt2" and s.heads != shape.base_heads):
@@ -92,16 +101,34 @@ def _gguf_width_padding(shape: ModelShape) -> list[Adjustment]:
     return [Adjustment(f"MLP widths padded to multiples of {MLP_MULTIPLE} in {len(off)} layer(s)", params, 2 * params)]
 
 
-def llama_cpp_fit(shape: ModelShape) -> RuntimeFit:
+def _gguf_refusal(shape: ModelShape, config_dict: dict | None) -> str:
+    """Why the GGUF export refuses `shape` (surgery.export.gguf's checks, on shapes), or ""."""
     family = shape.spec.family
     if family not in ("llama", *_GGUF_UNIFORM_ONLY):
-        return RuntimeFit("llama.cpp", False, why_not=f"the GGUF export does not write {family}")
-    widths = _gguf_width_padding(shape)  # the exporter pads every MLP width to its grid, uniform ones too
-    if _uniform(shape):  # architecture llama / qwen2 / qwen3: nothing else to pad
+        return f"the GGUF export does not write {family}"
+    if shape.experts:
+        if 0 in shape.experts:
+            return "llama.cpp's MoE architectures need an MoE block in every layer"
+        if len(set(shape.experts)) > 1:
+            return "llama.cpp needs one expert count for every layer; uniform plans export"
+        if family == "qwen3_moe" and not (config_dict or {}).get("norm_topk_prob", True):
+            return "llama.cpp's qwen3moe renormalises the top-k router weights (norm_topk_prob false)"
+    if family in _GGUF_UNIFORM_ONLY and not _uniform(shape):
+        return f"llama.cpp's {family} has no per-layer shapes"
+    if family == "qwen2" and shape.layers[0].heads * shape.layers[0].head_dim != shape.hidden:
+        return "llama.cpp's qwen2 needs every query head and the full hidden size (q/o are hidden x hidden)"
+    return ""
+
+
+def llama_cpp_fit(shape: ModelShape, config_dict: dict | None = None) -> RuntimeFit:
+    family = shape.spec.family
+    why_not = _gguf_refusal(shape, config_dict)
+    if why_not:
+        return RuntimeFit("llama.cpp", False, why_not=why_not)
+    widths = [] if shape.experts else _gguf_width_padding(shape)  # the exporter pads dense MLP widths to its grid
+    if _uniform(shape):  # architecture llama / qwen2 / qwen3 / qwen3moe: nothing else to pad
         return RuntimeFit("llama.cpp", True, tuple(widths))
     adjustments = _densified(shape) + widths
-    if family in _GGUF_UNIFORM_ONLY:
-        return RuntimeFit("llama.cpp", False, why_not=f"llama.cpp's {family} has no per-layer shapes")
     layers = [s for s in shape.layers if s.has_attention or s.has_mlp]  # identity layers are left out
     if layers and not layers[0].has_attention:
         hd, c = layers[0].head_dim, shape.hidden
@@ -126,7 +153,7 @@ def vllm_fit(shape: ModelShape, config_dict: dict | None = None) -> RuntimeFit:
 
 def runtime_fits(shape: ModelShape, config_dict: dict | None = None) -> list[RuntimeFit]:
     """Every runtime's verdict on `shape`, in RUNTIMES order."""
-    return [transformers_fit(shape), llama_cpp_fit(shape), vllm_fit(shape, config_dict),
+    return [transformers_fit(shape), llama_cpp_fit(shape, config_dict), vllm_fit(shape, config_dict),
             RuntimeFit("surgery.load", True)]
 
 
@@ -137,6 +164,7 @@ class ServeRules:
     runtime: str
     cut_heads: bool  # query heads / KV groups may be pruned
     neuron_grain: int  # every kept MLP width a multiple of this
+    cut_hidden: bool = True  # residual channels may be pruned (prune_hidden)
 
 
 def serve_rules(runtime: str, shape: ModelShape, config_dict: dict, uniform: bool) -> ServeRules:
@@ -145,7 +173,9 @@ def serve_rules(runtime: str, shape: ModelShape, config_dict: dict, uniform: boo
     vLLM: the query-head count is global (hidden / head_dim) and both readers take it as given, so no head or KV
     cut (whole layers and MLP neurons only), widths a multiple of 256. llama.cpp (Llama family): any head and KV
     cut, widths a multiple of 32 (the GGUF export pads others: off-grid widths run at about half speed there);
-    Qwen2/Qwen3 only uniformly.
+    Qwen2/Qwen3/Qwen3-MoE/Mixtral only uniformly, Qwen2 without head or width cuts (llama.cpp's qwen2 builds q/o as
+    hidden x hidden). No width cut for vLLM: with every query head kept, hidden = heads x head_dim is the smallest
+    size the DeciLM layout holds, so a width cut would be padded back whole.
     """
     if runtime == "vllm":
         fit = vllm_fit(shape, config_dict)  # the source itself must fit the layout (family, head_dim, ...)
@@ -153,7 +183,7 @@ def serve_rules(runtime: str, shape: ModelShape, config_dict: dict, uniform: boo
             raise UserError(f"--serve vllm: {fit.why_not}")
         from surgery.export.vllm import FFN_GRID
 
-        return ServeRules("vllm", cut_heads=False, neuron_grain=FFN_GRID)
+        return ServeRules("vllm", cut_heads=False, neuron_grain=FFN_GRID, cut_hidden=False)
     if runtime == "llama.cpp":
         family = shape.spec.family
         if family not in ("llama", *_GGUF_UNIFORM_ONLY):
@@ -162,5 +192,6 @@ def serve_rules(runtime: str, shape: ModelShape, config_dict: dict, uniform: boo
             raise UserError(f"--serve llama.cpp: llama.cpp's {family} has no per-layer shapes; drop --non-uniform")
         from surgery.export.gguf import MLP_MULTIPLE
 
-        return ServeRules("llama.cpp", cut_heads=True, neuron_grain=MLP_MULTIPLE)
+        full_width = family == "qwen2"  # q/o hidden x hidden there
+        return ServeRules("llama.cpp", cut_heads=not full_width, neuron_grain=MLP_MULTIPLE, cut_hidden=not full_width)
     raise UserError(f"--serve {runtime!r}: expected one of {', '.join(SERVE_TARGETS)}")

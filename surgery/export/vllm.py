@@ -10,6 +10,12 @@ What the format cannot say, and what the export does about it (exact, never sile
 - MLP widths come from `ffn_mult` rounded up to a multiple of 256: other widths get zero neurons (zero gate/up
   rows, zero down_proj columns: exact).
 - Low-rank factors are multiplied back into dense weights (the parameter cost is reported).
+- A hidden size (after `prune_hidden`) that is not head_dim x a head count able to hold every layer's query heads
+  is padded with zero residual channels up to the smallest one that is (`exported_hidden`). Exact: nothing writes
+  the zero channels (zero embedding columns, zero o/down rows) or reads them (zero q/k/v/gate/up/lm_head columns),
+  and every RMSNorm is rescaled so that it normalises as before over more channels: weights x sqrt(H / H') and
+  rms_norm_eps x H / H' (then sum(x^2) / H' + eps' = (H / H') (sum(x^2) / H + eps)). On SmolLM2 (9 heads of 64)
+  any width cut that keeps 9 heads pads back to 576: the layout cannot hold the saving, and the report says so.
 `configuration_decilm.py` ships beside config.json (transformers has no `nemotron-nas` config class), so serving
 needs `--trust-remote-code`; `surgery-export.json` records the command and every adjustment.
 """
@@ -82,13 +88,21 @@ class BlockLayout:
         return {"attention": attention, "ffn": ffn}
 
 
+def _head_dim(shape: ModelShape) -> int:
+    return shape.layers[0].head_dim if shape.layers else shape.hidden // shape.base_heads
+
+
+def exported_hidden(shape: ModelShape) -> int:
+    """H': the hidden size written, the smallest multiple of head_dim >= the model's hidden size that holds every
+    layer's query heads (DeciLM readers take head_dim = hidden_size / num_attention_heads); see the module doc."""
+    head_dim = _head_dim(shape)
+    need = max(shape.hidden, max((s.heads for s in shape.layers), default=0) * head_dim)
+    return -(-need // head_dim) * head_dim
+
+
 def global_heads(shape: ModelShape) -> int:
     """H: the one query-head count every attention layer gets (DeciLM readers take head_dim = hidden / H)."""
-    head_dim = shape.layers[0].head_dim if shape.layers else shape.hidden // shape.base_heads
-    if shape.hidden % head_dim:
-        raise UserError(f"vLLM export: hidden size {shape.hidden} is not a multiple of head_dim {head_dim} "
-                        "(DeciLM readers derive head_dim = hidden_size / num_attention_heads)")
-    return shape.hidden // head_dim
+    return exported_hidden(shape) // _head_dim(shape)
 
 
 def _kv_layout(index: int, s: LayerShape, heads: int) -> tuple[int, int]:
@@ -123,7 +137,11 @@ def decilm_layout(shape: ModelShape) -> tuple[int, list[BlockLayout]]:
 
 def layout_adjustments(shape: ModelShape, heads: int, layout: list[BlockLayout]) -> list[Adjustment]:
     """What `layout` pads or densifies, layer by layer, with its parameter and per-token FLOP cost."""
+    # heads / KV / MLP padding at the source's hidden size; the zero channels' share of every tensor (padded
+    # ones included) is hidden_padding's, so nothing is counted twice
     hidden, adjustments = shape.hidden, []
+    if exported_hidden(shape) != hidden:
+        adjustments.append(hidden_padding(shape, exported_hidden(shape), layout))
     for i, (s, b) in enumerate(zip(shape.layers, layout)):
         hd = s.head_dim
         if b.heads and (b.heads != heads or b.kv_out != b.kv_heads):
@@ -142,6 +160,20 @@ def layout_adjustments(shape: ModelShape, heads: int, layout: list[BlockLayout])
             adjustments.append(Adjustment(f"layer {i}: {rel} rank-{rank} factors multiplied back into a dense "
                                           f"{out_f}x{in_f} weight (exact)", params, 2 * params))
     return adjustments
+
+
+def hidden_padding(shape: ModelShape, hidden: int, layout: list[BlockLayout]) -> Adjustment:
+    """What padding the residual stream from shape.hidden to `hidden` zero channels costs: every tensor's
+    hidden-size side, with the layers' padded head / KV / MLP sizes."""
+    extra, hd = hidden - shape.hidden, _head_dim(shape)
+    heads = hidden // hd
+    linear = sum(2 * heads * hd + 2 * b.kv_out * hd for b in layout if b.heads)
+    linear += sum(3 * b.mlp_out for b in layout if b.mlp) + shape.vocab  # + the LM head (tied: the embedding)
+    norms = 1 + sum(bool(b.heads) + bool(b.mlp) for b in layout)
+    params = extra * (linear + norms + (0 if shape.tied_embeddings else shape.vocab))
+    return Adjustment(f"hidden size {shape.hidden} padded to {hidden} with zero channels (DeciLM readers take "
+                      f"head_dim = hidden_size / num_attention_heads: hidden must be {hd} x a head count that holds "
+                      "every layer's query heads; norms rescaled to match, exact)", params, 2 * extra * linear)
 
 
 def source_linear_dims(rel: str, s: LayerShape, hidden: int) -> tuple[int, int]:
@@ -219,11 +251,36 @@ def decilm_state_dict(model, shape: ModelShape, heads: int, layout: list[BlockLa
             state[prefix + "post_attention_layernorm.weight"] = ops.get_module(layer, spec.mlp_norms[0]).weight
             for k, v in _mlp_tensors(ops.get_module(layer, spec.mlp), spec, b).items():
                 state[prefix + "mlp." + k] = v
-    return state
+    hidden = exported_hidden(shape)
+    return state if hidden == shape.hidden else pad_hidden(state, shape.hidden, hidden)
+
+
+_READS_HIDDEN = ("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                 "gate_proj.weight", "up_proj.weight")  # (rows, hidden): zero columns
+_WRITES_HIDDEN = ("o_proj.weight", "down_proj.weight", "o_proj.bias", "down_proj.bias")  # (hidden, ...): zero rows
+
+
+def pad_hidden(state: dict[str, torch.Tensor], hidden: int, padded: int) -> dict[str, torch.Tensor]:
+    """The state dict with `padded - hidden` zero residual channels appended (see the module docstring)."""
+    extra, scale = padded - hidden, (hidden / padded) ** 0.5
+    out = {}
+    for name, t in state.items():
+        if name.endswith(_READS_HIDDEN):
+            t = torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)
+        elif name.endswith(_WRITES_HIDDEN):
+            t = _pad_rows(t, padded)
+        elif name.endswith("norm.weight"):  # every norm of the DeciLM layout is over the residual stream
+            t = torch.cat([t * scale, t.new_zeros(extra)])
+        out[name] = t
+    return out
 
 
 def check_supported(config_dict: dict, shape: ModelShape) -> None:
     """Refuse what the DeciLM layout cannot express at all (one line each)."""
+    if shape.spec.cfg_experts:
+        raise UserError(f"vLLM export: the DeciLM layout has no experts, so {shape.spec.family} models (MoE) cannot "
+                        "be written in it; the `apply` output of a uniform expert cut is a plain Qwen3-MoE / Mixtral "
+                        "checkpoint instead")
     if shape.spec.family != "llama":
         raise UserError(f"vLLM export supports Llama-family models (llama, mistral); this one is "
                         f"{config_dict.get('model_type')!r}")
@@ -240,6 +297,10 @@ def decilm_config(config_dict: dict, shape: ModelShape, heads: int, layout: list
             "bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters", "rope_theta", "rope_scaling",
             "attention_bias", "mlp_bias", "hidden_act")
     cfg = {k: config_dict[k] for k in keep if k in config_dict}
+    hidden = exported_hidden(shape)
+    if hidden != shape.hidden:  # zero channels: the norms normalise as before (see pad_hidden)
+        cfg["hidden_size"] = hidden
+        cfg["rms_norm_eps"] = config_dict.get("rms_norm_eps", 1e-6) * shape.hidden / hidden
     mlps = [b.mlp_out for b in layout if b.mlp]
     kvs = [b.kv_out for b in layout if b.heads]
     cfg.update(
@@ -251,12 +312,12 @@ def decilm_config(config_dict: dict, shape: ModelShape, heads: int, layout: list
         # informational globals (readers use block_configs): the widest layer
         num_key_value_heads=max(kvs, default=1),
         intermediate_size=max(mlps, default=0),
-        head_dim=shape.hidden // heads,
+        head_dim=hidden // heads,
         hidden_act=config_dict.get("hidden_act", "silu"),
         tie_word_embeddings=shape.tied_embeddings,
         dtype=str(dtype).removeprefix("torch."),
         torch_dtype=str(dtype).removeprefix("torch."),  # the key transformers 4.x and vLLM's older code read
-        block_configs=[b.block_config(shape.hidden) for b in layout],
+        block_configs=[b.block_config(hidden) for b in layout],
     )
     cfg.update({k: v for k, v in legacy_rope_keys(config_dict).items() if k not in cfg})
     return dict(sorted(cfg.items()))
