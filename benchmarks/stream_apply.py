@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import shutil
@@ -58,21 +59,21 @@ def write_checkpoint(out: Path, config: dict, fill: bool, seed: int = 0) -> int:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from surgery.stream.apply import split_like_save_pretrained
+    from surgery.stream.files import file_order, header_bytes, split_like_save_pretrained
     from surgery.stream.reads import TensorRead
-    from surgery.stream.writer import file_order, header_bytes
 
     out.mkdir(parents=True)
     cfg = LlamaConfig(**config, dtype="bfloat16")
     cfg.save_pretrained(out)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    state = dict(sorted(model.state_dict().items()))  # save_pretrained's order (it sorts when reverting names)
+    # save_pretrained's order (it sorts when reverting names); bf16 everywhere
+    state = {n: ("BF16", tuple(t.shape)) for n, t in sorted(model.state_dict().items())}
     split = split_like_save_pretrained(state, "5GB")
     g = torch.Generator().manual_seed(seed)
     total = 0
     for name, tensors in sorted(split.filename_to_tensors.items()):
-        ordered = file_order([TensorRead(n, state[n].dtype, tuple(state[n].shape)) for n in tensors])
+        ordered = file_order([TensorRead(n, *state[n]) for n in tensors])
         head = header_bytes(ordered)
         size = len(head) + sum(r.nbytes for r in ordered)
         with open(out / name, "wb") as f:
@@ -85,7 +86,7 @@ def write_checkpoint(out: Path, config: dict, fill: bool, seed: int = 0) -> int:
                 f.truncate(size)
         total += size
     if split.is_sharded:
-        index = {"metadata": {"total_parameters": sum(t.numel() for t in state.values()), **split.metadata},
+        index = {"metadata": {"total_parameters": sum(math.prod(s) for _, s in state.values()), **split.metadata},
                  "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return total
@@ -206,16 +207,17 @@ def headers70b(work: Path) -> None:
     plan.write_text(json.dumps(uniform_plan(config)))
     # `plan validate` = this + the input fingerprint (sha256 of every byte: 141 GB here, ~5 min of one idle core
     # at the ~0.5 GB/s measured on this box), which a header set cannot make cheaper, so it is timed without it
-    validate_code = (
-        "import sys; from surgery.loading import read_config; from surgery.plan import load_plan\n"
-        "from surgery.resolve import resolve_plan; from surgery.shapes import shape_from_config\n"
-        "from surgery.estimate import estimate\n"
-        "cfg = read_config(sys.argv[1]); r = resolve_plan(load_plan(sys.argv[2]), shape_from_config(cfg))\n"
-        "e = estimate(cfg, r); print(f'{e.params_before:,} -> {e.params_after:,} params', end='')\n"
+    validate_code = (  # surgery.pipeline.validate_for_source minus its fingerprint, in the same order
+        "import sys; from surgery.plan import load_plan; from surgery.resolve import resolve_plan\n"
+        "from surgery.shapes import shape_from_config; from surgery.sources import read_config_file, resolve_source\n"
+        "from surgery.inspect import check_config_against_weights; from surgery.stream.dry import exact_params\n"
+        "src = resolve_source(sys.argv[1]); cfg = read_config_file(src.path); check_config_against_weights(src)\n"
+        "r = resolve_plan(load_plan(sys.argv[2]), shape_from_config(cfg)); before, after = exact_params(src, cfg, r)\n"
+        "print(f'{before:,} -> {after:,} params, torch imported: {\"torch\" in sys.modules}', end='')\n"
     )
     rows = [
         ("inspect", workbench("inspect", str(src), "--json")),
-        ("plan validate without the fingerprint (resolve + exact estimate)",
+        ("plan validate without the fingerprint (config check, resolve, exact parameter counts)",
          [sys.executable, "-c", validate_code, str(src), str(plan)]),
         ("apply --dry-run", workbench("apply", str(plan), "--model", str(src), "--dry-run", "--json")),
     ]
@@ -224,7 +226,7 @@ def headers70b(work: Path) -> None:
         extra = f"; {m['stdout']}" if name.startswith("plan") else ""
         if name.startswith("apply"):
             d = json.loads(m["stdout"])
-            extra = (f"; {len(d['reads'])} tensor reads, reads {d['bytes_read'] / 1e9:.1f} GB, writes "
+            extra = (f"; planned by {d['planned_by']}, {len(d['reads'])} tensor reads, reads {d['bytes_read'] / 1e9:.1f} GB, writes "
                      f"{d['bytes_written'] / 1e9:.1f} GB in {len(d['shards'])} shards")
         print(f"70b: {name}: {m['wall_s']:.1f} s, peak RSS {m['rss_mb']:.0f} MB{extra}")
 

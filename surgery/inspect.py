@@ -26,11 +26,15 @@ import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from surgery.arch import ArchSpec, spec_for_config
 from surgery.errors import SourceError
 from surgery.shapes import LayerShape, shape_from_config
 from surgery.shards import INDEX_NAME, read_index
+
+if TYPE_CHECKING:
+    from surgery.sources import ResolvedSource
 
 # Bytes per element of safetensors dtypes (sub-byte float formats are left out: their size is taken from the
 # offsets without a check).
@@ -698,6 +702,26 @@ __all__ = [
     "read_gguf_header",
     "read_safetensors_header",
 ]
+
+
+def check_config_against_weights(resolved: ResolvedSource) -> None:
+    """Refuse a config.json that disagrees with the safetensors headers, before anything is allocated.
+
+    A tampered config (an MLP width of 10**10, a low-rank rank of 10**9 in `surgery_layers`, a string for a head
+    count) would otherwise make transformers or the surgery loader allocate it; the headers say what is really
+    there. Reads config.json and the headers only. Families without an arch table are left to transformers.
+
+    Raises:
+        SourceError: The config is not sane or does not match the tensors (the message names the layer).
+    """
+    from surgery.errors import UnsupportedModelError
+
+    if resolved.pickle_weights:
+        return  # no headers to compare with: the state dict is checked against the built model instead
+    try:
+        inspect_model(resolved.path, context=0)
+    except UnsupportedModelError:
+        return
 
 
 def inspect_source(source: str, *, context: int = 2048, **resolve_kwargs) -> ModelReport:

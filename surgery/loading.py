@@ -19,6 +19,7 @@ import torch
 from surgery.concurrency import MODEL_BUILD_LOCK
 from surgery.errors import SourceError
 from surgery.fingerprint import weight_files
+from surgery.inspect import check_config_against_weights  # noqa: F401 (its home is torch-free inspect)
 from surgery.sources import (
     Progress,
     ResolvedSource,
@@ -206,27 +207,6 @@ def quiet_load_report() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
-
-
-def check_config_against_weights(resolved: ResolvedSource) -> None:
-    """Refuse a config.json that disagrees with the safetensors headers, before anything is allocated.
-
-    A tampered config (an MLP width of 10**10, a low-rank rank of 10**9 in `surgery_layers`, a string for a head
-    count) would otherwise make transformers or the surgery loader allocate it; the headers say what is really
-    there. Reads config.json and the headers only. Families without an arch table are left to transformers.
-
-    Raises:
-        SourceError: The config is not sane or does not match the tensors (the message names the layer).
-    """
-    from surgery.errors import UnsupportedModelError
-    from surgery.inspect import inspect_model
-
-    if resolved.pickle_weights:
-        return  # no headers to compare with: the state dict is checked against the built model instead
-    try:
-        inspect_model(resolved.path, context=0)
-    except UnsupportedModelError:
-        return
 
 
 def load_tokenizer(resolved: ResolvedSource | Path | str, *, trust_remote_code: bool = False) -> Any | None:

@@ -1,7 +1,9 @@
 """End-to-end library calls behind `workbench plan validate` and `workbench apply` (no UI here).
 
-validate: plan + source -> Resolution, fingerprint check, parameter counts before/after (from a model built on the
-meta device, so it reads no weights and costs no memory). apply: the same checks first, then load, cut, save.
+validate: plan + source -> Resolution, fingerprint check, exact parameter counts before/after (from the headers, or a
+model built on the meta device, so it reads no weights and costs no memory). apply: the same checks first, then
+load, cut, save. Torch and transformers are imported only by what needs them: `plan validate` and the streaming
+dry run of a 70B checkpoint run in tens of MB.
 """
 
 from __future__ import annotations
@@ -12,13 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from surgery.apply import apply_resolution
 from surgery.errors import FingerprintMismatch, UserError
-from surgery.estimate import count_params, estimate
-from surgery.export import check_output_dir, save_model_dir
-from surgery.export.atomic import refuse_replacing
 from surgery.plan import Plan
 from surgery.resolve import Resolution, resolve_plan
 from surgery.shapes import shape_from_config
@@ -30,6 +26,7 @@ __version__ = "0.1.0"
 
 def versions() -> dict[str, str]:
     """Library versions recorded in every manifest."""
+    import torch
     import transformers
 
     return {
@@ -82,12 +79,14 @@ def validate_for_source(
     progress: Progress | None = None,
 ) -> Validation:
     """Resolve the source, validate the plan against its config, check the fingerprint; reads no weights."""
-    from surgery.loading import check_config_against_weights, read_config
+    from surgery.inspect import check_config_against_weights
+    from surgery.sources import read_config_file
+    from surgery.stream.dry import exact_params
 
     resolved = resolve_source(
         pick_source(plan, model), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
     )
-    config_dict = read_config(resolved)
+    config_dict = read_config_file(resolved.path)
     check_config_against_weights(resolved)  # a tampered config.json is refused before anything is sized by it
     resolution = resolve_plan(plan, shape_from_config(config_dict))
     if progress:
@@ -95,9 +94,8 @@ def validate_for_source(
     fingerprint = source_fingerprint(resolved)
     expected = plan.model.fingerprint if plan.model else None
     ok = None if not expected else expected == fingerprint
-    e = estimate(config_dict, resolution)  # exact counts from a meta-device model
-    return Validation(resolution, resolved, fingerprint, ok, e.params_before, e.params_after,
-                      list(resolution.warnings))
+    before, after = exact_params(resolved, config_dict, resolution)  # headers, or a meta-device model
+    return Validation(resolution, resolved, fingerprint, ok, before, after, list(resolution.warnings))
 
 
 def calibration_blocks(v: Validation, trust_remote_code: bool = False):
@@ -155,6 +153,10 @@ def apply_to_source(
         FingerprintMismatch: the plan was made for other weights (unless `force`).
         PlanError / SourceError / UserError: bad input, found before any weight is read or anything written.
     """
+    from surgery.apply import apply_resolution
+    from surgery.estimate import count_params
+    from surgery.export import check_output_dir, save_model_dir
+    from surgery.export.atomic import refuse_replacing
     from surgery.loading import load_model
 
     out = Path(out)

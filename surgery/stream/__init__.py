@@ -2,18 +2,30 @@
 
 - `source`: where each input tensor lies (file, offset) from the headers;
 - `reads`: which slice of which input tensor makes each output tensor (`TensorRead`), and `NotStreamable`;
+- `files`: the output shards, their exact sizes and the plan of reads (`StreamPlan`), torch-free;
+- `layout`: the output tensors derived from config + headers alone (the torch-free dry run);
 - `writer`: safetensors shards written chunk by chunk, byte-identical to `save_file`, hashed as written;
-- `apply`: the meta-device model that names the outputs, sharding, free-space check, the output directory.
+- `apply`: the meta-device model that names the outputs, the free-space check, the output directory.
+
+Names are imported lazily: `surgery.stream.layout` / `dry` must not pull in torch through this package.
 """
 
-from surgery.stream.apply import (
-    StreamPlan,
-    build_stream_plan,
-    check_free_space,
-    plan_blockers,
-    save_streamed_dir,
-)
-from surgery.stream.reads import NotStreamable
+from __future__ import annotations
 
-__all__ = ["NotStreamable", "StreamPlan", "build_stream_plan", "check_free_space", "plan_blockers",
-           "save_streamed_dir"]
+import importlib
+
+_WHERE = {
+    "NotStreamable": "surgery.stream.reads",
+    "StreamPlan": "surgery.stream.files",
+    "build_stream_plan": "surgery.stream.apply",
+    "check_free_space": "surgery.stream.apply",
+    "plan_blockers": "surgery.stream.blockers",
+    "save_streamed_dir": "surgery.stream.apply",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -14,7 +14,6 @@ import json
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,96 +22,15 @@ from torch import nn
 from surgery.errors import UserError
 from surgery.plan import Plan
 from surgery.resolve import Resolution
-from surgery.stream.reads import NotStreamable, TensorRead, tensor_reads
-from surgery.stream.source import SourceTensor, tensor_locations
-from surgery.stream.writer import FactorCache, HashingWriter, SliceReader, file_order, header_bytes, shard_pieces
+from surgery.stream.blockers import plan_blockers
+from surgery.stream.files import INDEX_NAME, StreamPlan, assemble
+from surgery.stream.reads import NotStreamable, TensorRead
+from surgery.stream.source import TORCH_NAMES, SourceTensor, tensor_locations
+from surgery.stream.writer import FactorCache, HashingWriter, SliceReader, shard_pieces
 
 Progress = Callable[[str], None]
-STRUCTURAL_OPS = frozenset(
-    {"prune_heads", "prune_kv_groups", "prune_neurons", "drop_layers", "drop_attention", "drop_mlp", "low_rank"}
-)
-INDEX_NAME = "model.safetensors.index.json"
+_ST_NAMES = {getattr(torch, name): st for st, name in TORCH_NAMES.items()}
 _SMALL_FILES_MARGIN = 1 << 20  # config, generation config, index, manifest: well under a MiB
-
-
-def plan_blockers(plan: Plan, *, pickle_weights: bool = False, trust_remote_code: bool = False) -> list[str]:
-    """Why `plan` cannot stream from this source, one line each (empty: it can)."""
-    reasons = []
-    for i, step in enumerate(plan.steps):
-        if step.op == "prune_experts":
-            reasons.append(f"steps[{i}] (prune_experts): checkpoints store experts one by one and the model fuses "
-                           "them, a mapping the streaming applier does not do yet, so it runs in memory")
-        elif step.op == "prune_hidden":
-            reasons.append(f"steps[{i}] (prune_hidden): slices every tensor of the model, which the streaming "
-                           "applier does not do yet, so it runs in memory")
-        elif step.op not in STRUCTURAL_OPS:
-            reasons.append(f"steps[{i}] ({step.op}): needs the activations of calibration text, so the model must run")
-        elif step.op == "low_rank" and getattr(step, "method", None) not in (None, "svd"):
-            reasons.append(f"steps[{i}] (low_rank, method {step.method}): needs the input Gram matrix from "
-                           "calibration text, so the model must run")
-    if pickle_weights:
-        reasons.append("the input weights are pickles, not safetensors: they cannot be read slice by slice")
-    if trust_remote_code:
-        reasons.append("the model runs its own code (--trust-remote-code), which save_pretrained copies with it")
-    return reasons
-
-
-@dataclass
-class Shard:
-    """One output safetensors file: its tensors in file order, and its exact size."""
-
-    name: str
-    tensors: list[TensorRead]
-
-    @property
-    def nbytes(self) -> int:
-        return len(header_bytes(self.tensors)) + sum(t.nbytes for t in self.tensors)
-
-
-@dataclass
-class StreamPlan:
-    """Everything the writer needs, known before any weight byte is read."""
-
-    model: nn.Module  # the pruned model on the meta device, its config rewritten
-    sources: dict[str, SourceTensor]
-    shards: list[Shard]
-    index: dict | None  # model.safetensors.index.json when sharded
-    params_after: int
-
-    @property
-    def bytes_written(self) -> int:
-        return sum(s.nbytes for s in self.shards)
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(t.bytes_read(self.sources) for s in self.shards for t in s.tensors)
-
-    def describe(self) -> dict:
-        """The plan of reads as JSON-able data (what `workbench apply --dry-run` prints)."""
-        def kept(sel, total):
-            return None if sel is None else [len(sel), total]
-
-        reads = []
-        for shard in self.shards:
-            for t in shard.tensors:
-                src = t.factor.weight if t.factor else t
-                s = self.sources.get(src.source) if src.source else None
-                reads.append({
-                    "name": t.name, "file": shard.name, "source": src.source,
-                    "source_file": s.file.name if s else None,
-                    "rows": kept(src.rows, s.shape[0]) if s and s.shape else None,
-                    "cols": kept(src.cols, s.shape[1]) if s and len(s.shape) > 1 else None,
-                    "low_rank": t.factor.rank if t.factor else None,
-                    "bytes_read": t.bytes_read(self.sources), "bytes_written": t.nbytes,
-                })  # fmt: skip
-        return {
-            "path": "stream",
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "params_after": self.params_after,
-            "shards": [{"file": s.name, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in self.shards],
-            "reads": reads,
-        }
 
 
 def source_meta_model(path: Path, config_dict: dict, dtype: torch.dtype) -> nn.Module:
@@ -147,25 +65,9 @@ def source_meta_model(path: Path, config_dict: dict, dtype: torch.dtype) -> nn.M
     return model.eval()
 
 
-def _storage_id_on_cpu(t: torch.Tensor):
-    """The storage id huggingface_hub would see for this tensor on the CPU: every zero-length tensor has data
-    pointer 0 there, so all placeholders count as one shared storage (and go into the first one's shard)."""
-    return ("cpu", 0, 0) if t.numel() == 0 else ("meta", id(t))
-
-
-def split_like_save_pretrained(state: dict[str, torch.Tensor], max_shard_size: str):
-    """The shards `save_pretrained` makes (huggingface_hub's split, same state-dict order) of the real model that
-    `state` (meta tensors) stands for."""
-    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
-
-    return split_state_dict_into_shards_factory(
-        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
-        get_storage_size=lambda t: t.numel() * t.element_size(), get_storage_id=_storage_id_on_cpu,
-    )
-
-
 def build_stream_plan(
-    source_dir: Path, config_dict: dict, resolution: Resolution, dtype: torch.dtype, max_shard_size: str = "5GB"
+    source_dir: Path, config_dict: dict, resolution: Resolution, dtype: torch.dtype, max_shard_size: str = "5GB",
+    sources: dict[str, SourceTensor] | None = None,
 ) -> StreamPlan:
     """Prune a meta-device model, and map every tensor it would save to a slice of the input.
 
@@ -187,17 +89,9 @@ def build_stream_plan(
     rewrite_config(model, resolution.shape, resolution.result_shapes(), [c.index for c in resolution.kept_layers])
     # the state dict save_pretrained writes: tied copies dropped, names (and order: it sorts) as checkpoints have them
     state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
-    sources = tensor_locations(source_dir)
-    reads = tensor_reads(state, resolution, sources)
-    split = split_like_save_pretrained(state, max_shard_size)
-    shards = [Shard(f, file_order([reads[n] for n in names])) for f, names in sorted(split.filename_to_tensors.items())]
-    index = None
-    if split.is_sharded:
-        index = {
-            "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
-            "weight_map": split.tensor_to_filename,
-        }
-    return StreamPlan(model, sources, shards, index, count_params(model))
+    shapes = {name: (_ST_NAMES[t.dtype], tuple(t.shape)) for name, t in state.items()}
+    sources = tensor_locations(source_dir) if sources is None else sources
+    return assemble(shapes, resolution, sources, max_shard_size, params=count_params(model), model=model)
 
 
 def check_free_space(out: Path, plan: StreamPlan, source_dir: Path) -> None:
@@ -332,54 +226,11 @@ def stream_apply_source(
     return ApplyResult(out, v, manifest)
 
 
-def dry_run_source(
-    plan: Plan,
-    model: str | None = None,
-    *,
-    stream: bool | None = None,
-    dtype: str = "auto",
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    max_shard_size: str = "5GB",
-) -> dict:
-    """What `apply` would read and write, from config and safetensors headers alone (no weight byte is read, the
-    fingerprint is not computed): `StreamPlan.describe()`, or {"path": "in_memory", "why": [...]} when the plan
-    cannot stream.
-
-    Raises:
-        NotStreamable: `stream` is True and the plan cannot stream.
-        PlanError / SourceError: as `apply`.
-    """
-    from surgery.loading import parse_dtype, read_config
-    from surgery.pipeline import pick_source
-    from surgery.resolve import resolve_plan
-    from surgery.shapes import shape_from_config
-    from surgery.sources import resolve_source
-
-    resolved = resolve_source(pick_source(plan, model), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    config_dict = read_config(resolved)
-    resolution = resolve_plan(plan, shape_from_config(config_dict))
-    reasons = plan_blockers(plan, pickle_weights=resolved.pickle_weights, trust_remote_code=trust_remote_code)
-    if stream is False:
-        reasons.insert(0, "--no-stream")
-    if not reasons:
-        try:
-            splan = build_stream_plan(resolved.path, config_dict, resolution, parse_dtype(dtype, config_dict),
-                                      max_shard_size)
-            return {"source": str(resolved.path), "warnings": resolution.warnings, **splan.describe()}
-        except NotStreamable as e:
-            reasons.append(str(e))
-    if stream:
-        raise NotStreamable(f"cannot stream: {reasons[0]} (run without --stream to apply in memory)")
-    return {"source": str(resolved.path), "warnings": resolution.warnings, "path": "in_memory", "why": reasons}
-
-
 __all__ = [
     "NotStreamable",
     "StreamPlan",
     "build_stream_plan",
     "check_free_space",
-    "dry_run_source",
     "plan_blockers",
     "save_streamed_dir",
     "stream_apply_source",

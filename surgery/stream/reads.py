@@ -3,20 +3,62 @@
 A structural cut only ever keeps some rows and/or columns of a stored tensor (and renumbers layers), so every
 output tensor is one `TensorRead`: a source tensor, the rows and columns it keeps, and the dtype to write. The one
 exception, low rank, factorises such a read (`LowRankFactor`). Which rows a cut keeps comes from the same tables the
-in-memory ops use (`surgery.ops.attention_selections` / `mlp_selections`), so both paths cut the same features.
+in-memory ops use (`surgery.selections.attention_selections` / `mlp_selections`), so both paths cut the same features.
 """
 
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from surgery import ops
 from surgery.errors import UserError
 from surgery.resolve import LayerCut, Resolution
-from surgery.stream.source import SourceTensor
+from surgery.selections import Selections, attention_selections, mlp_selections
+from surgery.stream.source import ST_FLOATS, ST_ITEMSIZE, SourceTensor
+
+# an output tensor before its source is known: (safetensors dtype, shape), by state-dict name
+OutputState = dict[str, tuple[str, tuple[int, ...]]]
+CHUNK = 16 * 1024 * 1024  # the most bytes one read brings in (unless one row is bigger)
+# a gap of dropped rows this small is read through rather than skipped: a neuron cut keeps thousands of short runs
+# of rows, and one read per run (16,496 for the demo's 80% plan, fp32 rows of 2.3 KB) costs more than the few
+# extra bytes; rows of 8 KB and up (a 7B model's in bf16) are read run by run
+GAP_BYTES = 4096
+
+
+def _runs(rows, n_rows: int) -> list[tuple[int, int]]:
+    """Kept indices (ascending) as [start, stop) runs of consecutive values (all of 0..n_rows when None)."""
+    if rows is None:
+        return [(0, n_rows)]
+    if not len(rows):
+        return []
+    r = np.frombuffer(rows, dtype=np.int64) if isinstance(rows, array) else np.asarray(rows, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(r) != 1) + 1  # vectorised: a 70B plan has ~7 million kept indices
+    starts = r[np.concatenate(([0], breaks))]
+    stops = r[np.concatenate((breaks - 1, [len(r) - 1]))] + 1
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+def row_windows(rows, n_rows: int, row_bytes: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """How a row selection is read: [(first row, end row, kept [start, stop) runs inside)], each window at most
+    CHUNK bytes (or one row), gaps of at most GAP_BYTES read through."""
+    per_window = max(1, CHUNK // max(row_bytes, 1))
+    gap_rows = GAP_BYTES // max(row_bytes, 1)
+    windows: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for a, b in _runs(rows, n_rows):
+        while a < b:
+            last = windows[-1] if windows else None
+            if last and a - last[1] <= gap_rows and a + 1 - last[0] <= per_window:
+                stop = min(b, last[0] + per_window)
+                last[2].append((a, stop))
+                windows[-1] = (last[0], stop, last[2])
+            else:
+                stop = min(b, a + per_window)
+                windows.append((a, stop, [(a, stop)]))
+            a = stop
+    return windows
 
 
 class NotStreamable(UserError):
@@ -38,42 +80,54 @@ class LowRankFactor:
 class TensorRead:
     """One output tensor: `source` with only `rows` (dim 0) and `cols` (dim 1) kept, written as `dtype`.
 
-    `source` is None for a zero-length placeholder or a low-rank factor (`factor`).
+    `source` is None for a zero-length placeholder or a low-rank factor (`factor`). Kept indices are int64 arrays,
+    not tuples of ints: a 70B plan keeps ~7 million of them, 10x less memory this way.
     """
 
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors name, "BF16"
     shape: tuple[int, ...]
     source: str | None = None
-    rows: tuple[int, ...] | None = None
-    cols: tuple[int, ...] | None = None
+    rows: array | None = None
+    cols: array | None = None
     factor: LowRankFactor | None = None
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * ST_ITEMSIZE[self.dtype]
 
     def bytes_read(self, sources: dict[str, SourceTensor]) -> int:
-        """Input bytes this read touches (whole rows: a column cut reads its rows in full)."""
+        """Input bytes this read touches: whole rows (a column cut reads its rows in full), and the small gaps
+        between kept rows that `row_windows` reads through."""
         if self.factor is not None:
             return self.factor.weight.bytes_read(sources) if self.factor.part == "a" else 0
         if self.source is None:
             return 0
         src = sources[self.source]
-        n_rows = len(self.rows) if self.rows is not None else (src.shape[0] if src.shape else 1)
-        return n_rows * src.row_bytes
+        n_rows = src.shape[0] if src.shape else 1
+        return sum(b - a for a, b, _ in row_windows(self.rows, n_rows, src.row_bytes)) * src.row_bytes
 
 
-def layer_selections(cut: LayerCut, spec) -> ops.Selections:
-    """{layer-relative Linear path ("self_attn.q_proj"): (kept outputs, kept inputs)} for one kept layer."""
+def layer_selections(cut: LayerCut, spec) -> dict[str, tuple[array | None, array | None]]:
+    """{layer-relative Linear path ("self_attn.q_proj"): (kept outputs, kept inputs)} for one kept layer, each index
+    list as one array shared by every projection that keeps it (gate, up and down keep the same neurons)."""
     s = cut.shape
-    sel: ops.Selections = {}
+    sel: Selections = {}
     if cut.attention_kept and cut.heads:
-        cuts = ops.attention_selections(spec, cut.kept_heads, cut.kept_groups, s.heads, s.kv_heads, s.head_dim)
+        cuts = attention_selections(spec, cut.kept_heads, cut.kept_groups, s.heads, s.kv_heads, s.head_dim)
         sel.update({f"{spec.attn}.{name}": v for name, v in cuts.items()})
     if cut.mlp_kept and cut.neurons:
-        sel.update({f"{spec.mlp}.{name}": v for name, v in ops.mlp_selections(spec, cut.kept_neurons, s.mlp).items()})
-    return sel
+        sel.update({f"{spec.mlp}.{name}": v for name, v in mlp_selections(spec, cut.kept_neurons, s.mlp).items()})
+    packed: dict[int, array] = {}
+
+    def pack(v):
+        if v is None:
+            return None
+        if id(v) not in packed:
+            packed[id(v)] = array("q", v)
+        return packed[id(v)]
+
+    return {name: (pack(outputs), pack(inputs)) for name, (outputs, inputs) in sel.items()}
 
 
 def _linear_read(name: str, dtype, shape, source: str, param: str, sel, conv1d: bool) -> TensorRead:
@@ -83,15 +137,13 @@ def _linear_read(name: str, dtype, shape, source: str, param: str, sel, conv1d: 
         rows, cols = outputs, None
     else:
         rows, cols = (inputs, outputs) if conv1d else (outputs, inputs)
-    as_tuple = lambda v: None if v is None else tuple(v)  # noqa: E731
-    return TensorRead(name, dtype, shape, source, as_tuple(rows), as_tuple(cols))
+    return TensorRead(name, dtype, shape, source, rows, cols)
 
 
-def tensor_reads(
-    state: dict[str, torch.Tensor], resolution: Resolution, sources: dict[str, SourceTensor]
-) -> dict[str, TensorRead]:
-    """The read behind every tensor of `state` (the pruned model's state dict on the meta device, tied copies
-    removed), checked against the input's shapes.
+def tensor_reads(state: OutputState, resolution: Resolution, sources: dict[str, SourceTensor]) -> dict[str, TensorRead]:
+    """The read behind every tensor of `state` (what the pruned model saves: the state dict of the model on the
+    meta device with tied copies removed, or `surgery.stream.layout`'s derivation of it), checked against the
+    input's shapes.
 
     Raises:
         NotStreamable: An output tensor has no source of the right shape or dtype.
@@ -99,11 +151,10 @@ def tensor_reads(
     spec = resolution.shape.spec
     kept = [c.index for c in resolution.kept_layers]
     prefix = spec.layers + "."
-    selections: dict[int, ops.Selections] = {}
+    selections: dict[int, dict] = {}
     reads: dict[str, TensorRead] = {}
-    for name, t in state.items():
-        dtype, shape = t.dtype, tuple(t.shape)
-        if t.numel() == 0:  # a placeholder (surgery.modules): zero bytes, whatever it replaced
+    for name, (dtype, shape) in state.items():
+        if math.prod(shape) == 0:  # a placeholder (surgery.modules): zero bytes, whatever it replaced
             reads[name] = TensorRead(name, dtype, shape)
             continue
         if not name.startswith(prefix):
@@ -139,7 +190,7 @@ def _check(read: TensorRead, sources: dict[str, SourceTensor]) -> None:
     src = sources.get(read.source)
     if src is None:
         raise NotStreamable(f"{read.name}: no tensor {read.source!r} in the input checkpoint")
-    if src.dtype != read.dtype and not (src.dtype.is_floating_point and read.dtype.is_floating_point):
+    if src.dtype != read.dtype and not (src.dtype in ST_FLOATS and read.dtype in ST_FLOATS):
         raise NotStreamable(f"{read.name}: stored as {src.dtype}, written as {read.dtype}")
     shape = list(src.shape)
     for dim, kept in ((0, read.rows), (1, read.cols)):

@@ -12,19 +12,22 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from surgery.errors import SourceError
 from surgery.inspect import read_safetensors_header
 from surgery.shards import index_shards
 
-# safetensors dtype names <-> torch dtypes (the formats a transformers checkpoint holds)
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# dtypes are safetensors' names ("BF16") everywhere in surgery.stream, so planning needs no torch; the bytes per
+# element of each format a transformers checkpoint holds (surgery.stream.writer maps them to torch dtypes)
+ST_ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+ST_FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# the same formats by torch's names (which safetensors' serializer also takes)
+TORCH_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,12 @@ class SourceTensor:
 
     file: Path
     start: int
-    dtype: torch.dtype
+    dtype: str  # safetensors name, "BF16"
     shape: tuple[int, ...]
 
     @property
     def itemsize(self) -> int:
-        return self.dtype.itemsize
+        return ST_ITEMSIZE[self.dtype]
 
     @property
     def nbytes(self) -> int:
@@ -77,8 +80,8 @@ def tensor_locations(directory: Path | str) -> dict[str, SourceTensor]:
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            dtype = ST_TO_TORCH.get(entry["dtype"])
-            if dtype is None:
+            dtype = entry["dtype"]
+            if dtype not in ST_ITEMSIZE:
                 raise SourceError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which streaming cannot read")
             found[name] = SourceTensor(path, 8 + n + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
     return found

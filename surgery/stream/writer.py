@@ -1,6 +1,6 @@
 """Write safetensors shards tensor by tensor, byte-identical to `safetensors.torch.save_file`, hashing as it goes.
 
-Memory stays about one chunk (`CHUNK`): unchanged tensors and row cuts are copied as byte ranges, column cuts and
+Memory stays a few chunks (`CHUNK`): unchanged tensors and row cuts are copied as byte ranges, column cuts and
 dtype changes go through a few rows at a time. Only a low-rank factorisation holds a whole matrix (and its float64
 SVD). Bytes are read with plain positioned reads, not through safetensors' mmap: mmapped pages a process touched
 count in its resident set, so a 13 GB stream would look like 13 GB of RSS.
@@ -9,81 +9,56 @@ count in its resident set, so a 13 GB stream would look like 13 GB of RSS.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from surgery import ops
-from surgery.stream.reads import TensorRead
-from surgery.stream.source import TORCH_TO_ST, SourceTensor
+from surgery.stream.files import header_bytes
+from surgery.stream.reads import CHUNK, TensorRead, row_windows
+from surgery.stream.source import TORCH_NAMES, SourceTensor
 
-CHUNK = 16 * 1024 * 1024
-METADATA = {"format": "pt"}  # what save_pretrained passes to safetensors
-
-
-def file_order(reads: list[TensorRead]) -> list[TensorRead]:
-    """The order safetensors lays tensors out in a file (by dtype, then name), asked of safetensors itself with
-    zero-length stand-ins, so a later safetensors that sorts otherwise is followed, not guessed."""
-    from safetensors.torch import save
-
-    raw = save({r.name: torch.empty(0, dtype=r.dtype) for r in reads})
-    n = int.from_bytes(raw[:8], "little")
-    names = [k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__"]
-    by_name = {r.name: r for r in reads}
-    return [by_name[k] for k in names]
+_HASH_QUEUE = 4  # pieces waiting for the hash thread
+_BUFFERS = _HASH_QUEUE + 2  # output buffers in rotation: one being filled, one being hashed, the queued ones
 
 
-def header_bytes(ordered: list[TensorRead]) -> bytes:
-    """8-byte length + the JSON header (compact, metadata first, space-padded to 8 bytes), as safetensors writes."""
-    header: dict = {"__metadata__": METADATA}
-    offset = 0
-    for r in ordered:
-        header[r.name] = {"dtype": TORCH_TO_ST[r.dtype], "shape": list(r.shape), "data_offsets": [offset, offset + r.nbytes]}
-        offset += r.nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
-def _runs(indices: tuple[int, ...] | None, length: int) -> list[tuple[int, int]]:
-    """Kept indices as [start, stop) runs of consecutive values (all of 0..length when None)."""
-    if indices is None:
-        return [(0, length)]
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+def torch_dtype(st: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    return getattr(torch, TORCH_NAMES[st])
 
 
 class SliceReader:
-    """Positioned reads from the input files (kept open), into one reusable buffer."""
+    """Positioned reads from the input files (kept open), packed into a rotation of output buffers.
+
+    Why a rotation: each yielded view goes to the writer and then, by reference, to the hash thread; a buffer is
+    refilled only after `_BUFFERS - 1` more pieces were yielded, when the hash queue's bound guarantees it has been
+    hashed. So no piece is copied for the hash. Buffers are numpy arrays (uninitialised: no page is touched before
+    it is read into) sized to the reads, at most CHUNK unless one row is bigger.
+    """
 
     def __init__(self, sources: dict[str, SourceTensor]) -> None:
         self.sources = sources
         self._files: dict[Path, int] = {}
-        self._buf = bytearray(CHUNK)
+        self._out = [np.empty(0, np.uint8) for _ in range(_BUFFERS)]
+        self._turn = 0
+        self._scratch = np.empty(0, np.uint8)  # windows with gaps are read here, then gathered
 
     def close(self) -> None:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
 
-    def _pread(self, path: Path, offset: int, n: int, into: int = 0) -> memoryview:
-        """Read `n` bytes at `offset` into the buffer at position `into`; returns that part of the buffer."""
+    def _pread(self, path: Path, offset: int, n: int, buf: np.ndarray, into: int = 0) -> memoryview:
+        """Read `n` bytes at `offset` into `buf` at position `into`; returns that part of the buffer."""
         fd = self._files.get(path)
         if fd is None:
             fd = self._files[path] = os.open(path, os.O_RDONLY)
-        if into + n > len(self._buf):
-            self._buf = bytearray(into + n)
-        view = memoryview(self._buf)[into : into + n]
+        view = memoryview(buf)[into : into + n]
         got = 0
         while got < n:
             k = os.preadv(fd, [view[got:]], offset + got)
@@ -92,41 +67,70 @@ class SliceReader:
             got += k
         return view
 
+    def _buffer(self, size: int) -> np.ndarray:
+        """This turn's output buffer, at least `size` bytes."""
+        if len(self._out[self._turn]) < size:
+            self._out[self._turn] = np.empty(size, np.uint8)
+        return self._out[self._turn]
+
+    def _handed_out(self, buf: np.ndarray, n: int) -> memoryview:
+        """The first `n` bytes of this turn's buffer, yielded: the next fill goes to the next buffer."""
+        self._turn = (self._turn + 1) % _BUFFERS
+        return memoryview(buf)[:n]
+
+    def _window(self, src: SourceTensor, a: int, b: int) -> memoryview:
+        """Rows [a, b) of `src` in the scratch buffer."""
+        n = (b - a) * src.row_bytes
+        if len(self._scratch) < n:
+            self._scratch = np.empty(n, np.uint8)
+        return self._pread(src.file, src.start + a * src.row_bytes, n, self._scratch)
+
     def chunks(self, read: TensorRead) -> Iterator[memoryview]:
-        """The output bytes of a (non-factor) read, chunk by chunk; each view is valid until the next one."""
+        """The output bytes of a (non-factor) read, chunk by chunk; each view stays valid for `_BUFFERS - 1` more."""
         if read.source is None:
             return
         src = self.sources[read.source]
         n_rows = src.shape[0] if src.shape else 1
         rb = src.row_bytes
+        windows = row_windows(read.rows, n_rows, rb)
         if read.cols is None and src.dtype == read.dtype:
-            # pure byte ranges, no tensor is ever built; runs (a neuron cut keeps many short ones) are packed into
-            # one CHUNK before it is written, so the writes stay few and large
-            fill = 0
-            for a, b in _runs(read.rows, n_rows):
-                pos, end = src.start + a * rb, src.start + b * rb
-                while pos < end:
-                    n = min(CHUNK - fill, end - pos)
-                    self._pread(src.file, pos, n, into=fill)
-                    fill, pos = fill + n, pos + n
-                    if fill == CHUNK:
-                        yield memoryview(self._buf)[:fill]
-                        fill = 0
+            # byte ranges only, no tensor is built: packed into one buffer before it is yielded, so the writes stay
+            # few and large; a window with gaps is read whole and its kept rows gathered
+            total = sum(stop - start for _, _, runs in windows for start, stop in runs) * rb
+            buf, fill = self._buffer(min(total, CHUNK)), 0
+            for a, b, runs in windows:
+                kept = sum(stop - start for start, stop in runs) * rb
+                if fill and fill + kept > len(buf):
+                    yield self._handed_out(buf, fill)
+                    buf, fill = self._buffer(min(total, CHUNK)), 0
+                if kept > len(buf):  # one row longer than CHUNK
+                    buf = self._buffer(kept)
+                if len(runs) == 1:
+                    self._pread(src.file, src.start + a * rb, kept, buf, into=fill)
+                else:
+                    rows = np.frombuffer(self._window(src, a, b), dtype=np.uint8).reshape(b - a, rb)
+                    local = np.concatenate([np.arange(start - a, stop - a) for start, stop in runs])
+                    # mode="clip": numpy buffers `out` under the default mode (the indices are in range anyway)
+                    np.take(rows, local, axis=0, out=buf[fill : fill + kept].reshape(-1, rb), mode="clip")
+                fill += kept
+                total -= kept
             if fill:
-                yield memoryview(self._buf)[:fill]
+                yield self._handed_out(buf, fill)
             return
-        cols = None if read.cols is None else torch.tensor(read.cols, dtype=torch.long)
-        per_chunk = max(1, CHUNK // max(rb, 1))
-        for a, b in _runs(read.rows, n_rows):
-            for start in range(a, b, per_chunk):
-                k = min(per_chunk, b - start)
-                raw = self._pread(src.file, src.start + start * rb, k * rb)
-                t = torch.frombuffer(raw, dtype=src.dtype).view(k, *src.shape[1:]) if src.shape else \
-                    torch.frombuffer(raw, dtype=src.dtype).view(())
-                if cols is not None:
-                    t = t.index_select(1, cols)
-                t = t.to(read.dtype).contiguous()
-                yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        cols = None if read.cols is None else torch.tensor(read.cols.tolist(), dtype=torch.long)
+        dtype, out_dtype = torch_dtype(src.dtype), torch_dtype(read.dtype)
+        for a, b, runs in windows:
+            raw = self._window(src, a, b)
+            t = torch.frombuffer(raw, dtype=dtype).view(b - a, *src.shape[1:]) if src.shape else \
+                torch.frombuffer(raw, dtype=dtype).view(())
+            if len(runs) > 1:
+                t = t.index_select(0, torch.cat([torch.arange(start - a, stop - a) for start, stop in runs]))
+            if cols is not None:
+                t = t.index_select(1, cols)
+            t = t.to(out_dtype).contiguous()
+            if t.data_ptr() == torch.frombuffer(raw, dtype=dtype).data_ptr():
+                t = t.clone()  # still a view of the scratch buffer, which the next window overwrites
+            yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
     def tensor(self, read: TensorRead) -> torch.Tensor:
         """A read as one tensor in memory (for a low-rank factorisation)."""
@@ -135,7 +139,7 @@ class SliceReader:
         for dim, kept in ((0, read.rows), (1, read.cols)):
             if kept is not None:
                 shape[dim] = len(kept)
-        out = torch.empty(shape, dtype=read.dtype)
+        out = torch.empty(shape, dtype=torch_dtype(read.dtype))
         flat = out.reshape(-1).view(torch.uint8).numpy()
         pos = 0
         for chunk in self.chunks(read):
@@ -171,15 +175,15 @@ class HashingWriter:
 
     The hash runs in a thread beside the reads and writes (hashlib releases the GIL on large buffers): sha256 is
     slower than a disk copy on these machines, so hashing inline would cap the stream at the hash's speed. Pieces
-    are copied into a bounded queue (at most `_QUEUE` chunks in flight) because the reader reuses its buffer.
+    go to it by reference, at most `_HASH_QUEUE` in flight (see SliceReader for why that keeps them valid). Files
+    are not fsynced here: `surgery.export.save_model_dir` fsyncs every file of the directory once, before the
+    rename that publishes it.
     """
-
-    _QUEUE = 4
 
     def __init__(self) -> None:
         self.hash = hashlib.sha256()
         self.bytes_written = 0
-        self._queue: queue.Queue = queue.Queue(self._QUEUE)
+        self._queue: queue.Queue = queue.Queue(_HASH_QUEUE)
         self._thread = threading.Thread(target=self._hash_loop, daemon=True)
         self._thread.start()
 
@@ -194,12 +198,11 @@ class HashingWriter:
             for piece in pieces:
                 if cancel is not None and cancel.is_set():
                     raise KeyboardInterrupt("cancelled")
-                self._queue.put(bytes(piece))
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]
+                self._queue.put(piece)
                 self.bytes_written += len(piece)
-            os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -42,14 +42,15 @@ def apply(
         "--dry-run", help="List the slices streaming would read and the output sizes; reads no weights.")] = False,
 ) -> None:
     """Apply a plan to a model and save the result (config, safetensors, tokenizer, surgery.json manifest)."""
+    data = read_plan_json(plan_file)  # once: the file may be a pipe (`<(cat plan.json)`)
+    if dry_run:  # before any torch import: a 70B dry run takes seconds, not a 400 MB import
+        plan = load_plan(plan_file, data)
+        del data  # the raw JSON of a 70B plan holds ~460k ints: not needed once parsed
+        _dry_run(plan, model, stream, dtype, allow_pickle, trust_remote_code, json_out)
+        return
     from surgery.pipeline import apply_to_source  # torch/transformers: imported only when needed
 
     from surgery.jobs.pipeline import is_pipeline_file
-
-    data = read_plan_json(plan_file)  # once: the file may be a pipe (`<(cat plan.json)`)
-    if dry_run:
-        _dry_run(load_plan(plan_file, data), model, stream, dtype, allow_pickle, trust_remote_code, json_out)
-        return
     if out_dir is None:
         raise UserError("missing --out DIR (where to write the result)")
     if is_pipeline_file(data):  # distill -> prune -> redistill files run as a headless pipeline
@@ -84,7 +85,7 @@ def apply(
 
 def _dry_run(plan, model, stream, dtype, allow_pickle, trust_remote_code, json_out) -> None:
     """`apply --dry-run`: the plan of reads, from headers only."""
-    from surgery.stream.apply import dry_run_source
+    from surgery.stream.dry import dry_run_source
 
     report = dry_run_source(plan, model, stream=stream, dtype=dtype, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code)
@@ -104,5 +105,7 @@ def _dry_run(plan, model, stream, dtype, allow_pickle, trust_remote_code, json_o
                   f"write {fmt_int(r['bytes_written'])} B")
     for s in report["shards"]:
         out.print(f"{s['file']}: {fmt_int(s['bytes'])} bytes, {s['tensors']} tensors")
+    for note in report["notes"]:
+        err.print(f"note: {note}")
     out.print(f"streaming apply: reads {fmt_int(report['bytes_read'])} bytes, writes {fmt_int(report['bytes_written'])} "
               f"bytes in {len(report['shards'])} file(s); params after {fmt_int(report['params_after'])}")

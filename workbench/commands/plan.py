@@ -46,15 +46,14 @@ def summary(v) -> dict:
 
 def resolve_for(plan, source: str | None, allow_pickle: bool, trust_remote_code: bool):
     """The plan folded onto the config of `source` (no weights read)."""
-    from surgery.loading import read_config
     from surgery.resolve import resolve_plan
     from surgery.shapes import shape_from_config
-    from surgery.sources import resolve_source
+    from surgery.sources import read_config_file, resolve_source
 
     if not source:
         raise UserError("the plan names no model: pass --model SOURCE")
     resolved = resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return resolve_plan(plan, shape_from_config(read_config(resolved)))
+    return resolve_plan(plan, shape_from_config(read_config_file(resolved.path)))
 
 
 @app.command("validate")
@@ -66,7 +65,7 @@ def validate(
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Check a plan against a model without reading its weights; every problem is reported at once."""
-    from surgery.pipeline import validate_for_source  # torch/transformers: imported only when needed
+    from surgery.pipeline import validate_for_source  # torch-free where the headers suffice (surgery.stream.dry)
 
     report = check_plan_file(plan_file, lambda plan, named: resolve_for(plan, model or named, allow_pickle,
                                                                          trust_remote_code))
