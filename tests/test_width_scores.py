@@ -93,13 +93,20 @@ def _loss(model, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def gate_residual_writes(model, xi: torch.Tensor) -> list:
+    """Hooks multiplying the embedding output and every attention / MLP block output by `xi` (hidden,)."""
+    def gate(module, args, out):
+        return (out[0] * xi, *out[1:]) if isinstance(out, tuple) else out * xi
+
+    writers = [model.model.embed_tokens] + [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
+    return [m.register_forward_hook(gate) for m in writers]
+
+
 def explicit_channel_gates(model) -> torch.Tensor:
     """Reference: a real gate xi (hidden,) multiplying the embedding output and every attention / MLP block output
     (the residual writes); sum over batches of |dL_b/dxi| by autograd."""
     xi = torch.ones(model.config.hidden_size, requires_grad=True)
-    gate = lambda module, args, out: (out[0] * xi, *out[1:]) if isinstance(out, tuple) else out * xi  # noqa: E731
-    writers = [model.model.embed_tokens] + [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
-    handles = [m.register_forward_hook(gate) for m in writers]
+    handles = gate_residual_writes(model, xi)
     total = torch.zeros_like(xi)
     try:
         for ids in BATCHES:
@@ -126,10 +133,8 @@ def test_channel_gate_at_zero_is_prune_hidden():
     model, ids, gone = make_model("llama"), tokens(), [3, 17, 40, 41]
     xi = torch.ones(64)
     xi[gone] = 0
-    gate = lambda module, args, out: (out[0] * xi, *out[1:]) if isinstance(out, tuple) else out * xi  # noqa: E731
-    writers = [model.model.embed_tokens] + [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
     with torch.no_grad():
-        handles = [m.register_forward_hook(gate) for m in writers]
+        handles = gate_residual_writes(model, xi)
         gated = model(ids).logits
         for h in handles:
             h.remove()
