@@ -186,3 +186,21 @@ def test_suggest_asvd_records_fingerprint_and_apply_replays_bit_for_bit(tiny_dir
     line = one_error_line(err)
     assert code == 2 and "rank-deficient" in line and "need at least 97 tokens" in line, line
     assert not (tmp_path / "bad.json").exists() and not (tmp_path / "short.json").exists()
+
+
+def test_plan_editor_keeps_asvd_and_its_alpha_across_edits():
+    """The TUI's editor writes a loaded plan's asvd steps back as they were (method and alpha), after an edit."""
+    from surgery.shapes import shape_from_config
+    from workbench.editor import PlanEditor
+
+    model = make_model("llama")
+    blocks = random_blocks()
+    cal = {"source": blocks.source, "fingerprint": blocks.fingerprint, "tokens": blocks.num_tokens,
+           "seq_len": blocks.seq_len}
+    asvd = {"op": "low_rank", "module": "model.layers.2.mlp.up_proj", "rank": 8, "method": "asvd", "alpha": 1.5}
+    whitened = {"op": "low_rank", "module": "model.layers.1.mlp.up_proj", "rank": 8, "method": "whitened"}
+    editor = PlanEditor(shape_from_config(model.config.to_dict()),
+                        parse_plan({"version": 1, "calibration": cal, "steps": [asvd, whitened]}))
+    editor.toggle_layer(0)
+    steps = json.loads(editor.plan().to_json())["steps"]
+    assert asvd in steps and whitened in steps and {"op": "drop_layers", "layers": [0]} in steps

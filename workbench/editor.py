@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surgery.errors import PlanError
-from surgery.plan import Plan, parse_plan
+from surgery.plan import DATA_RANK_METHODS, Plan, parse_plan
 from surgery.resolve import Resolution, resolve_plan
 from surgery.shapes import LayerShape, ModelShape
 
@@ -73,6 +73,12 @@ class LayerMarks:
     experts: set[int] = field(default_factory=set)  # removed experts of an MoE layer
 
 
+def _data_rank(cut, rel: str) -> dict:
+    """The method fields of a data-driven low_rank step ({"method": "asvd", "alpha": 0.5}), to write back as read."""
+    alpha = cut.low_rank_alpha.get(rel)
+    return {"method": cut.low_rank_method[rel], **({"alpha": alpha} if alpha is not None else {})}
+
+
 def useful_rank(out_f: int, in_f: int) -> int:
     """The largest rank whose two factors hold fewer parameters than the (out x in) matrix."""
     return (out_f * in_f - 1) // (out_f + in_f)
@@ -101,7 +107,7 @@ class PlanEditor:
         self._redo: list[tuple] = []
         self.pending: dict[int, set[int]] = {}  # layer -> the head set being picked, not GQA-legal yet
         self.pending_experts: dict[int, set[int]] = {}  # layer -> expert set, waiting for the other MoE layers
-        # a loaded plan's data-driven parts (calibration block, reconstruct step, whitened low_rank), which are not
+        # a loaded plan's data-driven parts (calibration block, reconstruct step, whitened/asvd low_rank), which are not
         # marks: kept as they are and written back by plan(), so editing such a plan never drops them
         self.data_steps: dict = {}
         if session is not None and plan is None:
@@ -134,8 +140,7 @@ class PlanEditor:
                 steps.append({"op": "drop_mlp", "layer": i})
             for rel, rank in sorted(m.ranks.items()):
                 step = {"op": "low_rank", "module": f"{spec.layers}.{i}.{rel}", "rank": rank}
-                if (i, rel) in self.data_steps.get("whitened", ()):
-                    step["method"] = "whitened"
+                step.update(self.data_steps.get("data_ranks", {}).get((i, rel), {}))  # whitened / asvd (+ alpha)
                 steps.append(step)
         if dropped:
             steps.append({"op": "drop_layers", "layers": dropped})
@@ -163,8 +168,8 @@ class PlanEditor:
         return {
             "calibration": plan.calibration,
             "reconstruct": resolution.reconstruct,
-            "whitened": {(c.index, rel) for c in resolution.layers for rel, m in c.low_rank_method.items()
-                         if m == "whitened"},
+            "data_ranks": {(c.index, rel): _data_rank(c, rel) for c in resolution.layers
+                           for rel, m in c.low_rank_method.items() if m in DATA_RANK_METHODS},
             "rescale_norms": resolution.rescale_norms,
         }
 
@@ -188,10 +193,11 @@ class PlanEditor:
         steps = [s.model_dump(exclude_none=True) for s in plan.steps]
         marks = parse_plan({"version": 1, "steps": [s for s in steps if s["op"] not in EXTRA_OPS]})
         extra = {"steps": [s for s in steps if s["op"] in EXTRA_OPS],
-                 "whitened": [s["module"] for s in steps if s.get("method") == "whitened"]}
+                 "data_ranks": {s["module"]: {k: s[k] for k in ("method", "alpha") if k in s}
+                                for s in steps if s.get("method") in DATA_RANK_METHODS}}
         if plan.calibration is not None:
             extra["calibration"] = plan.calibration.model_dump(exclude_none=True)
-        if not (extra["steps"] or extra["whitened"] or plan.calibration is not None):
+        if not (extra["steps"] or extra["data_ranks"] or plan.calibration is not None):
             return marks, ""
         return marks, json.dumps(extra, sort_keys=True)
 
@@ -201,8 +207,9 @@ class PlanEditor:
             return plan
         try:
             extra = json.loads(text)
-            whitened = set(extra.get("whitened") or ())
-            steps = [{**s, "method": "whitened"} if s["op"] == "low_rank" and s["module"] in whitened else s
+            ranks = {m: {"method": "whitened"} for m in extra.get("whitened") or ()}  # UI state of older sessions
+            ranks.update(extra.get("data_ranks") or {})
+            steps = [{**s, **ranks[s["module"]]} if s["op"] == "low_rank" and s["module"] in ranks else s
                      for s in (x.model_dump(exclude_none=True) for x in plan.steps)]
             doc = {"version": 1, "steps": steps + list(extra.get("steps") or [])}
             if extra.get("calibration"):
