@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from test_jobs import env, one_thread  # noqa: F401 (fixtures)
 from test_prune_experts import moe_model
 from tiny_models import make_model, tiny_tokenizer
 from workbench.app import WorkbenchApp
@@ -119,3 +120,153 @@ async def test_expert_grid_marks_are_pending_until_every_moe_layer_matches_and_t
         await pilot.pause()
         table = app.screen.query_one("#layers")
         assert str(table.get_row_at(0)[4]) == "2/6"  # the experts column
+
+
+async def test_width_and_expert_steps_survive_reopening_a_session_and_undo_takes_the_newest_edit(tiny_llama, tmp_path):
+    from sessions import Session, describe_source
+
+    session, _ = Session.open_or_create("w", describe_source(tiny_llama), root=tmp_path / "home")
+    app = WorkbenchApp(tiny_llama, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        assert app.edit(lambda e: e.toggle_group(0, 1))  # a mark the session journals
+        assert app.edit(lambda e: e.set_hidden([60, 61, 62, 63]))  # kept in its UI state
+        assert app.edit(lambda e: e.toggle_mlp(2))
+        await pilot.press("u")  # the newest edit: the MLP drop, through the journal
+        assert not app.editor.layers[2].drop_mlp and app.editor.hidden == [60, 61, 62, 63]
+        await pilot.press("u")  # then the width cut, from the editor's own history
+        assert app.editor.hidden == [] and app.editor.layers[0].heads == {2, 3}
+        await pilot.press("U")
+        assert app.editor.hidden == [60, 61, 62, 63]
+    session.close()
+    session = Session.open("w", root=tmp_path / "home")
+    app = WorkbenchApp(tiny_llama, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        assert app.editor.hidden == [60, 61, 62, 63] and app.editor.layers[0].heads == {2, 3}
+        assert [s.op for s in app.editor.plan().steps] == ["prune_heads", "prune_hidden"]
+    session.close()
+
+
+async def test_channel_and_expert_scores_are_computed_in_a_worker_when_the_file_lacks_them(tiny_moe, tmp_path):
+    from surgery.data import load_blocks
+    from surgery.importance.width import expert_scores
+    from surgery.loading import load_model
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    app = WorkbenchApp(tiny_moe, load_weights=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        assert app.scores is None
+        app.run_width_scores({"data": str(text), "tokens": "256", "seq_len": "32"})
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.scores is not None
+        assert app.metric_for("channel") is None  # prune_hidden does not cut MoE families: not scored
+        assert app.metric_for("expert") == "expert_reap"
+        got_reap, got_freq = app.scores.expert(1, "expert_reap"), app.scores.expert(0, "expert_freq")
+    loaded = load_model(tiny_moe)
+    batches = list(load_blocks(str(text), loaded.tokenizer, 32, 256).batches(8))
+    reference = expert_scores(loaded.model, batches)
+    assert got_reap == pytest.approx(reference[1]["reap"].tolist())
+    assert got_freq == pytest.approx(reference[0]["frequency"].tolist()) and sum(got_freq) == pytest.approx(2.0)
+
+
+async def test_reconstruct_step_added_from_the_plan_panel_form(tiny_llama, tmp_path):
+    from workbench.screens.plan import PlanScreen, ReconstructFormScreen
+
+    tiny_tokenizer().save_pretrained(tmp_path / tiny_llama)
+    text = tmp_path / "calib.txt"
+    text.write_text("Pack my box with five dozen liquor jugs. " * 60)
+    app = WorkbenchApp(tiny_llama, load_weights=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        assert app.edit(lambda e: e.set_neurons(1, list(range(40))))
+        await pilot.press("p", "r")
+        await pilot.pause()
+        assert isinstance(app.screen, ReconstructFormScreen)
+        assert app.screen.values()["inputs"] == "original" and app.screen.values()["ridge"] == "0.1"
+        app.screen.dismiss({"data": str(text), "tokens": "1024", "seq_len": "64", "ridge": "-1", "inputs": "original"})
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert any("reconstruct form" in n.message and "greater than or equal to 0" in n.message
+                   for n in app._notifications)
+        assert steps_of(app, "reconstruct") == []
+        app.run_reconstruct({"data": str(text), "tokens": "1024", "seq_len": "64", "ridge": "0.5",
+                             "inputs": "pruned"})
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert steps_of(app, "reconstruct") == [{"op": "reconstruct", "inputs": "pruned", "ridge": 0.5, "layers": None}]
+        plan = app.editor.plan()
+        assert plan.calibration.source == str(text) and plan.calibration.tokens == 1024
+        assert plan.calibration.fingerprint.startswith("sha256:") and plan.calibration.seq_len == 64
+        assert isinstance(app.screen, PlanScreen)
+        assert "reconstruct" in str(app.screen.query_one("#ops").children[-1].children[0].render())
+        assert app.edit(lambda e: e.toggle_layer(0))  # a later mark keeps the step and its data
+        assert steps_of(app, "reconstruct") and app.editor.plan().calibration is not None
+        await pilot.press("u", "u")  # the layer drop, then the reconstruct step
+        assert steps_of(app, "reconstruct") == [] and app.editor.plan().calibration is None
+        app.run_width_scores({"data": str(text), "tokens": "512", "seq_len": "64"})  # a dense family: channels
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        channels = app.scores.channel("channel_norm")
+        assert len(channels) == 64 and min(channels) > 0 and app.metric_for("expert") is None
+
+
+@pytest.mark.slow
+async def test_compress_recipe_starts_from_the_jobs_form_and_runs_in_the_background(env, tmp_path, monkeypatch,
+                                                                                    one_thread):
+    """A real detached process: the row shows its phase while it runs and done with the final perplexity."""
+    import asyncio
+
+    from surgery.jobs.status import job_status
+    from surgery.jobs.store import find_job
+    from workbench.screens.jobs import CompressFormScreen, JobsScreen
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORKBENCH_JOBS", str(tmp_path / "jobs"))
+    fields = {"source": str(env / "teacher"), "target_params": "0.8", "data": str(env / "data.txt"),
+              "tokens": "10", "out": str(tmp_path / "compressed"), "eval_data": str(env / "data.txt"),
+              "options": "seq_len=24 batch_size=2 calib_tokens=960 calib_seq_len=48 eval_tokens=240 eval_seq_len=24"}
+    app = WorkbenchApp(str(env / "teacher"), load_weights=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await opened(pilot, app)
+        await pilot.press("j")
+        await pilot.pause()
+        await pilot.press("r")
+        await pilot.pause()
+        assert isinstance(app.screen, CompressFormScreen) and app.screen.values()["target_params"] == "0.8"
+        app.screen.dismiss(fields)  # 10 tokens: less than one redistillation step -> refused, nothing made
+        await pilot.pause()
+        assert isinstance(app.screen, JobsScreen)
+        assert any("less than one redistillation step" in n.message for n in app._notifications)
+        assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
+        app.screen.start_compress({**fields, "options": fields["options"] + " colour=red"})
+        await pilot.pause()
+        assert any("expected NAME=VALUE" in n.message for n in app._notifications)
+        app.screen.start_compress({**fields, "tokens": "144"})
+        await pilot.pause()
+        jobs = [j for j in app.screen.ids if j.startswith("compress-")]
+        assert len(jobs) == 1
+        job = find_job(tmp_path / "jobs", jobs[0])
+        states = set()
+        for _ in range(1200):  # the recipe takes ~40 s on a busy 2-core machine
+            st = job_status(job)
+            states.add(st.state)
+            if st.state not in ("created", "running"):
+                break
+            await asyncio.sleep(0.25)
+        assert st.state == "done", (st.error, (job.path / "stderr.log").read_text()[-2000:])
+        assert "running" in states and st.step == st.steps == 7 and st.output == str(tmp_path / "compressed")
+        app.screen.poll()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        table = app.screen.query_one("#jobs")
+        row = [str(c) for c in table.get_row_at(app.screen.ids.index(job.id))]
+        assert row[1] == "done" and row[2] == "7/7" and "perplexity" in row[6]
+        redistill = [j for j in app.screen.ids if j.startswith("distill-")]
+        assert len(redistill) == 1  # the recipe's redistillation stage: a job of its own, with its loss curve
+    record = json.loads((tmp_path / "compressed" / "pipeline.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["prune", "redistill"]
+    assert record["metrics"]["after"]["perplexity"] == pytest.approx(st.eval["perplexity"])

@@ -350,12 +350,17 @@ class WorkbenchApp(App):
 
     @work(thread=True, exclusive=True, group="score", exit_on_error=False, description="channel / expert scores")
     def run_width_scores(self, fields: dict) -> None:
+        from textual.worker import get_current_worker
+
+        from surgery.importance import Cancelled
         from workbench.scores_view import width_score_tensors
 
         self.post_message(StatusText("scoring", "channel / expert scores: loading…"))
         try:
             tensors = width_score_tensors(self.source, fields["data"], int(fields["tokens"]), int(fields["seq_len"]),
-                                          loaded=self.loaded)
+                                          loaded=self.loaded, cancel=get_current_worker().cancelled_event)
+        except Cancelled:
+            return
         except ValueError as exc:
             raise UserError(f"score form: {exc}") from None
         finally:
@@ -530,6 +535,51 @@ class WorkbenchApp(App):
             self.applying = False
             self.post_message(StatusText("apply", ""))
 
+    def action_reconstruct(self) -> None:
+        """A form for the reconstruction step (the fields of `plan suggest --reconstruct`), then a worker."""
+        from surgery.data import shared_data_file
+        from workbench.screens.plan import ReconstructFormScreen
+
+        if self.editor is None:
+            return
+        previous = self.editor.data_steps.get("calibration")
+        step = self.editor.data_steps.get("reconstruct")
+        defaults = {"data": previous.source if previous else shared_data_file("wikitext-2-raw/wiki.test.raw"),
+                    "tokens": str(previous.tokens if previous else 8192),
+                    "seq_len": str(previous.seq_len if previous else 256),
+                    "ridge": str(step.ridge if step else 0.1), "inputs": step.inputs if step else "original"}
+        self.push_screen(ReconstructFormScreen(defaults), lambda fields: fields and self.run_reconstruct(fields))
+
+    @work(thread=True, exclusive=True, group="reconstruct", exit_on_error=False, description="reconstruct step")
+    def run_reconstruct(self, fields: dict) -> None:
+        """Tokenize the text and record it in the plan (calibration block + reconstruct step), as `plan suggest
+        --reconstruct` does; applying the plan runs the refit."""
+        from pydantic import ValidationError
+
+        from surgery.plan import Reconstruct
+        from surgery.reconstruct import calibrate_for_source
+
+        try:
+            options = {"tokens": int(fields["tokens"]), "seq_len": int(fields["seq_len"])}
+            step = Reconstruct(op="reconstruct", inputs=fields["inputs"], ridge=float(fields["ridge"]))
+        except (ValueError, ValidationError) as exc:
+            first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            raise UserError(f"reconstruct form: {first}") from None
+        if not fields["data"]:
+            raise UserError("reconstruct form: the calibration text is needed")
+        self.post_message(StatusText("reconstruct", "tokenizing calibration text…"))
+        try:
+            plan = calibrate_for_source(self.plan_for_file(), fields["data"], reconstruct=step, **options)
+        finally:
+            self.post_message(StatusText("reconstruct", ""))
+
+        def take() -> None:
+            if self.edit(lambda e: e.set_reconstruct(plan, f"reconstruct on {plan.calibration.tokens} tokens")):
+                self.notify(f"reconstruct step added: {plan.calibration.tokens:,} tokens of {fields['data']}, "
+                            f"ridge {step.ridge}, inputs {step.inputs} (A applies it)", title="plan")
+
+        self.call_from_thread(take)
+
     def action_mark_lowest(self) -> None:
         def done(answer: str | None) -> None:
             if not answer:
@@ -603,6 +653,8 @@ class WorkbenchApp(App):
         yield SystemCommand("plan: Open file...", "a plan file's ops as marks (one undoable edit)",
                             self.action_open_plan)
         yield SystemCommand("plan: Apply", "write the pruned model", self.action_apply_plan)
+        yield SystemCommand("plan: Add reconstruction step...", "refit the cut layers on calibration text (training-"
+                            "free)", self.action_reconstruct)
         yield SystemCommand("jobs: Show", "distill / redistill jobs and their loss curves", self.action_jobs)
         yield SystemCommand("compare: Models", "original vs the plan's output vs job outputs", self.action_compare)
         yield SystemCommand("marks: Undo", "undo the last mark", self.action_undo)

@@ -77,24 +77,28 @@ class ScoreView:
         return next((m for m in candidates if m in have), None)
 
 
-def width_score_tensors(source: str, data: str, tokens: int, seq_len: int, *, loaded=None,
-                        batch_size: int = 8) -> dict[str, list[float]]:
-    """Channel norms (Minitron) and, for MoE models, router frequency and REAP per expert, on the first `tokens`
-    of `data`, named as `workbench score` names them: for a score file that lacks them. Slow: call it from a
-    worker. `loaded`: the app's surgery.loading.LoadedModel when its weights are in already."""
-    from surgery.data import load_blocks
-    from surgery.importance.width import channel_norm_scores, expert_scores
+def width_score_tensors(source: str, data: str, tokens: int, seq_len: int, *, loaded=None, batch_size: int = 8,
+                        cancel=None) -> dict[str, list[float]]:
+    """Channel norms (Minitron; families prune_hidden cuts) and, for MoE models, router frequency and REAP per
+    expert, on the first `tokens` of `data`: for a score file that lacks them (named as `workbench score` names
+    them: the same library pass). Slow: call it from a worker. `loaded`: the app's surgery.loading.LoadedModel
+    when its weights are in already.
+
+    Raises:
+        UserError: a model with neither axis, data too short, no tokenizer.
+    """
     from surgery.arch import spec_for_config
+    from surgery.data import load_blocks
+    from surgery.errors import UserError
+    from surgery.importance.runner import score_model
     from surgery.loading import load_model
 
     loaded = loaded or load_model(source)
     spec = spec_for_config(loaded.config_dict)
+    methods = (["channel-norm"] if spec.hidden_prunable else []) + (
+        ["expert-freq", "expert-reap"] if spec.cfg_experts else [])
+    if not methods:
+        raise UserError(f"{spec.family} models have neither residual channels prune_hidden cuts nor experts")
     blocks = load_blocks(data, loaded.tokenizer, seq_len, tokens)
-    batches = list(blocks.batches(batch_size))
-    out = {f"{model_base(spec)}/channel_norm": channel_norm_scores(loaded.model, batches).tolist()}
-    if spec.cfg_experts:
-        for layer, scores in expert_scores(loaded.model, batches).items():
-            out[f"{spec.layers}.{layer}.{spec.mlp}/expert_freq"] = scores["frequency"].tolist()
-            out[f"{spec.layers}.{layer}.{spec.mlp}/expert_reap"] = scores["reap"].tolist()
-    return out
-
+    scores = score_model(loaded.model, list(blocks.batches(batch_size)), methods, cancel=cancel)
+    return {name: t.float().flatten().tolist() for name, t in scores.items()}

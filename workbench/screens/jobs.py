@@ -1,5 +1,6 @@
 """The jobs panel: every job in the jobs root (started here, by the CLI, or before the TUI opened), its live loss
-curve from the event log, cancel, and a small form that starts a distill / redistill job.
+curve from the event log (or, for a job without losses such as a compress recipe, its latest progress lines),
+cancel, and small forms that start a distill / redistill job or the whole `workbench compress` recipe.
 
 Jobs are separate processes (surgery.jobs): this screen only reads their files and writes request files, so
 quitting the TUI never stops a job.
@@ -41,12 +42,32 @@ class NewJobScreen(FormScreen):
     BUTTON = "start"
 
 
+class CompressFormScreen(FormScreen):
+    """The `workbench compress` recipe as a background job: score, suggest, cut (+ reconstruct), redistill, eval."""
+
+    TITLE_TEXT = ("[b]Compress: the whole recipe[/b] (score, plan, cut + reconstruct, redistill, evaluate; in the "
+                  "background, survives quitting)")
+    FIELDS = (("source", "Model"), ("target_params", "Keep params"), ("data", "Training text"),
+              ("tokens", "Redistill tokens"), ("out", "Output dir"), ("eval_data", "Eval text"),
+              ("options", "More options"))
+    BUTTON = "start"
+
+
+def progress_lines(events: list[dict], count: int = 8) -> str:
+    """The latest progress of a job that logs no losses (a compress recipe): its status and phase lines."""
+    from surgery.jobs.events import describe_event
+
+    shown = [describe_event(e) for e in events if e.get("event") in ("status", "failed", "done", "cancelled")]
+    return "\n".join(shown[-count:])
+
+
 class JobsScreen(Screen):
     """Jobs table + the selected job's loss curve, refreshed from the event logs every 2 s."""
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "back", id="jobs.back"),
         Binding("n", "new_job", "new distill job", id="jobs.new"),
+        Binding("r", "new_compress", "compress recipe", id="jobs.compress"),
         Binding("x", "cancel_job", "cancel job", id="jobs.cancel"),  # `c` is compare everywhere
     ]
 
@@ -102,7 +123,7 @@ class JobsScreen(Screen):
             width = max(40, (self.size.width or 80) - 4)
             self.query_one("#curve", Static).update(
                 plotext_chart(series, width, 12, title=f"job {self.ids[table.cursor_row]} losses")
-                if series else "no steps logged yet"
+                if series else progress_lines(events) or "no steps logged yet"
             )
         else:
             self.query_one("#curve", Static).update("no jobs yet: n starts one")
@@ -129,6 +150,33 @@ class JobsScreen(Screen):
             "steps": "100",
         }
         self.app.push_screen(NewJobScreen(defaults), self.start_job)
+
+    def action_new_compress(self) -> None:
+        import time
+
+        from surgery.data import shared_data_file
+
+        app = self.app
+        session = getattr(app, "session", None)
+        out = (str(session.path / "exports" / f"compressed-{time.strftime('%Y%m%d-%H%M%S')}") if session is not None
+               else "exports/compressed")
+        defaults = {"source": app.source, "target_params": "0.8", "data": shared_data_file("tinyshakespeare/input.txt"),
+                    "tokens": "25600", "out": out, "eval_data": shared_data_file("wikitext-2-raw/wiki.test.raw"),
+                    "options": "eval_tokens=4096"}
+        self.app.push_screen(CompressFormScreen(defaults), self.start_compress)
+
+    def start_compress(self, fields: dict | None) -> None:
+        from workbench.compress_job import start_compress
+
+        if not fields:
+            return
+        try:
+            job_id = start_compress(self.root, fields)
+        except Exception as exc:  # noqa: BLE001 - bad form input is shown, never a crash
+            self.app.notify(str(exc).splitlines()[0], title="compress not started", severity="error", timeout=10)
+            return
+        self.app.notify(f"started compress job {job_id}", title="jobs")
+        self.poll()
 
     def start_job(self, fields: dict | None) -> None:
         if not fields:

@@ -11,6 +11,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Label, ListItem, ListView, Static
 
+from workbench.screens.form import FormScreen
+
 
 def describe_step(step) -> str:
     """One line per op, e.g. "prune_heads  layer 4: heads 0, 3, 6"."""
@@ -36,6 +38,16 @@ def runtimes_text(resolution, config_dict: dict) -> str:
          f"[dim]{f.runtime}: no[/]") for f in fits)
 
 
+class ReconstructFormScreen(FormScreen):
+    """The fields `plan suggest --reconstruct` takes: data, tokens, seq-len, ridge, inputs."""
+
+    TITLE_TEXT = ("[b]Add a reconstruction step[/b] (refit o_proj / down_proj of every cut layer on this text when "
+                  "the plan is applied; tokenized now, in the background)")
+    FIELDS = (("data", "Calibration text"), ("tokens", "Tokens"), ("seq_len", "Sequence length"),
+              ("ridge", "Ridge"), ("inputs", "Inputs"))
+    BUTTON = "add step"
+
+
 class PlanScreen(Screen):
     """Every op of the plan; Delete removes one (an undoable change)."""
 
@@ -46,6 +58,7 @@ class PlanScreen(Screen):
         Binding("w", "app.save_plan", "save as", id="plan.save"),
         Binding("A", "app.apply_plan", "apply", id="plan.apply"),
         Binding("x", "export", "export", id="plan.export"),
+        Binding("r", "app.reconstruct", "reconstruct", id="plan.reconstruct"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -71,7 +84,8 @@ class PlanScreen(Screen):
         warnings = self.app.editor.resolution.warnings
         self.query_one("#plan-summary", Static).update(
             f"{len(plan.steps)} op(s)" + (f" · {len(warnings)} warning(s): " + "; ".join(warnings) if warnings else "")
-            + "\n[dim]d: remove · v: validate · w: save as · A: apply · x: export (gguf|vllm)[/dim]"
+            + "\n[dim]d: remove · v: validate · w: save as · A: apply · x: export (gguf|vllm) · r: add a "
+            "reconstruction step[/dim]"
         )
         self.check_runtimes(self.app.editor.resolution, dict(self.app.config_dict))
 

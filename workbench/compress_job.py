@@ -1,0 +1,195 @@
+"""`workbench compress` as a background job, for the TUI's jobs panel: a job directory like a distill job's (job.json,
+events.jsonl, lock, process.json, stdout/stderr logs) whose process runs `surgery.compress.compress`.
+
+The parent (the TUI) validates the form, writes job.json and spawns `python -m workbench.compress_job JOBDIR` in its
+own session, so the recipe survives quitting the TUI or a dropped SSH link. The child holds the job's lock while it
+runs, turns each progress message into a `status` event and each recipe phase into a `step` event (so `workbench
+jobs list` and the jobs panel show "3/7"), and ends with `done` (its output directory) or `failed`. The
+redistillation stage is a distill job of its own in the same jobs root, with its loss curve. Cancelling (`x` in the
+panel, `workbench jobs cancel`) stops the process at the next progress message or within a second; the output
+directory is written atomically at the very end, so a cancelled recipe leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+KIND = "compress"
+# the recipe's phases as surgery.compress / run_pipeline announce them (progress messages starting with these)
+PHASES = ("scoring", "suggesting a plan", "adding the reconstruction step", "measuring the base model",
+          "stage 0", "stage 1", "measuring stage 1")
+
+
+def phases_for(options: dict) -> tuple[str, ...]:
+    return tuple(p for p in PHASES if options.get("reconstruct", True) or p != "adding the reconstruction step")
+
+
+def parse_options(text: str) -> dict:
+    """"seq_len=256 non_uniform=yes" -> CompressOptions fields, each converted to its default's type (pure).
+
+    Raises:
+        UserError: An unknown field or a value of the wrong type (the message lists the fields).
+    """
+    from dataclasses import fields as dc_fields
+
+    from surgery.compress import CompressOptions
+    from surgery.errors import UserError
+
+    known = {f.name: f for f in dc_fields(CompressOptions) if f.name not in ("data", "tokens", "eval_data")}
+    defaults = CompressOptions(data="", tokens=0)
+    options: dict = {}
+    for item in text.replace(",", " ").split():
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in known or not value:
+            simple = [k for k, f in known.items() if isinstance(getattr(defaults, k), (int, float, str, bool))]
+            raise UserError(f"compress form: options: {item!r}: expected NAME=VALUE with NAME one of "
+                            f"{', '.join(simple)}")
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, bool):
+                options[key] = value.lower() in ("1", "y", "yes", "true", "on")
+            elif isinstance(default, (int, float)) or default is None:
+                options[key] = int(value) if isinstance(default, int) or default is None else float(value)
+            elif isinstance(default, str):
+                options[key] = value
+            else:
+                raise ValueError(f"{key} cannot be set here (use `workbench compress`)")
+        except ValueError as exc:
+            raise UserError(f"compress form: options: {key}: {exc}") from None
+    return options
+
+
+def compress_document(fields: dict) -> dict:
+    """The job document of the compress form's fields (paths made absolute: the job runs in its own directory).
+
+    Raises:
+        UserError: A field that is not a number where one is needed, a fraction outside (0, 1), a missing data
+            file, an output directory that is not empty, a budget below one redistillation step.
+    """
+    from surgery.compress import CompressOptions, redistill_steps
+    from surgery.errors import UserError
+    from surgery.export import check_output_dir
+
+    def absolute(value: str) -> str:
+        return value if value.startswith("hf:") else str(Path(value).expanduser().resolve())
+
+    try:
+        target = float(fields["target_params"])
+        tokens = int(fields["tokens"])
+    except ValueError as exc:
+        raise UserError(f"compress form: {exc}") from None
+    if not 0 < target < 1:
+        raise UserError(f"compress form: keep {target}: the fraction of parameters kept, strictly between 0 and 1")
+    for name in ("data", "out"):
+        if not fields.get(name):
+            raise UserError(f"compress form: {name} is needed")
+    for name in ("data", "eval_data"):
+        value = fields.get(name) or ""
+        if value and not value.startswith("hf:") and not Path(value).expanduser().is_file():
+            raise UserError(f"compress form: {name}: no such file: {value}")
+    out = absolute(fields["out"])
+    check_output_dir(Path(out), False)
+    source = fields["source"]
+    if Path(source).expanduser().exists():
+        source = absolute(source)
+    options = {"data": absolute(fields["data"]), "tokens": tokens, **parse_options(fields.get("options") or "")}
+    if fields.get("eval_data"):
+        options["eval_data"] = absolute(fields["eval_data"])
+    redistill_steps(CompressOptions(**options))  # a budget below one step is refused before anything starts
+    return {"version": 1, "kind": KIND, "source": source, "target_params": target, "out": out,
+            "options": options, "steps": len(phases_for(options))}
+
+
+def start_compress(root: Path, fields: dict) -> str:
+    """Validate the form, create the job and spawn its detached process; returns the job id."""
+    from surgery.jobs.events import EventLog
+    from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock, write_process_record
+    from surgery.jobs.store import create_job
+
+    doc = compress_document(fields)
+    job = create_job(root, json.dumps(doc, indent=2, sort_keys=True) + "\n", kind=KIND)
+    cmd = [sys.executable, "-m", "workbench.compress_job", str(job.path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # locked here and inherited (as surgery.jobs.runner.start_job does): the job reads "running" from the first
+    # moment, not "lost" while the child is still importing torch
+    fd = acquire_lock(job)
+    try:
+        if fd is not None:
+            env[LOCK_FD_ENV] = str(fd)
+        with open(job.stdout_file, "ab") as out, open(job.stderr_file, "ab") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                                    pass_fds=(fd,) if fd is not None else (), cwd=job.path, env=env)
+        write_process_record(job, proc.pid, command=cmd, attempt=1, nproc=1)
+        EventLog(job.events_file).append("launch", pid=proc.pid, attempt=1, nproc=1, resume=False)
+    finally:
+        if fd is not None:
+            os.close(fd)  # the child holds its own copy of the locked file description
+    return job.id
+
+
+def run(path: str | Path) -> int:
+    """The job process: run the recipe, log its progress; 0 done or cancelled, 2 bad input, 1 a bug."""
+    import traceback
+
+    from surgery.compress import CompressOptions, compress
+    from surgery.errors import UserError
+    from surgery.jobs.events import EventLog
+    from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock
+    from surgery.jobs.store import JobDir
+
+    job = JobDir(Path(path).resolve())
+    log = EventLog(job.events_file)
+    if LOCK_FD_ENV not in os.environ:  # started by hand: take the lock here (the fd stays open until exit)
+        acquire_lock(job)
+    doc = job.read_config()
+    options = doc["options"]
+    phases = phases_for(options)
+    done = {"step": 0}
+
+    def progress(message: str) -> None:
+        log.append("status", message=message)
+        for i, phase in enumerate(phases, start=1):
+            if message.startswith(phase) and i > done["step"]:
+                done["step"] = i
+                log.append("step", step=i, phase=phase, losses={})
+        if job.cancel_file.exists():
+            cancel()
+
+    def cancel() -> None:
+        log.append("cancelled", step=done["step"], checkpoint=None, sync=True)
+        os._exit(0)  # the output is only written, atomically, at the very end: nothing partial is left
+
+    def watch() -> None:  # a long stage (scoring, redistilling) says nothing for minutes
+        while not job.cancel_file.exists():
+            time.sleep(1.0)
+        cancel()
+
+    threading.Thread(target=watch, daemon=True).start()
+    log.append("start", step=0, pid=os.getpid(), world_size=1, device=options.get("device", "cpu"),
+               resumed_from=None, train=options["data"])
+    try:
+        record = compress(doc["source"], doc["target_params"], doc["out"], CompressOptions(**options),
+                          jobs_root=job.path.parent, progress=progress)
+    except UserError as exc:
+        log.append("failed", step=done["step"], error=str(exc).splitlines()[0], error_type=type(exc).__name__,
+                   traceback=None, sync=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: the event keeps the traceback for the report
+        log.append("failed", step=done["step"], error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
+                   traceback=traceback.format_exc(), sync=True)
+        return 1
+    after = record["metrics"].get("after") or {}
+    log.append("eval", step=len(phases), **{k: v for k, v in after.items() if k in ("params", "perplexity")})
+    log.append("done", step=len(phases), output=doc["out"], manifest={"after": after}, sync=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1]))
