@@ -214,3 +214,27 @@ def test_cli_dry_run_reads_no_weights(tmp_path, capsys):
     assert report["bytes_written"] == (tmp_path / "out" / "model.safetensors").stat().st_size
     down = next(r for r in report["reads"] if r["name"] == "model.layers.1.mlp.gate_proj.weight")
     assert down["rows"] == [90, 96] and down["cols"] is None
+
+
+def test_tokenizer_round_trip_is_cached_by_content(tmp_path, monkeypatch):
+    """The streamed output's tokenizer files are save_pretrained's output (byte-identical to the in-memory path),
+    computed once per distinct tokenizer: a later apply copies them without loading a tokenizer, and a changed
+    tokenizer file is a new round trip, never the stale one."""
+    import surgery.loading
+
+    src = save_tiny(tmp_path / "src", "llama")
+    both_paths(tmp_path / "first", src, uniform_plan("llama"))
+
+    def no_load(*a, **k):
+        raise AssertionError("the tokenizer was loaded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(surgery.loading, "load_tokenizer", no_load)
+        apply_to_source(parse_plan(uniform_plan("llama")), tmp_path / "again", str(src), stream=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / "mem" / name).read_bytes()
+    # another tokenizer in the same directory: a cache miss, and again what save_pretrained writes
+    tiny_tokenizer(shuffle_seed=3).save_pretrained(src)
+    both_paths(tmp_path / "changed", src, uniform_plan("llama"))
+    assert (tmp_path / "changed" / "stream" / "tokenizer.json").read_bytes() != \
+        (tmp_path / "again" / "tokenizer.json").read_bytes()

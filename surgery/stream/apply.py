@@ -161,17 +161,26 @@ def save_streamed_dir(
     out: Path,
     *,
     tokenizer=None,
+    tokenizer_from: Path | None = None,
     manifest: dict | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
 ) -> Path:
     """Write the streamed model (+ tokenizer, + manifest) to `out` atomically: `save_model_dir` with the streaming
-    writer in place of `save_pretrained`, so everything around the weights is written by the same code."""
+    writer in place of `save_pretrained`, so everything around the weights is written by the same code.
+
+    `tokenizer_from`: a source directory whose tokenizer's save_pretrained output is copied in (from the cache:
+    surgery.stream.tokenizer), instead of saving a loaded `tokenizer`.
+    """
     from surgery.export import save_model_dir
 
     def write_weights(tmp: Path) -> str:
         write_model_files(plan.model, tmp)
+        if tokenizer_from is not None:
+            from surgery.stream.tokenizer import copy_tokenizer
+
+            copy_tokenizer(tokenizer_from, tmp)
         return write_stream(plan, tmp, progress, cancel)
 
     return save_model_dir(plan.model, out, tokenizer=tokenizer, manifest=manifest, overwrite=overwrite,
@@ -200,7 +209,7 @@ def stream_apply_source(
         NotStreamable: `required` and a step (or the source) cannot stream: the first reason, one line.
         UserError: Not enough free disk space for the result (checked before anything is written).
     """
-    from surgery.loading import load_tokenizer, parse_dtype, read_config
+    from surgery.loading import parse_dtype, read_config
     from surgery.pipeline import ApplyResult, apply_manifest
 
     reasons = plan_blockers(plan, pickle_weights=v.resolved.pickle_weights, trust_remote_code=trust_remote_code)
@@ -219,10 +228,13 @@ def stream_apply_source(
     check_free_space(out, splan, v.resolved.path)
     manifest = apply_manifest(plan, v, splan.params_after, force, "stream")
     manifest["apply"].update(bytes_read=splan.bytes_read, bytes_written=splan.bytes_written)
-    tokenizer = load_tokenizer(v.resolved, trust_remote_code=trust_remote_code)
+    from surgery.stream.tokenizer import cached_tokenizer_files
+
+    cached_tokenizer_files(v.resolved.path)  # a tokenizer that cannot load is refused before anything is written
     if progress:
         progress("streaming tensors")
-    save_streamed_dir(splan, out, tokenizer=tokenizer, manifest=manifest, overwrite=overwrite, progress=progress)
+    save_streamed_dir(splan, out, tokenizer_from=v.resolved.path, manifest=manifest, overwrite=overwrite,
+                      progress=progress)
     return ApplyResult(out, v, manifest)
 
 
