@@ -146,5 +146,20 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
     doc = build_pipeline(source, plan, opts)
     (work / "pipeline.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     pipeline = parse_pipeline(doc, "the compress pipeline")
-    return run_pipeline(pipeline, out, jobs_root=Path(jobs_root), overwrite=overwrite, progress=say,
-                        prelude=prelude)
+    record = run_pipeline(pipeline, out, jobs_root=Path(jobs_root), overwrite=overwrite, progress=say,
+                          prelude=prelude)
+    add_training_throughput(record, opts)
+    from surgery.jobs.pipeline import RECORD
+    from surgery.plan import write_text_atomic
+
+    write_text_atomic(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def add_training_throughput(record: dict, opts: CompressOptions) -> None:
+    """Give each training stage of the record its training tokens and tokens/s over the stage's wall time
+    (loading and saving the models included, so a lower bound of the step rate)."""
+    for entry, spec in zip(record["stages"], record["pipeline"]["stages"], strict=True):
+        if "job" in spec and entry.get("wall_s"):
+            entry["tokens"] = spec["job"]["steps"] * opts.batch_size * opts.seq_len
+            entry["tokens_per_s"] = round(entry["tokens"] / entry["wall_s"], 1)

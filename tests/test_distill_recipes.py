@@ -257,6 +257,8 @@ def test_compress_scores_cuts_reconstructs_redistils_and_records_each_stage(caps
     assert before["eval_data"]["fingerprint"] == cut["eval_data"]["fingerprint"] == final["eval_data"]["fingerprint"]
     assert len({before["perplexity"], cut["perplexity"], final["perplexity"]}) == 3
     assert all(s["wall_s"] >= 0 for s in record["stages"])
+    assert record["stages"][1]["tokens"] == (144 // 48) * 48 and record["stages"][1]["tokens_per_s"] > 0
+    assert "tokens" not in record["stages"][0]
     assert record["prelude"]["score"]["tokens"] == 960 and record["prelude"]["suggest"]["reconstruct"]
     pipeline = record["pipeline"]
     assert pipeline["stages"][0]["steps"][-1]["op"] == "reconstruct" and pipeline["stages"][0]["calibration"]

@@ -61,15 +61,18 @@ def compress(
         return
     before = record["metrics"]["before"]
     out.print(f"[green]wrote[/] {out_dir} (record: {out_dir / 'pipeline.json'})")
-    rows = [("base", before, None)] + [(s["stage"], s.get("after"), s.get("wall_s")) for s in record["stages"]]
+    rows = [("base", before, None, None)] + [(s["stage"], s.get("after"), s.get("wall_s"), s.get("tokens_per_s"))
+                                             for s in record["stages"]]
     pre = record.get("prelude", {})
     for name in ("score", "suggest"):
         if name in pre:
             out.print(f"  {name:10s} {pre[name]['wall_s']:>8.1f}s")
-    for name, metrics, wall in rows:
+    for name, metrics, wall, rate in rows:
         if metrics is None:
             continue
         ppl = metrics.get("perplexity")
         ratio = f" ({ppl / before['perplexity']:.2f}x)" if ppl and before.get("perplexity") else ""
         ppl_text = f", perplexity {ppl:.4g}{ratio}" if ppl else ""
-        out.print(f"  {name:10s} {'' if wall is None else f'{wall:>8.1f}s'}  params {metrics['params']:,}{ppl_text}")
+        rate_text = f", {rate:g} training tokens/s" if rate else ""
+        out.print(f"  {name:10s} {'' if wall is None else f'{wall:>8.1f}s'}  params {metrics['params']:,}{ppl_text}"
+                  f"{rate_text}")
