@@ -382,6 +382,31 @@ def _whitened(cut: LayerCut) -> dict[str, tuple]:
             if m in DATA_RANK_METHODS and cut._module_kept(rel) and not cut.dropped}
 
 
+def fit_layer(cut: LayerCut, spec, step: Reconstruct | None, orig_layer: nn.Module, layer: nn.Module | None,
+              x_o: list, xs: list, calls_o: list, calls_p: list | None, report: DataReport) -> list[torch.Tensor]:
+    """One layer of the data-driven steps: runs the original layer on `x_o` (per batch, its inputs from the
+    original model) recording the refit targets, then fits the cut `layer` (None when dropped) on `xs`: whitened
+    / asvd factorisations first, then the o_proj refit, then the down_proj refit (which therefore sees the refit
+    attention output). Appends to `report`; returns the original layer's outputs (the next layer's `x_o`)."""
+    i = cut.index
+    readers = _readers(cut, spec) if not cut.dropped else {}
+    targets: dict[str, list] = {rel: [] for rel in readers.values()}
+    with contextlib.ExitStack() as stack:
+        for rel in readers.values():
+            stack.enter_context(_hook(ops.get_module(orig_layer, rel),
+                                      lambda _a, y, rel=rel: targets[rel].append(y), stop=False))
+        x_o_next = [_call(orig_layer, x, calls_o[b]) for b, x in enumerate(x_o)]
+    if layer is not None:
+        if whitened := _whitened(cut):
+            _whiten(layer, whitened, xs, calls_p, spec.conv1d)
+            for rel, (method, _, _) in whitened.items():
+                (report.whitened if method == "whitened" else report.asvd).append(f"{spec.layer_prefix(i)}.{rel}")
+        for rel in readers.values():
+            report.fits.append(refit_reader(layer, rel, xs, calls_p, targets[rel], step.ridge, spec.conv1d,
+                                            f"{spec.layer_prefix(i)}.{rel}"))
+    return x_o_next
+
+
 @torch.no_grad()
 def run_data_steps(
     original: nn.Module,
@@ -394,8 +419,7 @@ def run_data_steps(
     """Run the resolution's data-driven steps on `model` (already cut by `apply_resolution`), layer by layer.
 
     `original` is the uncut model the resolution was made against; it supplies the targets and is not changed.
-    Within one layer: whitened factorisations first, then the o_proj refit, then the down_proj refit (which
-    therefore sees the refit attention output).
+    Within one layer: see `fit_layer`.
     """
     spec, step = resolution.shape.spec, resolution.reconstruct
     carry = step is None or step.inputs == "pruned"
@@ -415,25 +439,12 @@ def run_data_steps(
     for cut in resolution.layers[: last + 1]:
         check_cancel(cancel)
         i = cut.index
-        readers = _readers(cut, spec) if not cut.dropped else {}
-        targets: dict[str, list] = {rel: [] for rel in readers.values()}
-        with contextlib.ExitStack() as stack:
-            for rel in readers.values():
-                stack.enter_context(_hook(ops.get_module(orig_layers[i], rel),
-                                          lambda _a, y, rel=rel: targets[rel].append(y), stop=False))
-            x_o_next = [_call(orig_layers[i], x, calls_o[i][b]) for b, x in enumerate(x_o)]
-        if not cut.dropped:
-            j = position[i]
-            layer, xs = layers[j], (x_p if carry else x_o)
-            if whitened := _whitened(cut):
-                _whiten(layer, whitened, xs, calls_p[j], spec.conv1d)
-                for rel, (method, _, _) in whitened.items():
-                    (report.whitened if method == "whitened" else report.asvd).append(f"{spec.layer_prefix(i)}.{rel}")
-            for rel in readers.values():
-                report.fits.append(refit_reader(layer, rel, xs, calls_p[j], targets[rel], step.ridge, spec.conv1d,
-                                                f"{spec.layer_prefix(i)}.{rel}"))
-            if carry and i < last:
-                x_p = [_call(layer, x, calls_p[j][b]) for b, x in enumerate(x_p)]
+        j = None if cut.dropped else position[i]
+        layer = None if j is None else layers[j]
+        x_o_next = fit_layer(cut, spec, step, orig_layers[i], layer, x_o, x_p if carry else x_o, calls_o[i],
+                             None if j is None else calls_p[j], report)
+        if layer is not None and carry and i < last:
+            x_p = [_call(layer, x, calls_p[j][b]) for b, x in enumerate(x_p)]
         x_o = x_o_next
         if progress:
             progress(i + 1, last + 1, "layers")
@@ -447,6 +458,7 @@ __all__ = [
     "calibrate_for_source",
     "calibrate_plan",
     "check_enough_tokens",
+    "fit_layer",
     "load_calibration",
     "refit_reader",
     "ridge_solve",

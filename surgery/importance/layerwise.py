@@ -203,10 +203,6 @@ def _fill(module: nn.Module, prefix: str, reader: CheckpointReader, device: torc
     module.load_state_dict(values, strict=True, assign=True)
 
 
-def _layer_state_prefix(spec, index: int) -> str:
-    return f"{spec.layer_prefix(index)}."
-
-
 def _top_part(model: nn.Module, layout: ModelLayout) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module with parameters of its own that the top part runs: all but the decoder
     layers, the final norm and lm_head (never run: the last catcher stops the forward before them)."""
@@ -220,6 +216,47 @@ def _top_part(model: nn.Module, layout: ModelLayout) -> list[tuple[str, nn.Modul
         if next(module.parameters(recurse=False), None) is not None:
             out.append((name, module))
     return out
+
+
+class Skeleton:
+    """A checkpoint's model on the meta device with real buffers, filled block by block from its shards."""
+
+    def __init__(self, path: Path, config_dict: dict, dtype: torch.dtype, device: torch.device) -> None:
+        from surgery.shapes import shape_from_config
+
+        self.device, self.shape = device, shape_from_config(config_dict)
+        self.reader = CheckpointReader(path)
+        self.model = skeleton_model(path, config_dict, dtype)
+        self.layout = model_layout(self.model)
+        self.layers = ops.get_module(self.model, self.layout.spec.layers)
+        for name, buf in list(self.model.named_buffers()):  # rotary frequencies, Gemma's embedding scale, ...
+            owner, _, attr = name.rpartition(".")
+            # meta ones are the surgery modules' persistent placeholders: their stored values come with their block
+            setattr(self.model.get_submodule(owner), attr, torch.empty_like(buf, device=device) if buf.is_meta
+                    else buf.to(device))
+
+    def fill(self, module: nn.Module, prefix: str) -> None:
+        _fill(module, prefix, self.reader, self.device, self.shape)
+
+    def fill_top(self) -> None:
+        """The embeddings (everything the model runs before its first decoder layer)."""
+        for name, module in _top_part(self.model, self.layout):
+            self.fill(module, f"{name}.")
+
+    def load_block(self, index: int) -> nn.Module:
+        """Decoder block `index` with its stored tensors on the device (free it with `.to("meta")`)."""
+        layer = self.layers[index]
+        self.fill(layer, f"{self.layout.spec.layer_prefix(index)}.")
+        return layer
+
+
+def open_skeleton(path: Path, config_dict: dict, dtype: torch.dtype, device: torch.device | str,
+                  top: bool = True) -> Skeleton:
+    """`Skeleton` of the checkpoint in `path`, its embeddings loaded when `top`."""
+    skeleton = Skeleton(Path(path), config_dict, dtype, torch.device(device))
+    if top:
+        skeleton.fill_top()
+    return skeleton
 
 
 def _site_layout(layout: ModelLayout, site: LayerSite) -> ModelLayout:
@@ -278,8 +315,6 @@ def score_checkpoint_layerwise(
     Returns:
         `<module path>/<metric>` -> float32 CPU tensor, as `score_model`.
     """
-    from surgery.shapes import shape_from_config
-
     from surgery.arch import spec_for_config
     from surgery.importance.methods import check_applicable
 
@@ -294,27 +329,16 @@ def score_checkpoint_layerwise(
     metrics = {m.metric for m in methods}
     batches = [b for b in batches if b.numel()]
     device = torch.device(device)
-    shape = shape_from_config(config_dict)
-    reader = CheckpointReader(resolved.path)
-    model = skeleton_model(resolved.path, config_dict, dtype)
-    layout = model_layout(model)
-    spec = layout.spec
-    for name, buf in list(model.named_buffers()):  # rotary frequencies, Gemma's embedding scale, ...
-        owner, _, attr = name.rpartition(".")
-        # meta ones are the surgery modules' persistent placeholders: their stored values come with their block
-        setattr(model.get_submodule(owner), attr, torch.empty_like(buf, device=device) if buf.is_meta
-                else buf.to(device))
     data_metrics = metrics - {"sv", "head_magnitude", "neuron_magnitude"}
     if data_metrics and not batches:
         raise UserError("no calibration tokens: pass --data with at least one block of --seq-len tokens")
+    skeleton = open_skeleton(resolved.path, config_dict, dtype, device, top=bool(data_metrics))
+    model, layout, spec = skeleton.model, skeleton.layout, skeleton.layout.spec
     autocast = autocast_context(device, autocast_dtype)
     xs: list[torch.Tensor] = []
     calls: list[list[tuple]] = []
     if data_metrics:
-        for name, module in _top_part(model, layout):
-            _fill(module, f"{name}.", reader, device, shape)
         xs, calls = capture_layer_calls(model, spec.layers, [b.to(device) for b in batches], autocast)
-    layers = ops.get_module(model, spec.layers)
     hooks = CombinedHooks(layout, metrics)
     if phase is not None:
         phase("layer by layer", len(layout.layers), "blocks")
@@ -322,8 +346,7 @@ def score_checkpoint_layerwise(
     with hooks:
         for site in layout.layers:
             check_cancel(cancel)
-            layer = layers[site.index]
-            _fill(layer, _layer_state_prefix(spec, site.index), reader, device, shape)
+            layer = skeleton.load_block(site.index)
             for b, x in enumerate(xs):
                 check_cancel(cancel)
                 if site.index == 0:  # counts the tokens once (the runner calls it once per batch of all layers)
@@ -341,7 +364,7 @@ def score_checkpoint_layerwise(
                 progress(site.index + 1, len(layout.layers))
         if "channel_norm" in metrics:  # the last of the hidden-size norms it sums over
             norm = ops.get_module(model, spec.final_norm)
-            _fill(norm, f"{spec.final_norm}.", reader, device, shape)
+            skeleton.fill(norm, f"{spec.final_norm}.")
             for x in xs:
                 with autocast():
                     norm(x)
@@ -349,6 +372,6 @@ def score_checkpoint_layerwise(
     return dict(sorted(out.items()))
 
 
-__all__ = ["LAYERWISE_METRICS", "CheckpointReader", "call_layer", "capture_layer_calls", "check_layerwise_methods",
-           "layerwise_method_names", "layerwise_methods", "open_layerwise", "score_checkpoint_layerwise",
-           "skeleton_model"]
+__all__ = ["LAYERWISE_METRICS", "CheckpointReader", "Skeleton", "call_layer", "capture_layer_calls",
+           "check_layerwise_methods", "layerwise_method_names", "layerwise_methods", "open_layerwise",
+           "open_skeleton", "score_checkpoint_layerwise", "skeleton_model"]
