@@ -238,3 +238,31 @@ def test_tokenizer_round_trip_is_cached_by_content(tmp_path, monkeypatch):
     both_paths(tmp_path / "changed", src, uniform_plan("llama"))
     assert (tmp_path / "changed" / "stream" / "tokenizer.json").read_bytes() != \
         (tmp_path / "again" / "tokenizer.json").read_bytes()
+
+
+def test_free_space_check_uses_the_exact_output_size(tmp_path, monkeypatch):
+    """The refusal threshold is the exact bytes: shards + copied tokenizer files + the margin for small JSON."""
+    import surgery.stream.apply as stream_apply
+    from surgery.errors import UserError
+    from surgery.loading import parse_dtype, read_config
+    from surgery.resolve import resolve_plan
+    from surgery.shapes import shape_from_config
+    from surgery.stream.tokenizer import cached_tokenizer_files
+
+    src = save_tiny(tmp_path / "src", "llama")
+    cfg = read_config(src)
+    resolution = resolve_plan(parse_plan(uniform_plan("llama")), shape_from_config(cfg))
+    splan = stream_apply.build_stream_plan(src, cfg, resolution, parse_dtype("auto", cfg))
+    copied = cached_tokenizer_files(src)
+    needed = splan.bytes_written + sum(p.stat().st_size for p in copied) + stream_apply._SMALL_FILES_MARGIN
+    real = shutil.disk_usage
+    for free, refused in ((needed - 1, True), (needed, False)):
+        monkeypatch.setattr(stream_apply.shutil, "disk_usage", lambda p, f=free: real(p)._replace(free=f))
+        if refused:
+            with pytest.raises(UserError, match="not enough disk space"):
+                stream_apply.check_free_space(tmp_path / "out" / "deeper", splan, copied)
+        else:
+            stream_apply.check_free_space(tmp_path / "out" / "deeper", splan, copied)
+    # what was written: the shards are exactly the planned bytes
+    apply_to_source(parse_plan(uniform_plan("llama")), tmp_path / "written", str(src), stream=True)
+    assert (tmp_path / "written" / "model.safetensors").stat().st_size == splan.bytes_written

@@ -94,15 +94,13 @@ def build_stream_plan(
     return assemble(shapes, resolution, sources, max_shard_size, params=count_params(model), model=model)
 
 
-def check_free_space(out: Path, plan: StreamPlan, source_dir: Path) -> None:
+def check_free_space(out: Path, plan: StreamPlan, copied: list[Path]) -> None:
     """Refuse before writing anything when the disk under `out` cannot hold the result.
 
-    Needed: the exact shard sizes, plus the tokenizer files (about their size in the source) and a margin for the
-    small JSON files.
+    Needed: the exact shard sizes, the exact sizes of the files copied in (`copied`: the tokenizer's), and a
+    margin for the small JSON files written beside them (config, generation config, index, manifest).
     """
-    small = sum(p.stat().st_size for p in source_dir.iterdir()
-                if p.is_file() and p.suffix != ".safetensors" and not p.name.startswith("."))
-    needed = plan.bytes_written + small + _SMALL_FILES_MARGIN
+    needed = plan.bytes_written + sum(p.stat().st_size for p in copied) + _SMALL_FILES_MARGIN
     probe = out.absolute()
     while not probe.exists():
         probe = probe.parent
@@ -225,12 +223,12 @@ def stream_apply_source(
         if required:
             raise NotStreamable(f"cannot stream: {reasons[0]} (run without --stream to apply in memory)")
         return None
-    check_free_space(out, splan, v.resolved.path)
-    manifest = apply_manifest(plan, v, splan.params_after, force, "stream")
-    manifest["apply"].update(bytes_read=splan.bytes_read, bytes_written=splan.bytes_written)
     from surgery.stream.tokenizer import cached_tokenizer_files
 
-    cached_tokenizer_files(v.resolved.path)  # a tokenizer that cannot load is refused before anything is written
+    # a tokenizer that cannot load is refused before anything is written, and its files' sizes are exact
+    check_free_space(out, splan, cached_tokenizer_files(v.resolved.path))
+    manifest = apply_manifest(plan, v, splan.params_after, force, "stream")
+    manifest["apply"].update(bytes_read=splan.bytes_read, bytes_written=splan.bytes_written)
     if progress:
         progress("streaming tensors")
     save_streamed_dir(splan, out, tokenizer_from=v.resolved.path, manifest=manifest, overwrite=overwrite,
