@@ -101,3 +101,48 @@ def test_forms_fit_80x24(snap_compare, tiny_app, form):
             assert inside.contains_region(widget.region), widget
 
     assert snap_compare(tiny_app, terminal_size=(80, 24), run_before=run_before)
+
+
+@pytest.fixture()
+def width_app(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_model("llama").save_pretrained(tmp_path / "tiny-llama")
+    g = torch.Generator().manual_seed(0)
+    save_file({"model/channel_norm": torch.rand(64, generator=g) + 0.1}, str(tmp_path / "scores.safetensors"))
+    return WorkbenchApp("tiny-llama", load_weights=False, scores="scores.safetensors")
+
+
+@pytest.fixture()
+def moe_app(tmp_path, monkeypatch):
+    from test_prune_experts import moe_model
+
+    monkeypatch.chdir(tmp_path)
+    moe_model("qwen3_moe").save_pretrained(tmp_path / "tiny-moe")
+    g = torch.Generator().manual_seed(0)
+    scores = {f"model.layers.{i}.mlp/expert_reap": torch.rand(6, generator=g) for i in range(2)}
+    save_file(scores, str(tmp_path / "scores.safetensors"))
+    return WorkbenchApp("tiny-moe", load_weights=False, scores="scores.safetensors")
+
+
+def test_width_view_80x24(snap_compare, width_app):
+    """Channels sorted with the cut line; the summary names the legal sizes (multiples of the 4 heads)."""
+    async def run_before(pilot):
+        await _settle(pilot)
+        await pilot.press("W", "plus", "plus")
+        await _settle(pilot)
+
+    assert snap_compare(width_app, terminal_size=(80, 24), run_before=run_before)
+
+
+def test_moe_layer_screen_80x24(snap_compare, moe_app):
+    """The expert grid: one expert marked in both MoE layers (in the plan), the focused one's value below."""
+    async def run_before(pilot):
+        await _settle(pilot)
+        pilot.app.edit(lambda e: e.toggle_expert(0, 2))
+        pilot.app.edit(lambda e: e.toggle_expert(1, 4))
+        await pilot.press("enter")
+        await _settle(pilot)
+        pilot.app.screen.query_one("ExpertGrid").focus()
+        await pilot.pause()
+
+    assert snap_compare(moe_app, terminal_size=(80, 24), run_before=run_before)

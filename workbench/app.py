@@ -405,6 +405,12 @@ class WorkbenchApp(App):
 
         return jobs_root(self.session.path / "jobs" if self.session is not None else None)
 
+    def action_width(self) -> None:
+        from workbench.screens.width import WidthScreen
+
+        if self.editor is not None and not isinstance(self.screen, WidthScreen):
+            self.push_screen(WidthScreen())
+
     def action_jobs(self) -> None:
         from workbench.screens.jobs import JobsScreen
 
@@ -655,13 +661,16 @@ class WorkbenchApp(App):
         yield SystemCommand("plan: Apply", "write the pruned model", self.action_apply_plan)
         yield SystemCommand("plan: Add reconstruction step...", "refit the cut layers on calibration text (training-"
                             "free)", self.action_reconstruct)
-        yield SystemCommand("jobs: Show", "distill / redistill jobs and their loss curves", self.action_jobs)
+        yield SystemCommand("plan: Width view", "residual channels by score, the prune_hidden cut", self.action_width)
+        yield SystemCommand("jobs: Show", "distill / redistill / compress jobs and their progress", self.action_jobs)
         yield SystemCommand("compare: Models", "original vs the plan's output vs job outputs", self.action_compare)
         yield SystemCommand("marks: Undo", "undo the last mark", self.action_undo)
         yield SystemCommand("marks: Redo", "redo", self.action_redo)
         yield SystemCommand("marks: Mark lowest N%", "heads / groups / neurons by the metric", self.action_mark_lowest)
         yield SystemCommand("scores: Compute", "score heads, neurons, layers, spectra on text", self.action_score)
         yield SystemCommand("scores: Load file", "a score file from `workbench score`", self.action_load_scores)
+        yield SystemCommand("scores: Channels and experts (here)", "channel_norm; expert_freq / expert_reap on MoE "
+                            "models, when the score file lacks them", self.action_width_scores)
         yield SystemCommand("scores: Next metric", "cycle the importance metric", self.action_next_metric)
         for theme in THEMES:
             yield SystemCommand(f"theme: {theme.name}", "switch theme", lambda n=theme.name: self.set_theme(n))

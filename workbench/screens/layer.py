@@ -71,10 +71,11 @@ class LayerScreen(Screen):
         after = cut.result_shape()
         s = cut.shape
         pending = app.editor.pending_note(layer)
+        mlp = (f"experts {len(cut.kept_experts)}/{cut.num_experts}" if cut.num_experts  # an MoE block: no neurons
+               else f"MLP {after.mlp}/{s.mlp}")
         self.query_one("#summary", Static).update(
-            f"[b]layer {layer}[/b] · heads {after.heads}/{s.heads} · KV groups {after.kv_heads}/{s.kv_heads} · "
-            f"MLP {after.mlp}/{s.mlp}" + (" · [b]DROPPED[/b]" if cut.dropped else "")
-            + (f" · experts {len(cut.kept_experts)}/{cut.num_experts}" if cut.num_experts else "")
+            f"[b]layer {layer}[/b] · heads {after.heads}/{s.heads} · KV groups {after.kv_heads}/{s.kv_heads} · {mlp}"
+            + (" · [b]DROPPED[/b]" if cut.dropped else "")
             + (f"\n[b]pending[/b] (not in the plan yet) {pending.split(': ', 1)[1]}" if pending else "")
         )
         if self.num_experts:

@@ -113,9 +113,7 @@ class ModelScreen(Screen):
         self.app.edit(lambda e: e.toggle_attention(self.current_layer))
 
     def action_width(self) -> None:
-        from workbench.screens.width import WidthScreen
-
-        self.app.push_screen(WidthScreen())
+        self.app.action_width()
 
     def action_toggle_mlp(self) -> None:
         self.app.edit(lambda e: e.toggle_mlp(self.current_layer))

@@ -14,11 +14,11 @@ from textual.widget import Widget
 
 from workbench.plots import heat_bucket
 
-PER_ROW = 8
+PER_ROW = 8  # at most; fewer when the cells would not fit the width (14 columns a cell with scores, 6 without)
 
 
 class ExpertGrid(Widget, can_focus=True):
-    """Experts in rows of eight; the focused one's value and the router's top-k under the grid."""
+    """Experts in rows of up to eight; the focused one's value and the router's top-k under the grid."""
 
     DEFAULT_CSS = """
     ExpertGrid { height: auto; min-height: 3; padding: 0 1; border: round $panel; }
@@ -27,8 +27,8 @@ class ExpertGrid(Widget, can_focus=True):
     BINDINGS = [
         Binding("left", "move(-1)", "prev expert", show=False, id="experts.left"),
         Binding("right", "move(1)", "next expert", show=False, id="experts.right"),
-        Binding("up", f"move(-{PER_ROW})", "row up", show=False, id="experts.up"),
-        Binding("down", f"move({PER_ROW})", "row down", show=False, id="experts.down"),
+        Binding("up", "move_row(-1)", "row up", show=False, id="experts.up"),
+        Binding("down", "move_row(1)", "row down", show=False, id="experts.down"),
         Binding("space", "toggle", "expert", id="experts.toggle"),
     ]
 
@@ -51,8 +51,12 @@ class ExpertGrid(Widget, can_focus=True):
         self.scores, self.metric, self.marked, self.pending = scores, metric, set(marked), pending
         self.refresh(layout=True)
 
+    def per_row(self, width: int | None = None) -> int:
+        cell = 14 if self.scores else 6
+        return max(1, min(PER_ROW, (width if width is not None else self.content_size.width or 80) // cell))
+
     def get_content_height(self, container, viewport, width: int) -> int:
-        return -(-self.experts // PER_ROW) + 1
+        return -(-self.experts // self.per_row(width)) + 1  # the rows, then the focused expert
 
     def render(self) -> Text:
         styles = self.app.theme_variables if self.app else {}
@@ -61,6 +65,7 @@ class ExpertGrid(Widget, can_focus=True):
         values = self.scores or []
         lo, hi = (min(values), max(values)) if values else (0.0, 0.0)
         text = Text()
+        per_row = self.per_row()
         for e in range(self.experts):
             glyph = ("?" if self.pending else "×") if e in self.marked else " "
             label = f"{glyph}e{e:<3}" + (f"{values[e]:>8.2e}" if values else "")
@@ -70,7 +75,7 @@ class ExpertGrid(Widget, can_focus=True):
             if e == self.cursor and self.has_focus:
                 style += " reverse"
             text.append(label + " ", style=style.strip())
-            if e % PER_ROW == PER_ROW - 1 or e == self.experts - 1:
+            if e % per_row == per_row - 1 or e == self.experts - 1:
                 text.append("\n")
         value = f"{values[self.cursor]:.4g}" if values else "no scores"
         text.append(f"expert {self.cursor}: {self.metric or 'metric'} = {value} · {self.experts - len(self.marked)} "
@@ -80,6 +85,9 @@ class ExpertGrid(Widget, can_focus=True):
     def action_move(self, step: int) -> None:
         self.cursor = (self.cursor + step) % self.experts
         self.refresh()
+
+    def action_move_row(self, step: int) -> None:
+        self.action_move(step * self.per_row())
 
     def action_toggle(self) -> None:
         self.post_message(self.Toggle(self.cursor))
