@@ -35,7 +35,10 @@ def sample_continuations(model, prompts: torch.Tensor, new_tokens: int, generato
     Returns:
         (B, P + new_tokens) int64, an ordinary tensor (not an inference tensor: it may feed a training forward).
     """
-    with torch.inference_mode():
+    from torch.distributed.fsdp import FSDPModule
+
+    # an FSDP-sharded model samples under no_grad: its one-rank all-gather cannot fill inference tensors (torch 2.13)
+    with torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode():
         ids = _sample(model, prompts, new_tokens, generator, temperature)
     return ids.clone()  # a clone outside inference mode is an ordinary tensor
 

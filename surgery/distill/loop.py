@@ -3,7 +3,8 @@
 One optimizer step: the global batch of `batch_size` blocks is cut into `grad_accum` x `world.size` micro-batches;
 for each, the teacher runs in `torch.inference_mode()` (no autograd state kept), the student in train mode, both
 under bf16 autocast on GPU; every loss term is computed in float32, weighted, and back-propagated; gradients are
-averaged over ranks by DDP; then clipping and one AdamW step. Each term is returned separately for the event log.
+averaged over ranks by DDP, or reduce-scattered by FSDP (`fsdp`: student and teacher sharded, surgery.distill.fsdp);
+then clipping and one AdamW step. Each term is returned separately for the event log.
 
 Batches come from the data, or (on-policy steps, `on_policy` lambda) from continuations the student samples after
 each block's prompt, or (`seq_kd`) from the teacher's own continuations; on sampled batches only the sampled
@@ -24,6 +25,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -166,13 +168,13 @@ class Trainer:
 
         self.cfg, self.prep, self.world = cfg, prep, world
         self.student, self.teacher, self.projection = prep.student, prep.teacher, prep.projection
-        micro_total = cfg.grad_accum * world.size
-        if cfg.batch_size % micro_total:
-            raise UserError(f"batch_size {cfg.batch_size} must be a multiple of grad_accum x processes "
-                            f"({cfg.grad_accum} x {world.size})")
-        if cfg.fsdp:
-            raise UserError("--fsdp is not supported yet: run without it (DDP replicates the student on each rank)")
-        self.micro = cfg.batch_size // micro_total
+        from surgery.distill.world import check_world_size
+
+        check_world_size(cfg.batch_size, cfg.grad_accum, world.size)
+        if cfg.fsdp and not world.distributed:
+            raise UserError("fsdp needs a process group: start the job through surgery.distill.world.init_world")
+        self.sharded = cfg.fsdp  # FSDP2: parameters, gradients and optimizer state are sharded over the ranks
+        self.micro = cfg.batch_size // (cfg.grad_accum * world.size)
         self.weights = {n: w for n, w in cfg.losses.items() if w > 0}
         self.pairs = prep.check.pairs if cfg.hidden_losses else []
         self.s_layers = get_module(self.student, spec_for_config(self.student.config).layers)
@@ -180,7 +182,16 @@ class Trainer:
                          else get_module(self.teacher, spec_for_config(self.teacher.config).layers))
         self.needs_logits = bool(cfg.logit_losses or cfg.cross_vocab_losses) or self.weights.get("ce", 0) > 0
         self.model: nn.Module = self.student
-        if world.distributed:
+        self.ddp = world.distributed and not self.sharded
+        self.student_class = type(self.student)  # fully_shard subclasses it; the output is saved as this class
+        if self.sharded:
+            from surgery.distill import fsdp
+
+            policy = fsdp.mixed_precision(world, cfg.autocast)
+            fsdp.shard(self.student, self.s_layers, world, policy)
+            if self.teacher is not None:
+                fsdp.shard(self.teacher, self.t_layers, world, policy)
+        elif self.ddp:
             from torch.nn.parallel import DistributedDataParallel
 
             # with hidden losses only, lm_head (and blocks past the last matched one) get no gradient
@@ -199,6 +210,11 @@ class Trainer:
 
     def _autocast(self):
         return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def _frozen(self):
+        """inference_mode for the teacher; no_grad under FSDP, whose one-rank all-gather cannot copy into the
+        inference tensors inference_mode would make of its buffers (torch 2.13)."""
+        return torch.no_grad() if self.sharded else torch.inference_mode()
 
     def step_source(self, step: int) -> str:
         """Where the batches of `step` come from: "student" (on-policy), "teacher" (seq-kd) or "data"."""
@@ -243,7 +259,7 @@ class Trainer:
             kwargs = {"input_ids": aligned.teacher_ids.to(self.world.device),
                       "attention_mask": aligned.attention_mask.to(self.world.device)}
         need = bool(cfg.logit_losses or cfg.cross_vocab_losses)
-        with capture_blocks(self.t_layers, t_wanted) as t_states, torch.inference_mode(), self._autocast():
+        with capture_blocks(self.t_layers, t_wanted) as t_states, self._frozen(), self._autocast():
             t_out = self.teacher(**kwargs, use_cache=False, logits_to_keep=0 if need else 1)
         # inference tensors cannot be saved for backward: the hidden states enter differentiable ops directly,
         # so they are cloned into normal tensors (the logits only enter through new tensors, no copy needed)
@@ -303,7 +319,8 @@ class Trainer:
         for m, batch in enumerate(batches):
             last = m == len(batches) - 1
             # DDP: average gradients only once per optimizer step, on the last micro-batch
-            sync = contextlib.nullcontext() if last or not self.world.distributed else self.model.no_sync()
+            # (FSDP reduce-scatters every micro-batch: its gradients stay sharded, the point of FSDP)
+            sync = contextlib.nullcontext() if last or not self.ddp else self.model.no_sync()
             with sync:
                 terms = self.loss_terms(batch)
                 total = L.weighted_total(terms, self.weights) / len(batches)
@@ -321,17 +338,35 @@ class Trainer:
                     p.grad /= self.world.size
         grad_norm = None
         if self.cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+            if self.sharded:
+                from surgery.distill.fsdp import clip_grad_norm
+
+                grad_norm = clip_grad_norm(self.params, self.cfg.max_grad_norm)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
             _check_finite(step, {"gradient norm": grad_norm})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # finite grads can still push a weight past float range (an absurd lr): one fused pass, before this step's
         # weights can reach a checkpoint or the output
-        _check_finite(step, {"weight norm": float(torch.nn.utils.get_total_norm(list(self.params)))})
+        _check_finite(step, {"weight norm": self._weight_norm()})
         logged["total"] = sum(self.weights[n] * v for n, v in logged.items())
         return StepResult(logged, lr, grad_norm, self.cfg.batch_size * self.cfg.seq_len, batches[0].source)
 
+    def _weight_norm(self) -> float:
+        if self.sharded:
+            from surgery.distill.fsdp import global_norm
+
+            return float(global_norm(list(self.params)))
+        return float(torch.nn.utils.get_total_norm(list(self.params)))
+
     # ------------------------------------------------------------------ evaluation
+
+    @property
+    def evaluates_here(self) -> bool:
+        """Whether this rank runs `evaluate`: rank 0 alone, except under FSDP, where every rank must take part in
+        each forward (its all-gathers); all then compute the same numbers and rank 0 logs them."""
+        return self.world.is_main or self.sharded
 
     def evaluate(self) -> dict | None:
         """Student perplexity on the eval blocks (surgery.metrics.perplexity), or None without eval data."""
@@ -339,9 +374,11 @@ class Trainer:
             return None
         from surgery.metrics.perplexity import perplexity
 
+        if self.sharded:  # the function without its inference_mode decorator (see _frozen)
+            perplexity = perplexity.__wrapped__
         self.student.eval()
         try:
-            with self._autocast():
+            with self._autocast(), self._frozen():
                 result = perplexity(self.student, self.prep.eval, batch_size=self.micro)
         finally:
             self.student.train()
@@ -351,7 +388,13 @@ class Trainer:
     # ------------------------------------------------------------------ state for checkpoints
 
     def state(self, next_step: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything that changes during training: (tensors for safetensors, JSON-able metadata)."""
+        """Everything that changes during training: (tensors for safetensors, JSON-able metadata).
+
+        Under FSDP the tensors are {}: every rank writes its shards with `write_shards` instead."""
+        if self.sharded:
+            return {}, {"step": next_step, "samples_seen": next_step * self.cfg.batch_size,
+                        "data_fingerprint": self.prep.train.fingerprint, "world_size": self.world.size,
+                        "sharded": "fsdp"}
         tensors: dict[str, torch.Tensor] = {}
         for name, p in self.student.named_parameters():
             tensors[f"student.{name}"] = p.detach()
@@ -390,6 +433,18 @@ class Trainer:
         if meta["data_fingerprint"] != self.prep.train.fingerprint:
             raise UserError("the training data changed since the checkpoint was written (token fingerprints "
                             "differ): restore the data or start a new job")
+        from surgery.distill.world import check_resume_world_size
+
+        check_resume_world_size(int(meta.get("world_size", 1)), self.world.size, bool(meta.get("sharded")))
+        if bool(meta.get("sharded")) != self.sharded:
+            raise UserError("the checkpoint was written " + ("with" if meta.get("sharded") else "without")
+                            + " fsdp and this job runs " + ("with" if self.sharded else "without") + " it: "
+                            "restore the job file's fsdp setting")
+        if self.sharded:
+            from surgery.distill.fsdp import read_shards
+
+            read_shards(Path(meta["path"]), self.checkpoint_modules(), self.optimizer, self.world)
+            return int(meta["step"])
         named = dict(self.student.named_parameters())
         if self.projection is not None:
             named.update({f"projection.{k}": v for k, v in self.projection.named_parameters()})
@@ -421,6 +476,44 @@ class Trainer:
         v, st, gauss = meta["python_random"]
         random.setstate((v, tuple(st), gauss))
         return int(meta["step"])
+
+
+    # ------------------------------------------------------------------ sharded checkpoints and the output
+
+    def checkpoint_modules(self) -> nn.Module:
+        """The trained modules under the names their checkpoint tensors get (student.*, projection.*)."""
+        modules = {"student": self.student}
+        if self.projection is not None:
+            modules["projection"] = self.projection
+        return nn.ModuleDict(modules)
+
+    def write_shards(self, tmp: Path) -> None:
+        """FSDP: write this rank's shards and RNG states into the checkpoint directory `tmp` (every rank calls it)."""
+        from surgery.distill.fsdp import write_shards
+
+        write_shards(tmp, self.checkpoint_modules(), self.optimizer, self.world)
+
+    def save_output(self, out: Path, *, tokenizer, manifest: dict | None, overwrite: bool) -> None:
+        """Save the trained student as an ordinary model directory from rank 0. Under FSDP every rank calls this:
+        the full state dict is gathered to rank 0's CPU first."""
+        from surgery.export import save_model_dir
+
+        if not self.sharded:
+            if self.world.is_main:
+                save_model_dir(self.student, out, tokenizer=tokenizer, manifest=manifest, overwrite=overwrite)
+            return
+        from surgery.distill import fsdp
+
+        full = fsdp.full_state_dict(self.student)
+        if not self.world.is_main:
+            return
+
+        def write(tmp: Path) -> None:
+            with fsdp.unsharded_class(self.student, self.student_class):
+                self.student.save_pretrained(tmp, state_dict=full, max_shard_size="5GB")
+
+        save_model_dir(self.student, out, tokenizer=tokenizer, manifest=manifest, overwrite=overwrite,
+                       write_weights=write)
 
 
 @dataclass

@@ -187,13 +187,16 @@ def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = No
 
     check = check_job(cfg)
     say = progress or (lambda _m: None)
+    # FSDP: models are read into CPU memory and fully_shard moves each rank's shard to `device`, so no device
+    # ever holds a whole model
+    load_device = torch.device("cpu") if cfg.fsdp else device
     say("loading student")
-    student = load_model(str(check.student_path), dtype=cfg.dtype, device=str(device))
+    student = load_model(str(check.student_path), dtype=cfg.dtype, device=str(load_device))
     student.model.train()
     teacher = None
     if cfg.teacher_cache is None or check.cache_manifest is None:
         say("loading teacher")
-        teacher = load_model(str(check.teacher_path), dtype=cfg.dtype, device=str(device))
+        teacher = load_model(str(check.teacher_path), dtype=cfg.dtype, device=str(load_device))
         teacher.model.requires_grad_(False)
     tokenizer = student.tokenizer or (teacher.tokenizer if teacher is not None else None)
     if tokenizer is None:

@@ -27,19 +27,12 @@ def _job_dir(target: Path, jobs_dir: str | None) -> Path:
     cfg = load_config(target).with_paths_from(target.parent)  # validate before making anything
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return create_job(jobs_root(jobs_dir), cfg.to_json()).path
-    import torch
-    import torch.distributed as dist
-
     from surgery.distill.world import init_world
 
-    world = init_world(cfg.device)
-    # rank 0 creates the directory and sends its path as bytes in a tensor (no pickled objects)
-    buf = torch.zeros(4096, dtype=torch.uint8, device=world.device)
-    if world.is_main:
-        raw = str(create_job(jobs_root(jobs_dir), cfg.to_json()).path).encode("utf-8")
-        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-    dist.broadcast(buf, src=0)
-    return Path(bytes(buf.cpu().tolist()).rstrip(b"\0").decode("utf-8"))
+    world = init_world(cfg.device, fsdp=cfg.fsdp)
+    # rank 0 creates the directory and sends its path to the others
+    path = str(create_job(jobs_root(jobs_dir), cfg.to_json()).path) if world.is_main else None
+    return Path(world.broadcast_text(path))
 
 
 def main(argv: list[str] | None = None) -> int:

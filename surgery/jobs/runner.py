@@ -76,6 +76,24 @@ def job_command(job: JobDir, nproc: int = 1) -> list[str]:
     return [sys.executable, *run]
 
 
+def check_launch(job: JobDir, nproc: int) -> None:
+    """Refuse, before anything is written, a process count that cannot split the job's batch or that differs from
+    the one its newest checkpoint was written with.
+
+    Raises:
+        UserError: Either mismatch (one line saying what to run instead).
+    """
+    from surgery.distill.config import load_config
+    from surgery.distill.world import check_resume_world_size, check_world_size
+    from surgery.jobs.checkpoint import latest_state
+
+    cfg = load_config(job.job_file)
+    check_world_size(cfg.batch_size, cfg.grad_accum, nproc)
+    state = latest_state(job.checkpoints_dir)
+    if state is not None:
+        check_resume_world_size(int(state.get("world_size", 1)), nproc, bool(state.get("sharded")))
+
+
 def start_job(job: JobDir, *, nproc: int = 1, resume: bool = False) -> subprocess.Popen:
     """Spawn the job's detached process (first start or resume); returns the Popen handle.
 
@@ -94,6 +112,7 @@ def start_job(job: JobDir, *, nproc: int = 1, resume: bool = False) -> subproces
         raise UserError(f"job {job.id} is done: nothing to resume (its model is in {job_status(job).output})")
     if resume and state == "created":
         resume = False
+    check_launch(job, nproc)
     fd = acquire_lock(job)
     try:
         events, _ = read_events(job.events_file)

@@ -88,7 +88,7 @@ def run_job(path: str | Path) -> int:
     from surgery.distill.loop import LoopHooks, Trainer, set_determinism, train
     from surgery.distill.prepare import prepare
     from surgery.distill.world import init_world
-    from surgery.jobs.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+    from surgery.jobs.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint, save_sharded_checkpoint
     from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock, write_process_record
 
     job = JobDir(Path(path).resolve())
@@ -110,7 +110,7 @@ def run_job(path: str | Path) -> int:
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         cfg = load_config(job.job_file)
-        world = init_world(cfg.device)
+        world = init_world(cfg.device, fsdp=cfg.fsdp)
         if world.is_main:
             threading.Thread(target=_heartbeat, args=(job, stop_beat), daemon=True).start()
         if threading.current_thread() is threading.main_thread():
@@ -135,8 +135,10 @@ def run_job(path: str | Path) -> int:
                 "bytes": prep.cache.manifest["bytes"], "key": prep.cache.manifest["key"]}
             log.append("start", step=start, pid=os.getpid(), world_size=world.size, resumed_from=resumed_from,
                        device=str(world.device), train=prep.train.describe(), teacher_cache=cache)
-            if start == 0 and prep.eval is not None:
-                log.append("eval", step=0, **trainer.evaluate())
+        if start == 0 and prep.eval is not None and trainer.evaluates_here:
+            before = trainer.evaluate()
+            if world.is_main:
+                log.append("eval", step=0, **before)
         world.barrier()
 
         clock = {"t0": time.perf_counter(), "avg": None}
@@ -156,26 +158,36 @@ def run_job(path: str | Path) -> int:
                            epoch=round(step_done * cfg.batch_size / prep.train.num_blocks, 4))
 
         def checkpoint(n: int) -> str | None:
-            if not world.is_main:
+            if not (world.is_main or trainer.sharded):  # FSDP: every rank writes its shards
                 return None
             tensors, meta = trainer.state(n)
             try:
-                p = save_checkpoint(job.checkpoints_dir, n, tensors, meta, keep=cfg.keep_checkpoints)
+                if trainer.sharded:
+                    p = save_sharded_checkpoint(job.checkpoints_dir, n, meta, world, trainer.write_shards,
+                                                keep=cfg.keep_checkpoints)
+                else:
+                    p = save_checkpoint(job.checkpoints_dir, n, tensors, meta, keep=cfg.keep_checkpoints)
             except CheckpointError as exc:
-                log.append("checkpoint_failed", step=n, error=str(exc))
+                if world.is_main:
+                    log.append("checkpoint_failed", step=n, error=str(exc))
                 return None
-            log.append("checkpoint", step=n, path=str(p.relative_to(job.path)))
+            if world.is_main:
+                log.append("checkpoint", step=n, path=str(p.relative_to(job.path)))
             return p.name
 
         def after_step(n: int) -> None:
             requested = world.is_main and job.checkpoint_request_file.exists()  # only rank 0 writes checkpoints
+            if trainer.sharded:  # ... except under FSDP, where all ranks must agree to write one
+                requested = world.any(requested)
             if n < cfg.steps and (n % cfg.checkpoint_every == 0 or requested):
                 checkpoint(n)
                 if requested:
                     job.checkpoint_request_file.unlink(missing_ok=True)
             if cfg.eval_every and n < cfg.steps and n % cfg.eval_every == 0 and prep.eval is not None:
-                if world.is_main:
-                    log.append("eval", step=n, **trainer.evaluate())
+                if trainer.evaluates_here:
+                    result = trainer.evaluate()
+                    if world.is_main:
+                        log.append("eval", step=n, **result)
                 world.barrier()
 
         def should_stop() -> bool:
@@ -187,21 +199,23 @@ def run_job(path: str | Path) -> int:
             if world.is_main:
                 log.append("cancelled", sync=True, step=finished, checkpoint=name)
             return 0
+        after = trainer.evaluate() if trainer.evaluates_here else None
+        if after is not None:
+            after = {"step": finished, **after}
+        out = Path(cfg.out).expanduser() if cfg.out else job.default_output
+        manifest = None
         if world.is_main:
-            after = trainer.evaluate()
             if after is not None:
-                after = {"step": finished, **after}
                 log.append("eval", **after)
             events, _ = read_events(job.events_file)
-            out = Path(cfg.out).expanduser() if cfg.out else job.default_output
             manifest = _manifest(job, cfg, prep, events, after)
             say("saving the student")
-            from surgery.export import save_model_dir
-            from surgery.sources import quiet_progress_bars
+        from surgery.sources import quiet_progress_bars
 
-            with quiet_progress_bars():
-                save_model_dir(trainer.student, out, tokenizer=prep.tokenizer, manifest=manifest,
-                               overwrite=cfg.overwrite or _output_owned_by(out, job.id))
+        with quiet_progress_bars():  # rank 0 writes; under FSDP every rank first sends its shards to rank 0
+            trainer.save_output(out, tokenizer=prep.tokenizer, manifest=manifest,
+                                overwrite=cfg.overwrite or _output_owned_by(out, job.id))
+        if world.is_main:
             log.append("done", sync=True, step=finished, output=str(out), eval=after)
         world.barrier()
         return 0

@@ -75,6 +75,8 @@ def distill(
                                                                      "(default: the job's output/).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
     nproc: NprocOpt = 1,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard student and teacher with FSDP2 over the processes "
+                                                      "(instead of DDP; one process: a 1-rank FSDP run).")] = False,
     jobs_dir: JobsDirOpt = None,
     foreground: Annotated[bool, typer.Option("--foreground", help="Run in this process, not detached.")] = False,
     print_job: Annotated[bool, typer.Option("--print-job", help="Print the job file and start nothing.")] = False,
@@ -95,10 +97,14 @@ def distill(
         "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
         "schedule": schedule, "warmup_steps": warmup, "seed": seed, "checkpoint_every": checkpoint_every,
         "device": device, "out": str(out_dir.expanduser().resolve()) if out_dir else None, "overwrite": overwrite,
+        "fsdp": fsdp,
     }
     cfg = parse_config(doc, "distill options")
     if foreground and nproc > 1:
         raise UserError("--foreground runs one process: drop --nproc, or run without --foreground")
+    from surgery.distill.world import check_world_size
+
+    check_world_size(cfg.batch_size, cfg.grad_accum, nproc)  # before a job directory exists
     if print_job:
         typer.echo(cfg.to_json(), nl=False)
         return
@@ -310,6 +316,9 @@ def resume(
 
     job = find_job(jobs_root(jobs_dir), job_id)
     load_config(job.job_file)  # a corrupt, binary or newer-version job.json is refused here, not seconds later
+    from surgery.jobs.runner import check_launch
+
+    check_launch(job, nproc)  # a batch the processes cannot split, or another world size than the checkpoint's
     _run(job, nproc, foreground, json_out, resume=True)
 
 
