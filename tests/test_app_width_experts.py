@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from test_app import opened
 from test_jobs import env, one_thread  # noqa: F401 (fixtures)
 from test_prune_experts import moe_model
 from tiny_models import make_model, tiny_tokenizer
@@ -17,16 +18,6 @@ from workbench.app import WorkbenchApp
 from workbench.screens.layer import LayerScreen
 from workbench.screens.width import WidthScreen, width_step
 from workbench.widgets.expert_grid import ExpertGrid
-
-
-async def opened(pilot, app):
-    for _ in range(100):
-        if app.editor is not None:
-            break
-        await pilot.pause(0.05)
-    await app.workers.wait_for_complete()
-    await pilot.pause()
-    assert app.editor is not None, "the model never opened"
 
 
 def steps_of(app, op):
@@ -81,6 +72,8 @@ async def test_width_view_cuts_lowest_channels_and_refuses_sizes_heads_cannot_di
         await pilot.press("escape")
         await pilot.pause()
         assert "hidden 64 → 60" in str(app.screen.query_one("#shape-info").render())
+        app.mark_lowest("channels", 0.25)  # `L channels 25%`: 16 channels, a multiple of the 4 heads
+        assert steps_of(app, "prune_hidden")[0]["channels"] == list(range(48, 64))
     assert width_step(576, 9, True) == 9 and width_step(2048, 32, True) == 32 and width_step(64, 4, False) == 1
 
 
@@ -116,10 +109,12 @@ async def test_expert_grid_marks_are_pending_until_every_moe_layer_matches_and_t
         await pilot.pause()
         refusal = [n.message for n in app._notifications if n.title == "refused"][-1]
         assert "fewer than the router's top-k (2): remove at most 4" in refusal
+        app.mark_lowest("experts", 0.5)  # `L experts 50%`: 3 of 6 in every MoE layer
+        assert steps_of(app, "prune_experts")[1] == {"op": "prune_experts", "layer": 1, "experts": [3, 4, 5]}
         await pilot.press("escape")
         await pilot.pause()
         table = app.screen.query_one("#layers")
-        assert str(table.get_row_at(0)[4]) == "2/6"  # the experts column
+        assert str(table.get_row_at(0)[4]) == "3/6"  # the experts column
 
 
 async def test_width_and_expert_steps_survive_reopening_a_session_and_undo_takes_the_newest_edit(tiny_llama, tmp_path):

@@ -594,13 +594,29 @@ class WorkbenchApp(App):
                 kind, pct = answer.split()
                 self.mark_lowest(kind, float(pct.rstrip("%")) / 100)
             except ValueError:
-                self.notify("answer like: heads 25%  |  groups 33%  |  neurons 20%", severity="error")
+                self.notify("answer like: heads 25%  |  groups 33%  |  neurons 20%  |  channels 10%  |  experts 25%",
+                            severity="error")
 
-        self.push_screen(PromptScreen("Mark lowest (heads|groups|neurons PERCENT), every layer:", "neurons 20%"), done)
+        self.push_screen(PromptScreen("Mark lowest (heads|groups|neurons|channels|experts PERCENT), every layer:",
+                                      "neurons 20%"), done)
 
     def mark_lowest(self, kind: str, fraction: float) -> None:
-        """Mark the lowest `fraction` of heads / KV groups / neurons in every layer by the current metric."""
+        """Mark the lowest `fraction` of heads / KV groups / neurons in every layer by the current metric (or of
+        the residual channels, or of every MoE layer's experts)."""
         from workbench.plots import lowest
+
+        if kind == "experts":
+            n = max((e for e in self.editor.shape.experts), default=0)
+            self.mark_lowest_experts(round(n * fraction)) if n else self.notify("this model has no experts")
+            return
+        if kind == "channels":
+            scores = self.scores.channel(self.metrics["channel"]) if self.scores and self.metrics["channel"] else None
+            if not scores:
+                self.notify("no channel scores: C in the width view computes them", severity="warning")
+                return
+            count = round(self.editor.shape.hidden * fraction)
+            self.edit(lambda e: e.set_hidden(lowest(scores, count), f"mark lowest {count} channels"))
+            return
 
         metric = self.metrics["neuron" if kind == "neurons" else "head"]
         if not self.scores or not metric:

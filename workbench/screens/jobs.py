@@ -168,25 +168,20 @@ class JobsScreen(Screen):
     def start_compress(self, fields: dict | None) -> None:
         from workbench.compress_job import start_compress
 
-        if not fields:
-            return
-        try:
-            job_id = start_compress(self.root, fields)
-        except Exception as exc:  # noqa: BLE001 - bad form input is shown, never a crash
-            self.app.notify(str(exc).splitlines()[0], title="compress not started", severity="error", timeout=10)
-            return
-        self.app.notify(f"started compress job {job_id}", title="jobs")
-        self.poll()
+        self._start(start_compress, fields, "compress job")
 
     def start_job(self, fields: dict | None) -> None:
+        self._start(start_distill, fields, "job")
+
+    def _start(self, starter, fields: dict | None, what: str) -> None:
         if not fields:
             return
         try:
-            job_id = start_distill(self.root, fields)
+            job_id = starter(self.root, fields)
         except Exception as exc:  # noqa: BLE001 - bad form input is shown, never a crash
-            self.app.notify(str(exc).splitlines()[0], title="job not started", severity="error", timeout=10)
+            self.app.notify(str(exc).splitlines()[0], title=f"{what} not started", severity="error", timeout=10)
             return
-        self.app.notify(f"started job {job_id}", title="jobs")
+        self.app.notify(f"started {what} {job_id}", title="jobs")
         self.poll()
 
 
