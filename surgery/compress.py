@@ -34,6 +34,10 @@ class CompressOptions:
     eval_seq_len: int = 2048
     calib_tokens: int = 8192
     calib_seq_len: int = 256
+    # the reconstruction's own calibration: 16,384 tokens in blocks of 2,048 measured best on the demo's 80% plans
+    # (docs/benchmarks.md, "Recovery without training": 2.80x against 3.01x with 8,192 and 3.54x with 4,096 x 1,024)
+    recon_tokens: int = 16384
+    recon_seq_len: int = 2048
     non_uniform: bool = False
     reconstruct: bool = True
     seq_len: int = 512
@@ -136,7 +140,7 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
         # inputs from the original model and ridge 0.1: the best measured setting on the demo's 80% plans
         # (docs/benchmarks.md, "Recovery without training": 3.54x against 4.02x with the pruned prefix,
         # non-uniform; 4.81x against 6.58x uniform)
-        plan = calibrate_for_source(plan, opts.data, tokens=opts.calib_tokens, seq_len=opts.calib_seq_len,
+        plan = calibrate_for_source(plan, opts.data, tokens=opts.recon_tokens, seq_len=opts.recon_seq_len,
                                     reconstruct=Reconstruct(op="reconstruct", inputs="original", ridge=0.1))
     plan.save(work / "plan.json")
     prelude["suggest"] = {"plan": str(work / "plan.json"), "params_before": s.params_before,

@@ -23,9 +23,11 @@ def compress(
                                                                       "stage.")] = None,
     eval_tokens: Annotated[int | None, typer.Option("--eval-tokens", help="Cap on eval tokens.")] = None,
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Eval block length.")] = 2048,
-    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Scoring / reconstruction tokens.")] = 8192,
-    calib_seq_len: Annotated[int, typer.Option("--calib-seq-len", help="Scoring / reconstruction block "
-                                               "length.")] = 256,
+    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Scoring tokens.")] = 8192,
+    calib_seq_len: Annotated[int, typer.Option("--calib-seq-len", help="Scoring block length.")] = 256,
+    recon_tokens: Annotated[int, typer.Option("--recon-tokens", help="Reconstruction calibration "
+                                              "tokens.")] = 16384,
+    recon_seq_len: Annotated[int, typer.Option("--recon-seq-len", help="Reconstruction block length.")] = 2048,
     non_uniform: Annotated[bool, typer.Option("--non-uniform", help="Let layers differ (loads with "
                                                                     "surgery.load).")] = False,
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="Refit the projections "
@@ -49,6 +51,7 @@ def compress(
 
     opts = CompressOptions(data=data, tokens=tokens, eval_data=eval_data, eval_tokens=eval_tokens,
                            eval_seq_len=eval_seq_len, calib_tokens=calib_tokens, calib_seq_len=calib_seq_len,
+                           recon_tokens=recon_tokens, recon_seq_len=recon_seq_len,
                            non_uniform=non_uniform,
                            reconstruct=reconstruct, seq_len=seq_len, batch_size=batch_size, lr=lr,
                            schedule=schedule, temperature=temperature,
