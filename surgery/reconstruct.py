@@ -92,20 +92,6 @@ class _Stop(Exception):
     """Raised from a hook once the activations a pass needs are captured: the rest of the layer is skipped."""
 
 
-class _Catcher(nn.Module):
-    """Stands in for a decoder layer during one model forward and records the arguments the model passed it."""
-
-    def __init__(self, calls: list, first: list | None) -> None:
-        super().__init__()
-        self.calls, self.first = calls, first
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.first is not None:
-            self.first.append(hidden_states)
-        self.calls.append((args, kwargs))
-        return hidden_states
-
-
 def load_calibration(cal: Calibration, tokenizer) -> TokenBlocks:
     """The plan's calibration tokens, refused when they are not the ones the plan was computed on."""
     blocks = load_blocks(cal.source, tokenizer, cal.seq_len, cal.tokens, text_field=cal.text_field)
@@ -223,22 +209,6 @@ def _call(layer: nn.Module, x: torch.Tensor, call: tuple) -> torch.Tensor:
     args, kwargs = call
     out = layer(x, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def _layer_inputs(model: nn.Module, spec, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list]]:
-    """Per batch: the first decoder layer's input, and per layer the (args, kwargs) the model passes it."""
-    layers = ops.get_module(model, spec.layers)
-    calls: list[list] = [[] for _ in layers]
-    first: list[torch.Tensor] = []
-    catchers = nn.ModuleList([_Catcher(calls[i], first if i == 0 else None) for i in range(len(layers))])
-    ops.set_module(model, spec.layers, catchers)
-    try:
-        for ids in batches:
-            model(input_ids=ids, use_cache=False)
-    finally:
-        ops.set_module(model, spec.layers, layers)
-    per_batch = [[calls[i][b] for i in range(len(layers))] for b in range(len(batches))]
-    return first, per_batch
 
 
 @contextlib.contextmanager
@@ -430,10 +400,10 @@ def run_data_steps(
     if not work:
         return report
     last = work[-1].index
-    x_o, calls_o = _layer_inputs(original, spec, batches)
-    x_p, calls_p = _layer_inputs(model, spec, batches)
-    calls_o = [[b[i] for b in calls_o] for i in range(len(calls_o[0]))]  # per layer, per batch
-    calls_p = [[b[i] for b in calls_p] for i in range(len(calls_p[0]))]
+    from surgery.importance.layerwise import capture_layer_calls
+
+    x_o, calls_o = capture_layer_calls(original, spec.layers, batches)  # per batch; per layer, per batch
+    x_p, calls_p = capture_layer_calls(model, spec.layers, batches)
     orig_layers, layers = ops.get_module(original, spec.layers), ops.get_module(model, spec.layers)
     position = {cut.index: j for j, cut in enumerate(resolution.kept_layers)}
     for cut in resolution.layers[: last + 1]:
