@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -20,7 +19,9 @@ from surgery.jobs.status import job_status
 from surgery.jobs.store import list_jobs
 from surgery.jobs.worker import run_job
 from cli_helpers import call, one_error_line
-from test_jobs import env, events_of, new_job, one_thread, output_tensors, wait_until  # noqa: F401 - fixtures
+from test_jobs import (  # noqa: F401 - fixtures
+    env, events_of, kill_after_first_checkpoint, new_job, one_thread, output_tensors,
+)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available in this torch build")
@@ -87,14 +88,7 @@ def test_fsdp_matches_one_process_and_ddp_and_resumes_bit_identically_after_sigk
 
     # SIGKILL after the first sharded checkpoint
     job = new_job(tmp_path / "b", env, fsdp=True, **over)
-    proc = start_job(job, nproc=2)
-    try:
-        wait_until(lambda: any(e["event"] == "checkpoint" for e in events_of(job)), timeout=300)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_first_checkpoint(job, nproc=2, timeout=300)  # SIGKILL to torchrun: its ranks die with it
     status = job_status(job)
     assert status.state == "lost" and 2 <= status.step < 10, status
     ckpt = sorted(p for p in job.checkpoints_dir.iterdir() if not p.name.startswith("."))[-1]

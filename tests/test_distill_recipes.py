@@ -4,21 +4,20 @@ cached teacher logits, cross-tokenizer ULD; each resumable bit for bit after SIG
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import string
 
 import pytest
 import torch
 
 from surgery.distill.loop import is_on_policy_step
-from surgery.jobs.runner import start_job
 from surgery.jobs.status import job_status
 from surgery.jobs.store import list_jobs
 from surgery.jobs.worker import run_job
 from cli_helpers import call, one_error_line
-from test_jobs import env, events_of, new_job, one_thread, output_tensors, wait_until  # noqa: F401 (fixtures)
+from test_jobs import (  # noqa: F401 (fixtures)
+    env, events_of, kill_after_first_checkpoint, new_job, one_thread, output_tensors,
+)
 from tiny_models import make_model
 
 
@@ -196,14 +195,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, env, xenv
     reference = new_job(tmp_path / "a", env, **over)
     assert run_job(reference.path) == 0, events_of(reference)[-1]
     job = new_job(tmp_path / "b", env, **over)
-    proc = start_job(job)
-    try:
-        wait_until(lambda: any(e["event"] == "checkpoint" for e in events_of(job)))
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_first_checkpoint(job)
     assert job_status(job).state == "lost"
     assert run_job(job.path) == 0
     assert [e for e in events_of(job) if e["event"] == "start"][-1]["resumed_from"] is not None

@@ -115,6 +115,18 @@ def wait_until(predicate, timeout=120.0, poll=0.05):
     raise AssertionError("timed out waiting")
 
 
+def kill_after_first_checkpoint(job: JobDir, nproc: int = 1, timeout: float = 120.0) -> None:
+    """Start `job` detached and SIGKILL its process group as soon as its first checkpoint event is written."""
+    proc = start_job(job, nproc=nproc)
+    try:
+        wait_until(lambda: any(e["event"] == "checkpoint" for e in events_of(job)), timeout=timeout)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 # ---------------------------------------------------------------- happy path through the CLI
 
 
