@@ -50,7 +50,8 @@ def evaluate_checkpoint(student: str, checkpoint: Path, blocks) -> dict:
     model.eval()
     t0 = time.perf_counter()
     result = perplexity(model, blocks)
-    return {"checkpoint": checkpoint.name, "perplexity": result.perplexity, "eval_s": round(time.perf_counter() - t0, 1)}
+    return {"checkpoint": checkpoint.name, "perplexity": result.perplexity,
+            "eval_s": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:

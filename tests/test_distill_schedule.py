@@ -1,4 +1,5 @@
-"""The learning-rate schedules of distillation jobs (surgery.distill.loop.lr_at), checked against their definitions."""
+"""The learning-rate schedules of distillation jobs (surgery.distill.loop.lr_at), checked against their
+definitions."""
 
 from __future__ import annotations
 
