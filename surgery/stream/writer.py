@@ -175,24 +175,33 @@ class HashingWriter:
 
     The hash runs in a thread beside the reads and writes (hashlib releases the GIL on large buffers): sha256 is
     slower than a disk copy on these machines, so hashing inline would cap the stream at the hash's speed. Pieces
-    go to it by reference, at most `_HASH_QUEUE` in flight (see SliceReader for why that keeps them valid). Files
+    go to it by reference, at most `_HASH_QUEUE` in flight (see SliceReader for why that keeps them valid);
+    `threaded=False` hashes inline instead (on a box whose cores are all busy the thread buys nothing). Files
     are not fsynced here: `surgery.export.save_model_dir` fsyncs every file of the directory once, before the
     rename that publishes it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threaded: bool = True) -> None:
         self.hash = hashlib.sha256()
         self.bytes_written = 0
-        self._queue: queue.Queue = queue.Queue(_HASH_QUEUE)
-        self._thread = threading.Thread(target=self._hash_loop, daemon=True)
-        self._thread.start()
+        self._queue: queue.Queue | None = None
+        if threaded:
+            self._queue = queue.Queue(_HASH_QUEUE)
+            self._thread = threading.Thread(target=self._hash_loop, daemon=True)
+            self._thread.start()
 
     def _hash_loop(self) -> None:
         while (piece := self._queue.get()) is not None:
             self.hash.update(piece)
 
+    def _hash(self, piece) -> None:
+        if self._queue is None:
+            self.hash.update(piece)
+        else:
+            self._queue.put(piece)
+
     def write_file(self, path: Path, pieces: Iterator[memoryview | bytes], cancel: threading.Event | None) -> None:
-        self._queue.put(path.name.encode("utf-8"))
+        self._hash(path.name.encode("utf-8"))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # as open(): umask decides
         try:
             for piece in pieces:
@@ -201,15 +210,16 @@ class HashingWriter:
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]
-                self._queue.put(piece)
+                self._hash(piece)
                 self.bytes_written += len(piece)
         finally:
             os.close(fd)
 
     def close(self) -> str:
         """Wait for the hash to catch up; returns the fingerprint ("sha256:<hex>")."""
-        self._queue.put(None)
-        self._thread.join()
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
         return "sha256:" + self.hash.hexdigest()
 
 
