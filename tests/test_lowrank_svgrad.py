@@ -117,6 +117,7 @@ def test_suggest_meets_the_target_with_low_rank_alone_or_a_rank_budget():
                      uniform=False)
     e = estimate(cfg, resolve_plan(parse_plan(json.loads(s.plan.to_json())), shape))
     assert e.params_after == s.params_after <= s.target_params  # low rank alone: at or below the target
+    assert s.target_params - s.params_after < s.granularity  # by less than the last hull segment taken
     assert all(step.op == "low_rank" for step in s.plan.steps) and s.summary["low_rank_choice"]["chosen"] > 0
     # a budget for attention's low rank, the MLP pruned to the rest of the target
     s = suggest_plan(scores, cfg, Target(params=0.8, low_rank=("attn",), rank_params=0.6), uniform=False)

@@ -351,6 +351,7 @@ class Allocator:
             if self._ranks_take_goal(goal):
                 self._choose_ranks(round(goal - self.removed))
                 goal = None  # low rank alone meets the target: nothing is pruned to fill it
+                self.granularity = self.ranks.last_step
             else:
                 self._choose_ranks()
         reserved = self.ranks.blocks if self.ranks else set()  # factorised blocks are not pruned

@@ -79,6 +79,7 @@ class RankChoice:
     spared: list[str] = field(default_factory=list)
     budget: int = 0
     dropped_values: int = 0
+    last_step: int = 0  # parameters saved by the last hull segment taken: how far past the budget it may land
 
 
 def _matches(site: LayerSite, path: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -200,7 +201,8 @@ def gradient_ranks(layout: ModelLayout, sites: list[LayerSite], names: tuple[str
             break
         before = matrices[k][1][picked.get(k, 0)][1]
         picked[k] = vertex
-        removed += matrices[k][1][vertex][1] - before
+        choice.last_step = matrices[k][1][vertex][1] - before
+        removed += choice.last_step
     for k, (path, opts) in enumerate(matrices):
         if k not in picked:
             choice.spared.append(path)
