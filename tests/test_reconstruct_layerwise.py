@@ -47,7 +47,12 @@ CASES = [(family, "pruned" if i % 2 == 0 else "original") for i, family in enume
 
 
 @pytest.mark.parametrize("family, inputs", CASES)
-def test_layerwise_fits_equal_in_memory_bit_for_bit(tmp_path, family, inputs):
+def test_layerwise_fits_equal_in_memory_bit_for_bit(tmp_path, monkeypatch, family, inputs):
+    from surgery.importance import layerwise
+
+    opened = []
+    real_open = layerwise.open_skeleton
+    monkeypatch.setattr(layerwise, "open_skeleton", lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1])
     src = save_tiny(tmp_path / family, family)
     blocks = blocks_of()
     loaded = load_model(str(src))
@@ -59,6 +64,9 @@ def test_layerwise_fits_equal_in_memory_bit_for_bit(tmp_path, family, inputs):
     seen = []
 
     def check(position, block):
+        # one original block in memory (the cut copy is `block`): every other layer of the checkpoint is on meta
+        in_memory = [not any(p.is_meta for p in layer.parameters()) for layer in opened[0].layers]
+        assert sum(in_memory) == 1
         state, ref = block.state_dict(), layers[position].state_dict()
         assert state.keys() == ref.keys()
         for name, value in ref.items():
@@ -68,4 +76,5 @@ def test_layerwise_fits_equal_in_memory_bit_for_bit(tmp_path, family, inputs):
     got = run_data_steps_layerwise(src, loaded.config_dict, resolution, blocks, on_block=check)
     assert seen == [0, 1] if family != "gpt2" else [0, 1, 2]
     assert got.describe() == want.describe()
+    assert all(p.is_meta for p in opened[0].layers.parameters())  # every block freed
     assert {f.module.rpartition(".")[2] for f in got.fits} == {spec.o, spec.down}
