@@ -77,7 +77,8 @@ class DistillConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the trained weights")
     autocast: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU)")
     deterministic: bool = Field(default=True, description="deterministic algorithms (exact resume on CPU)")
-    fsdp: bool = Field(default=False, description="FSDP instead of DDP under torchrun")
+    fsdp: bool = Field(default=False, description="FSDP2 instead of DDP under torchrun (student and teacher "
+                                                  "sharded; without torchrun a 1-rank FSDP run)")
 
     out: str | None = Field(default=None, description="final model directory (default: <job dir>/output)")
     overwrite: bool = False

@@ -21,7 +21,8 @@ JobsDirOpt = Annotated[
     typer.Option("--jobs-dir", help="Jobs root (default: $WORKBENCH_JOBS, else the user data dir's jobs/)."),
 ]
 IdArg = Annotated[str, typer.Argument(help="Job id (a unique prefix is enough) or job directory.")]
-NprocOpt = Annotated[int, typer.Option("--nproc", help="Processes (torch.distributed.run: DDP, gloo on CPU).")]
+NprocOpt = Annotated[int, typer.Option("--nproc", help="Processes (torch.distributed.run: DDP, or FSDP2 with "
+                                                        "--fsdp; gloo on CPU).")]
 
 
 def _abs_if_path(source: str | None) -> str | None:
