@@ -70,8 +70,11 @@ async def test_width_view_cuts_lowest_channels_and_refuses_sizes_heads_cannot_di
         await pilot.press("u")  # back to the first cut, then the model screen shows the new width
         assert len(steps_of(app, "prune_hidden")[0]["channels"]) == 4
         await pilot.press("escape")
+        await app.workers.wait_for_complete()
         await pilot.pause()
         assert "hidden 64 → 60" in str(app.screen.query_one("#shape-info").render())
+        estimate = app.totals.estimate  # the meta-model estimate of the plan: 4 of 64 channels everywhere
+        assert 0.9 * estimate.params_before < estimate.params_after < estimate.params_before
         app.mark_lowest("channels", 0.25)  # `L channels 25%`: 16 channels, a multiple of the 4 heads
         assert steps_of(app, "prune_hidden")[0]["channels"] == list(range(48, 64))
     assert width_step(576, 9, True) == 9 and width_step(2048, 32, True) == 32 and width_step(64, 4, False) == 1
