@@ -143,6 +143,14 @@ async def test_width_and_expert_steps_survive_reopening_a_session_and_undo_takes
         await opened(pilot, app)
         assert app.editor.hidden == [60, 61, 62, 63] and app.editor.layers[0].heads == {2, 3}
         assert [s.op for s in app.editor.plan().steps] == ["prune_heads", "prune_hidden"]
+        session.set_ui("plan_extras", json.dumps({"steps": [{"op": "prune_hidden", "channels": [1, 2, 3]}]}))
+    session.close()
+    session = Session.open("w", root=tmp_path / "home")  # UI state that no longer fits: said, not applied
+    app = WorkbenchApp(tiny_llama, load_weights=False, session=session)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await opened(pilot, app)
+        assert app.editor.hidden == [] and app.editor.layers[0].heads == {2, 3}
+        assert any("were left out" in n.message and "cannot be expressed" in n.message for n in app._notifications)
     session.close()
 
 

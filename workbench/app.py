@@ -121,6 +121,8 @@ class WorkbenchApp(App):
         self.report, self.config_dict, self.model_path = message.report, message.config, message.path
         self.editor = PlanEditor(shape_from_config(message.config), self.initial_plan, on_commit=self._committed,
                                  session=self.session)
+        for notice in self.editor.notices:
+            self.notify(notice, title="session", severity="warning", timeout=10)
         self.set_status("model", "")
         self.totals.source = self.source
         self.refresh_views()

@@ -110,6 +110,7 @@ class PlanEditor:
         # a loaded plan's data-driven parts (calibration block, reconstruct step, whitened/asvd low_rank), which are not
         # marks: kept as they are and written back by plan(), so editing such a plan never drops them
         self.data_steps: dict = {}
+        self.notices: list[str] = []  # for the UI to show once (e.g. session extras that no longer fit)
         if session is not None and plan is None:
             plan = self._with_extras(session.plan(), session.ui.extra.get(PLAN_EXTRAS_KEY))
         if plan is not None:
@@ -216,7 +217,9 @@ class PlanEditor:
                 doc["calibration"] = extra["calibration"]
             merged = parse_plan(doc)
             resolve_plan(merged, self.shape)
-        except (ValueError, TypeError, AttributeError, KeyError, PlanError):
+        except (ValueError, TypeError, AttributeError, KeyError, PlanError) as exc:
+            reason = exc.problems[0] if isinstance(exc, PlanError) else type(exc).__name__
+            self.notices.append(f"the session's width / expert / reconstruct steps were left out: {reason}")
             return plan
         return merged
 
