@@ -438,3 +438,25 @@ def test_layer_grad_equals_autograd_of_an_explicit_layer_gate(family):
             h.remove()
     torch.testing.assert_close(got[f"{layout.model_path}/layer_grad"], ref, rtol=1e-4, atol=1e-7)
     assert ref.min() > 0
+
+
+def test_magnitude_scores_read_a_low_rank_linear_as_its_product():
+    """A surgery checkpoint's LowRankLinear has a zero-length `weight`: the magnitude baselines use B @ A."""
+    from surgery.apply import apply_plan
+    from surgery.modules import LowRankLinear
+    from surgery.plan import parse_plan
+
+    cut = make_model("llama")
+    apply_plan(cut, parse_plan({"version": 1, "steps": [
+        {"op": "low_rank", "module": "model.layers.0.self_attn.q_proj", "rank": 5},
+        {"op": "low_rank", "module": "model.layers.1.mlp.down_proj", "rank": 7}]}))
+    dense = make_model("llama")
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        low = cut.get_submodule(path)
+        assert isinstance(low, LowRankLinear)
+        dense.get_submodule(path).weight.data = low.b.weight @ low.a.weight
+    got = score_model(cut, [], "head-magnitude,neuron-magnitude")
+    want = score_model(dense, [], "head-magnitude,neuron-magnitude")
+    assert got.keys() == want.keys() and got
+    for key in got:
+        torch.testing.assert_close(got[key], want[key])

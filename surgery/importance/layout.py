@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from surgery.arch import ArchSpec, spec_for_config
+from surgery.modules import LowRankLinear, dense_weight
 from surgery.ops import get_module
 from surgery.shapes import ModelShape, shape_from_config
 
@@ -110,5 +111,8 @@ def model_layout(model: nn.Module) -> ModelLayout:
 
 
 def weight_out_in(module: nn.Module, conv1d: bool):
-    """The (out, in) weight of a Linear, or of a GPT-2 Conv1D (stored (in, out))."""
+    """The (out, in) weight of a Linear, of a GPT-2 Conv1D (stored (in, out)), or of a low-rank Linear of a
+    surgery checkpoint multiplied back (B @ A: its `weight` is a zero-length placeholder)."""
+    if isinstance(module, LowRankLinear):
+        return dense_weight(module)[0]
     return module.weight.t() if conv1d else module.weight
