@@ -151,7 +151,7 @@ def demo(work: Path, repeats: int) -> None:
             rows[name].append((wall, m["rss_mb"], cpu, m["wall_s"], m["cpu_s"]))
             shutil.rmtree(out)
     med = {k: sorted(v)[len(v) // 2] for k, v in rows.items()}
-    cpu = {k: sorted(c for *_, c in v)[len(v) // 2] for k, v in rows.items()}  # CPU s of all threads: less noisy
+    cpu = {k: sorted(x[2] for x in v)[len(v) // 2] for k, v in rows.items()}  # CPU s of all threads: less noisy
     print(f"demo: interpreter + imports alone: peak RSS {base['rss_mb']:.0f} MB")
     for k, (s, *_) in med.items():
         spread = (max(x[0] for x in rows[k]) - min(x[0] for x in rows[k])) / 2
@@ -197,7 +197,8 @@ def synthetic(work: Path, shape: str) -> None:
     manifest = json.loads(a["stdout"])
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"{shape}: cp -r + sync of the input: {cp_s:.1f} s, {cp_rate / 1e6:.0f} MB/s")
-    print(f"{shape}: streaming apply (--stream, fingerprint cached): {a['wall_s']:.1f} s wall, peak RSS "
+    print(f"{shape}: streaming apply (--stream, fingerprint cached): {a['wall_s']:.1f} s wall, "
+          f"{a['cpu_s']:.1f} s CPU, peak RSS "
           f"{a['rss_mb']:.0f} MB (goal < 2 GB), wrote {written / 1e9:.2f} GB = {written / a['wall_s'] / 1e6:.0f} MB/s "
           f"({written / a['wall_s'] / cp_rate:.0%} of cp), read {manifest['apply']['bytes_read'] / 1e9:.2f} GB; "
           f"params {manifest['params']['before']:,} -> {manifest['params']['after']:,}")
