@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from surgery.errors import UserError
+from surgery.errors import PlanError, UserError
 
 SESSION_VERSION = 2
 JOURNAL_VERSION = 1
@@ -183,6 +183,7 @@ def plan_steps_to_bulk(steps: list[dict]) -> BulkPayload:
     plan = parse_plan({"version": 1, "steps": steps})
     marks: list[MarkPayload] = []
     ranks: dict[str, int] = {}
+    others: list[str] = []
     fields = {"prune_heads": ("heads", "heads"), "prune_kv_groups": ("kv_groups", "groups"),
               "prune_neurons": ("neurons", "neurons")}
     for step in plan.steps:
@@ -193,8 +194,15 @@ def plan_steps_to_bulk(steps: list[dict]) -> BulkPayload:
             marks.append(MarkPayload(what="layers", indices=list(step.layers)))
         elif step.op in ("drop_attention", "drop_mlp"):
             marks.append(MarkPayload(what=step.op.removeprefix("drop_"), indices=[step.layer]))
-        else:  # low_rank
+        elif step.op == "low_rank":
             ranks[step.module] = step.rank
+        else:
+            others.append(step.op)
+    if others:
+        # Why refuse rather than skip: a silently dropped width cut or refit would change what the plan does.
+        raise PlanError([f"a session's marks cannot hold {', '.join(sorted(set(others)))} steps (only heads, "
+                         "KV groups, neurons, layers and low-rank ranks): keep them in its UI state "
+                         "(sessions.extras.split_plan)"])
     return BulkPayload(marks=marks, ranks=ranks)
 
 

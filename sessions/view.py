@@ -16,7 +16,7 @@ from sessions.lock import LockInfo, SessionLock, pid_alive, read_lock
 from sessions.model import Marks, SessionModel, UIState
 from sessions.paths import LOCK_FILE
 from sessions.state import SessionState
-from surgery.errors import UserError
+from surgery.errors import PlanError, UserError
 from surgery.plan import ModelRef, Plan
 
 
@@ -99,6 +99,22 @@ class SessionView:
         return Plan(model=ModelRef(source=self.model.source, fingerprint=self.model.fingerprint),
                     steps=self._state.marks.to_steps(), provenance={"session": self.name, "journal_seq": self.seq})
 
+    def full_plan(self) -> Plan:
+        """The marks plus the steps kept in the UI state (sessions.extras): the plan the TUI shows.
+
+        Raises:
+            PlanError: The kept steps no longer parse (a one-line reason; nothing is dropped silently).
+        """
+        from sessions.extras import PLAN_EXTRAS_KEY, merge_plan_extras
+
+        try:
+            return merge_plan_extras(self.plan(), self._state.ui.extra.get(PLAN_EXTRAS_KEY))
+        except PlanError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise PlanError([f"session {self.name!r}: its width / expert / reconstruct steps do not parse "
+                             f"({type(exc).__name__}: {exc})"]) from None
+
     def validate(self):
         """Validate the plan against the session's model config; returns the Resolution.
 
@@ -110,11 +126,11 @@ class SessionView:
 
         if self.shape is None:
             raise UserError(f"session {self.name!r} has no usable config.json for its model: open it with its model")
-        return resolve_plan(self.plan(), self.shape)
+        return resolve_plan(self.full_plan(), self.shape)
 
     def check_model(self, other: SessionModel) -> ModelCheck:
         """Compare the session's model with `other` (fingerprint) and re-validate the plan against its config."""
-        return check_model(self.model, self.plan(), other)
+        return check_model(self.model, self.full_plan(), other)
 
     def contents(self) -> SessionContents:
         """Score files, jobs (with status), evaluation records and exports stored in the session."""
@@ -162,5 +178,5 @@ class SessionView:
         """
         from surgery.pipeline import apply_to_source  # torch: only when asked
 
-        return apply_to_source(self.plan(), out, model, force=force, overwrite=overwrite, dtype=dtype,
+        return apply_to_source(self.full_plan(), out, model, force=force, overwrite=overwrite, dtype=dtype,
                                progress=progress)

@@ -213,3 +213,37 @@ def test_open_refuses_a_plan_that_does_not_fit_with_every_problem(capsys, home, 
     assert code == 2
     assert "steps[0]" in err and "steps[1]" in err  # both problems, before any session exists
     assert not (home / "sessions" / "fresh").exists()
+
+
+def test_open_with_a_width_cut_keeps_it_and_export_and_replay_carry_it(capsys, home, model_dir, tmp_path):
+    """A plan step the journal cannot hold (prune_hidden) goes to the session's UI state, never silently away."""
+    plan_file = tmp_path / "width.json"
+    plan_file.write_text(json.dumps({"version": 1, "steps": [
+        {"op": "prune_heads", "layer": 0, "heads": [1, 3]}, {"op": "prune_hidden", "channels": [0, 5, 9, 17]}]}))
+    make_session(capsys, model_dir, marks=False)
+    code, out, err = call(capsys, "open", model_dir, "--session", "smol", "--plan", plan_file)
+    assert code == 0, err
+    with Session.open("smol", readonly=True) as s:
+        assert [st.op for st in s.plan().steps] == ["prune_heads"]  # the journal: marks only
+        assert [st.op for st in s.full_plan().steps] == ["prune_heads", "prune_hidden"]
+    exported = tmp_path / "exported.json"
+    code, out, err = call(capsys, "sessions", "export", "smol", "--plan", exported)
+    assert code == 0, err
+    assert [st.op for st in load_plan(exported).steps] == ["prune_heads", "prune_hidden"]
+    code, out, err = call(capsys, "sessions", "replay", "smol", "--out", tmp_path / "cut", "--json")
+    assert code == 0, err
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    original = json.loads((model_dir / "config.json").read_text())
+    assert config["hidden_size"] == original["hidden_size"] - 4
+
+
+def test_session_load_plan_refuses_steps_its_journal_cannot_hold(home, model_dir):
+    from sessions import describe_source
+    from surgery.errors import PlanError
+    from surgery.plan import parse_plan
+
+    plan = parse_plan({"version": 1, "steps": [{"op": "prune_hidden", "channels": [0, 1]}]})
+    with Session.create("s", describe_source(str(model_dir)), root=home / "sessions") as s:
+        with pytest.raises(PlanError, match="cannot hold prune_hidden"):
+            s.load_plan(plan)
+        assert s.mark_count == 0

@@ -24,13 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surgery.errors import PlanError
+from sessions.extras import PLAN_EXTRAS_KEY, merge_plan_extras, split_plan
 from surgery.plan import DATA_RANK_METHODS, Plan, parse_plan
 from surgery.resolve import Resolution, resolve_plan
 from surgery.shapes import LayerShape, ModelShape
 
 PENDING_KEY = "pending_heads"  # session UI state: {layer: [heads]} as JSON, so a pending selection survives `q`
-PLAN_EXTRAS_KEY = "plan_extras"  # session UI state: the plan's steps a session's marks cannot hold (a plan as JSON)
-EXTRA_OPS = ("prune_hidden", "prune_experts", "reconstruct")
 # the resolver's words for the one expert rule a pending selection may break (surgery.resolve._check_experts)
 UNIFORM_EXPERTS = "every MoE layer must keep the same number of experts"
 
@@ -188,34 +187,14 @@ class PlanEditor:
         self.resolution = resolution
 
     # ------------------------------------------------------------------------- what a session cannot hold yet
-    @staticmethod
-    def _split(plan: Plan) -> tuple[Plan, str]:
-        """(the marks a session journals, the rest as JSON for its UI state: "" when there is none)."""
-        steps = [s.model_dump(exclude_none=True) for s in plan.steps]
-        marks = parse_plan({"version": 1, "steps": [s for s in steps if s["op"] not in EXTRA_OPS]})
-        extra = {"steps": [s for s in steps if s["op"] in EXTRA_OPS],
-                 "data_ranks": {s["module"]: {k: s[k] for k in ("method", "alpha") if k in s}
-                                for s in steps if s.get("method") in DATA_RANK_METHODS}}
-        if plan.calibration is not None:
-            extra["calibration"] = plan.calibration.model_dump(exclude_none=True)
-        if not (extra["steps"] or extra["data_ranks"] or plan.calibration is not None):
-            return marks, ""
-        return marks, json.dumps(extra, sort_keys=True)
+    _split = staticmethod(split_plan)
 
     def _with_extras(self, plan: Plan | None, text) -> Plan | None:
         """A session's marks plus the extras kept in its UI state; the marks alone when the two do not fit."""
         if plan is None or not text:
             return plan
         try:
-            extra = json.loads(text)
-            ranks = {m: {"method": "whitened"} for m in extra.get("whitened") or ()}  # UI state of older sessions
-            ranks.update(extra.get("data_ranks") or {})
-            steps = [{**s, **ranks[s["module"]]} if s["op"] == "low_rank" and s["module"] in ranks else s
-                     for s in (x.model_dump(exclude_none=True) for x in plan.steps)]
-            doc = {"version": 1, "steps": steps + list(extra.get("steps") or [])}
-            if extra.get("calibration"):
-                doc["calibration"] = extra["calibration"]
-            merged = parse_plan(doc)
+            merged = merge_plan_extras(plan, text)
             resolve_plan(merged, self.shape)
         except (ValueError, TypeError, AttributeError, KeyError, PlanError) as exc:
             reason = exc.problems[0] if isinstance(exc, PlanError) else type(exc).__name__

@@ -109,7 +109,12 @@ def open_session(
     s, created = Session.open_or_create(name, model, root=root)
     if plan is not None:
         try:
-            s.load_plan(plan, note=f"plan file {plan_file}")
+            from sessions.extras import PLAN_EXTRAS_KEY, split_plan
+
+            # the journal holds marks; width/expert cuts, refits and calibration go to the UI state, as in the TUI
+            marks, extras = split_plan(plan)
+            s.load_plan(marks, note=f"plan file {plan_file}")
+            s.set_ui(PLAN_EXTRAS_KEY, extras or None)
         except BaseException:
             s.close()
             raise
@@ -190,7 +195,7 @@ def export(
 ) -> None:
     """Write the session's current plan as a plan file (for `workbench apply`)."""
     s = Session.open(name, root=sessions_root(home), readonly=True)
-    plan = s.plan()
+    plan = s.full_plan()
     if not no_validate and s.shape is not None:
         s.validate()  # PlanError: every problem, one line each, exit 2
     if plan_file.is_dir():
@@ -217,7 +222,7 @@ def replay(
 ) -> None:
     """Apply the session's plan headlessly and write an HF-format directory (like `workbench apply`)."""
     s = Session.open(name, root=sessions_root(home), readonly=True)
-    if not s.plan().steps:
+    if not s.full_plan().steps:
         raise UserError(f"session {name!r} has no marks: nothing to apply")
     target = out_dir or s.path / "exports" / time.strftime("%Y%m%d-%H%M%S")
     start = time.perf_counter()
