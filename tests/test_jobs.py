@@ -240,6 +240,19 @@ def test_checkpoint_now_and_cancel(tmp_path, env):
     assert state["step"] == final["step"]
 
 
+def test_foreground_resume_ignores_a_stale_cancel_request(capsys, tmp_path, env):
+    """A cancel file left from an earlier attempt must not stop the resumed one (the detached path clears it too)."""
+    job = new_job(tmp_path, env, steps=4, checkpoint_every=2)
+    job.cancel_file.write_text("{}")  # cancelled at its first step, after a checkpoint
+    assert run_job(job.path) == 0 and job_status(job).state == "cancelled"
+    job.cancel_file.write_text("{}")  # stale: nobody asked this attempt to stop
+    code, _, err = call(capsys, "jobs", "resume", job.id, "--foreground", "--jobs-dir", tmp_path / "jobs")
+    assert code == 0, err
+    assert job_status(job).state == "done" and events_of(job)[-1]["event"] == "done"
+    code, _, err = call(capsys, "jobs", "resume", job.id, "--foreground", "--jobs-dir", tmp_path / "jobs")
+    assert code == 2 and "is done" in one_error_line(err)
+
+
 def test_sigterm_to_a_detached_job_cancels_it_cleanly(tmp_path, env):
     job = new_job(tmp_path, env, steps=2000, checkpoint_every=1000)
     proc = start_job(job)

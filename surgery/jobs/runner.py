@@ -94,6 +94,24 @@ def check_launch(job: JobDir, nproc: int) -> None:
         check_resume_world_size(int(state.get("world_size", 1)), nproc, bool(state.get("sharded")))
 
 
+def check_runnable(job: JobDir) -> str:
+    """Refuse to (re)start a job that runs or is done; returns its state. Both the detached and the foreground
+    paths call it, before anything changes.
+
+    Raises:
+        JobRunning: The job has a live process.
+        UserError: The job is done.
+    """
+    state = job_status(job).state
+    if state in ("running", "cancelling"):
+        pid = (job.read_process() or {}).get("pid", "?")
+        raise JobRunning(f"job {job.id} is already running (pid {pid}): wait for it to finish or cancel it with "
+                         f"`workbench jobs cancel {job.id}`")
+    if state == "done":
+        raise UserError(f"job {job.id} is done: nothing to resume (its model is in {job_status(job).output})")
+    return state
+
+
 def start_job(job: JobDir, *, nproc: int = 1, resume: bool = False) -> subprocess.Popen:
     """Spawn the job's detached process (first start or resume); returns the Popen handle.
 
@@ -103,14 +121,7 @@ def start_job(job: JobDir, *, nproc: int = 1, resume: bool = False) -> subproces
     """
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1 (got {nproc})")
-    state = job_status(job).state
-    if state in ("running", "cancelling"):
-        pid = (job.read_process() or {}).get("pid", "?")
-        raise JobRunning(f"job {job.id} is already running (pid {pid}): wait for it to finish or cancel it with "
-                         f"`workbench jobs cancel {job.id}`")
-    if state == "done":
-        raise UserError(f"job {job.id} is done: nothing to resume (its model is in {job_status(job).output})")
-    if resume and state == "created":
+    if check_runnable(job) == "created":
         resume = False
     check_launch(job, nproc)
     fd = acquire_lock(job)

@@ -132,8 +132,12 @@ def _launch(job_json: str, nproc: int, jobs_dir: Path | None, foreground: bool, 
 def _run(job, nproc: int, foreground: bool, json_out: bool, *, resume: bool) -> None:
     """Run `job` here (`foreground`: report its end, exit with its code) or detached (report the pid at once)."""
     if foreground:
+        from surgery.jobs.runner import check_runnable
         from surgery.jobs.worker import run_job
 
+        if resume:
+            check_runnable(job)
+            job.cancel_file.unlink(missing_ok=True)  # an old request must not cancel the new attempt (as detached)
         code = run_job(job.path)
         _report(job, json_out)
         if code:
