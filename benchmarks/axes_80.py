@@ -137,7 +137,7 @@ def measure(args) -> None:
 
     sources = [DEMO, *args.models]
     models = {s: load_model(s, dtype="float32") for s in sources}
-    blocks = load_blocks(args.wiki, models[DEMO].tokenizer, 2048, args.eval_tokens)
+    blocks = None if args.no_ppl else load_blocks(args.wiki, models[DEMO].tokenizer, 2048, args.eval_tokens)
     vocab = int(models[DEMO].model.get_input_embeddings().weight.shape[0])
     prompts = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(0))
     rows = {s: {"model": s, "params": sum(p.numel() for p in m.model.parameters())} for s, m in models.items()}
