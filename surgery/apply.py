@@ -84,11 +84,12 @@ def apply_resolution(
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
-    expert_counts = {len(c.kept_experts) for c in resolution.kept_layers if c.num_experts}
-    if len(expert_counts) == 1:  # resolve refuses per-layer counts
+    experts = resolution.result_experts
+    expert_counts = {n for n in experts if n}
+    if len(expert_counts) == 1:  # per-layer counts keep the base count here and go to surgery_layers
         setattr(model.config, spec.cfg_experts, expert_counts.pop())
     if factorize:  # a shapes-only preview does not need a truthful config (and plain_builds_same costs a build)
-        rewrite_config(model, resolution.shape, resolution.result_shapes(), kept)
+        rewrite_config(model, resolution.shape, resolution.result_shapes(), kept, experts)
     return model
 
 
@@ -108,13 +109,15 @@ def apply_plan(
     return apply_resolution(model, resolution, progress), resolution
 
 
-def rewrite_config(model: nn.Module, shape, result: list[LayerShape], kept: list[int]) -> None:
+def rewrite_config(model: nn.Module, shape, result: list[LayerShape], kept: list[int],
+                   experts: list[int] | None = None) -> None:
     """Make `model.config` describe the pruned model.
 
     Uniform results get plain values (num_attention_heads, num_key_value_heads, intermediate_size, head_dim) when
     plain transformers, built from that config, gives exactly the model's tensor shapes. Anything else keeps the
     base model's global values and lists every layer in `surgery_layers` (docs/formats.md); such checkpoints load
-    with `surgery.load`.
+    with `surgery.load`. `experts` (MoE models): experts each kept layer keeps (0: dense MLP); more than one count
+    among the MoE layers cannot be said in a plain config, so the entries then carry `experts` too.
     """
     config, spec = model.config, shape.spec
     setattr(config, spec.cfg_layers, len(result))
@@ -125,13 +128,16 @@ def rewrite_config(model: nn.Module, shape, result: list[LayerShape], kept: list
         delattr(config, SURGERY_LAYERS_KEY)
     uniform = len({(s.heads, s.kv_heads, s.mlp) for s in result}) == 1 and not any(
         s.low_rank or not s.has_attention or not s.has_mlp for s in result
-    )
+    ) and len({n for n in experts or [] if n}) <= 1
     if uniform and result:
         set_uniform_sizes(config, spec, result[0])
         if plain_builds_same(model):
             return
     set_uniform_sizes(config, spec, None, shape)
-    setattr(config, SURGERY_LAYERS_KEY, [s.to_entry() for s in result])
+    entries = [s.to_entry() for s in result]
+    for entry, n in zip(entries, experts or []):
+        entry["experts"] = n
+    setattr(config, SURGERY_LAYERS_KEY, entries)
 
 
 def plain_builds_same(model: nn.Module) -> bool:

@@ -128,6 +128,13 @@ class Resolution:
     def kept_layers(self) -> list[LayerCut]:
         return [c for c in self.layers if not c.dropped]
 
+    @property
+    def result_experts(self) -> list[int]:
+        """Experts each kept layer keeps (0: a dense or removed MLP); [] for a dense family."""
+        if not self.shape.experts:
+            return []
+        return [len(c.kept_experts) if c.num_experts and c.mlp_kept else 0 for c in self.kept_layers]
+
     def result_shapes(self) -> list[LayerShape]:
         """Shapes of the layers that remain, in order."""
         return [c.result_shape() for c in self.kept_layers]
@@ -298,7 +305,8 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
 
 
 def _check_experts(cuts: list[LayerCut], shape: ModelShape, problems: list[str]) -> None:
-    """Kept experts >= the router's top-k; one expert count for every MoE layer; no dense-MLP cuts on MoE layers."""
+    """Kept experts >= the router's top-k; no dense-MLP cuts on MoE layers. Layers may keep different expert counts
+    (the output then lists them in surgery_layers and loads with surgery.load)."""
     moe = [c for c in cuts if c.num_experts and not c.dropped and c.mlp_kept]
     if any(c.dropped for c in cuts) and any(not c.num_experts for c in cuts):
         # the config places dense layers by index (mlp_only_layers, decoder_sparse_step), which is not renumbered
@@ -313,11 +321,6 @@ def _check_experts(cuts: list[LayerCut], shape: ModelShape, problems: list[str])
                 f"{cut.expert_steps[-1]}: layer {cut.index} would keep {len(cut.kept_experts)} of {cut.num_experts} "
                 f"experts, fewer than the router's top-k ({shape.top_k}): remove at most "
                 f"{cut.num_experts - shape.top_k}")
-    counts = {c.index: len(c.kept_experts) for c in moe}
-    if len(set(counts.values())) > 1:
-        detail = ", ".join(f"layer {i} keeps {k}" for i, k in counts.items())
-        problems.append(f"steps: every MoE layer must keep the same number of experts (per-layer expert counts are "
-                        f"not supported yet): {detail}")
 
 
 def _check_hidden(steps: list[int], removed: set[int], shape: ModelShape, plan: Plan, problems: list[str]) -> None:

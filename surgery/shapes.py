@@ -146,6 +146,10 @@ def shape_from_config(cfg: dict) -> ModelShape:
     scaled = bool(cfg.get("scale_attn_by_inverse_layer_idx", False))
     vocab = size_field(cfg.get("vocab_size"), "vocab_size")
     experts, top_k = moe_layout(cfg, spec, num_layers)
+    if entries and experts:  # per-layer expert counts (surgery checkpoints) override the config's one count
+        experts = [size_field(e.get("experts", n), f"{SURGERY_LAYERS_KEY}[{i}].experts", minimum=0,
+                              maximum=n)
+                   for i, (e, n) in enumerate(zip(entries, experts))]
     return ModelShape(spec, hidden, vocab, tied, layers, heads, kv_heads, mlp, scaled, experts, top_k)
 
 

@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
 import surgery
 from llama_cpp_helpers import open_llama
-from surgery import ops
 from surgery.apply import apply_plan
 from surgery.errors import UserError
 from surgery.export import save_model_dir
@@ -145,9 +144,8 @@ def test_expert_cut_runs_in_llama_cpp(tmp_path, family, arch):
 
 
 def _refusals():
-    per_layer_experts = moe("mixtral")  # not reachable through a plan (resolve refuses it): cut in memory
-    ops.prune_moe_experts(per_layer_experts.model.layers[0].mlp, shape_from_config(
-        per_layer_experts.config.to_dict()).spec, [0, 1, 2, 3])
+    per_layer_experts, _ = apply_plan(moe("mixtral"), parse_plan({"version": 1, "steps": [
+        {"op": "prune_experts", "layer": 0, "experts": [4, 5]}]}))  # layer 0 keeps 4 experts, layer 1 all 6
     heads_on_moe, _ = apply_plan(moe("qwen3_moe"), parse_plan({"version": 1, "steps": [
         *EXPERT_CUT, {"op": "prune_heads", "layer": 0, "heads": [0, 2]}]}))
     width_qwen2, _ = apply_plan(make_model("qwen2"), parse_plan({"version": 1, "steps": [WIDTH]}))
@@ -194,5 +192,7 @@ def test_runtime_verdicts_follow_the_exporters(tmp_path):
         moe_fits = _fits(moe(family).config.to_dict(), EXPERT_CUT)
         assert moe_fits["transformers"].runs and moe_fits["llama.cpp"].runs and not moe_fits["llama.cpp"].adjustments
         assert not moe_fits["vllm"].runs and "no experts" in moe_fits["vllm"].why_not
+    per_layer = _fits(moe("mixtral").config.to_dict(), EXPERT_CUT[:1])  # layer 0 keeps 4 experts, layer 1 keeps 6
+    assert per_layer["transformers"].why_not == "per-layer expert counts" and not per_layer["llama.cpp"].runs
     unnormalised = _fits(moe("qwen3_moe", norm_topk_prob=False).config.to_dict(), EXPERT_CUT)
     assert not unnormalised["llama.cpp"].runs and "norm_topk_prob" in unnormalised["llama.cpp"].why_not

@@ -53,9 +53,8 @@ def _plan(removed):
     return parse_plan({"steps": [{"op": "prune_experts", "layer": k, "experts": v} for k, v in removed.items()]})
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_prune_experts_matches_masked_original(family):
-    removed = {0: [1, 4, 5], 1: [0, 2, 3]}  # same count per layer: plain transformers can express it
+def pruned_against_oracle(family: str, removed: dict[int, list[int]]):
+    """Apply the plan removing `removed`; assert it gives the masked original's logits; return the pruned model."""
     model, ids = moe_model(family), tokens()
     with torch.no_grad():
         full = model(ids).logits
@@ -65,6 +64,12 @@ def test_prune_experts_matches_masked_original(family):
         got = pruned(ids).logits
     torch.testing.assert_close(got, masked, atol=ATOL, rtol=0)
     assert (got - full).abs().max() > 1e-2  # experts that were routed to are gone: the oracle can tell
+    return pruned
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_prune_experts_matches_masked_original(family):
+    pruned = pruned_against_oracle(family, {0: [1, 4, 5], 1: [0, 2, 3]})  # same count per layer: a plain config
     assert pruned.config.to_dict()["num_local_experts"] == 3 and "surgery_layers" not in pruned.config.to_dict()
     assert pruned.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 3
 
@@ -92,8 +97,9 @@ def test_uniform_expert_cut_loads_with_plain_transformers(tmp_path, capsys):
       {"op": "prune_experts", "layer": 1, "experts": [0, 1, 2, 3, 4]}],
      "would keep 1 of 6 experts, fewer than the router's top-k (2): remove at most 4"),
     ([{"op": "prune_experts", "layer": 0, "experts": [6]}], "expert 6 out of range (layer 0 has 6 experts)"),
-    ([{"op": "prune_experts", "layer": 0, "experts": [1]}, {"op": "prune_experts", "layer": 1, "experts": [1, 2]}],
-     "every MoE layer must keep the same number of experts"),
+    ([{"op": "prune_experts", "layer": 0, "experts": [0, 1, 2, 3, 4]}, {"op": "prune_experts", "layer": 1,
+                                                                       "experts": [1]}],
+     "layer 0 would keep 1 of 6 experts, fewer than the router's top-k (2)"),  # per-layer counts: top-k per layer
     ([{"op": "prune_neurons", "layer": 0, "neurons": [1]}], "is a mixture-of-experts block"),
 ])
 def test_bad_prune_experts_is_one_line_exit_2(tmp_path, capsys, steps, needle):
@@ -147,24 +153,56 @@ def test_dense_layers_of_qwen3_moe_are_not_experts_and_block_drop_layers():
             resolve_plan(parse_plan({"steps": steps}), shape)
 
 
+def apply_with_cli(tmp_path, capsys, family: str, plan: dict) -> None:
+    """`workbench apply` the plan to a saved tiny model of `family` into tmp_path / "out"."""
+    src = tmp_path / "src"
+    moe_model(family).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    code, _, err = call(capsys, "apply", tmp_path / "plan.json", "--model", src, "--out", tmp_path / "out")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_per_layer_heads_on_moe_load_with_surgery_load(tmp_path, capsys, family):
     # one layer loses heads: surgery_layers, so the checkpoint goes through surgery.load, which must fuse the
     # per-expert tensors save_pretrained wrote (Mixtral: block_sparse_moe.experts.E.w1/w2/w3)
     import surgery
 
-    src = tmp_path / "src"
-    moe_model(family).save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
-    plan = tmp_path / "plan.json"
     steps = [{"op": "prune_heads", "layer": 0, "heads": [0, 2]},
              {"op": "prune_experts", "layer": 0, "experts": [1]}, {"op": "prune_experts", "layer": 1, "experts": [4]}]
-    plan.write_text(json.dumps({"version": 1, "steps": steps}))
-    capsys.readouterr()
-    code, _, err = call(capsys, "apply", plan, "--model", src, "--out", tmp_path / "out")
-    assert code == 0, err
+    apply_with_cli(tmp_path, capsys, family, {"version": 1, "steps": steps})
     assert "surgery_layers" in json.loads((tmp_path / "out" / "config.json").read_text())
     expected, _ = apply_plan(moe_model(family), parse_plan({"steps": steps}))
     with torch.no_grad():
         torch.testing.assert_close(surgery.load(str(tmp_path / "out"))(tokens()).logits, expected(tokens()).logits,
                                    atol=ATOL, rtol=0)
+
+
+PER_LAYER = {0: [1, 4, 5], 1: [2]}  # layer 0 keeps 3 experts, layer 1 keeps 5: no plain config says that
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_per_layer_expert_counts_match_masked_original(family):
+    pruned = pruned_against_oracle(family, PER_LAYER)
+    mlps = [layer.mlp for layer in pruned.model.layers]
+    assert [m.experts.gate_up_proj.shape[0] for m in mlps] == [3, 5]
+    assert [(m.experts.num_experts, m.gate.num_experts, m.gate.weight.shape[0]) for m in mlps] == [(3, 3, 3), (5, 5, 5)]
+    assert [e["experts"] for e in pruned.config.to_dict()["surgery_layers"]] == [3, 5]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_per_layer_expert_counts_save_and_load_with_surgery_load(tmp_path, capsys, family):
+    import surgery
+
+    apply_with_cli(tmp_path, capsys, family, json.loads(_plan(PER_LAYER).to_json()))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert [e["experts"] for e in config["surgery_layers"]] == [3, 5] and "surgery.load" in config["surgery_load_with"]
+    manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
+    assert manifest["output"]["loadable_with"] == "surgery"
+    loaded = surgery.load(str(tmp_path / "out"))
+    assert [layer.mlp.gate.num_experts for layer in loaded.model.layers] == [3, 5]
+    expected, _ = apply_plan(moe_model(family), _plan(PER_LAYER))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens()).logits, expected(tokens()).logits, atol=1e-5, rtol=0)

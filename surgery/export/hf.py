@@ -150,6 +150,10 @@ def restructure_to_config(model: nn.Module, config_dict: dict) -> None:
             ops.drop_mlp(layer, spec)
         elif s.mlp != shape.base_mlp:
             ops.prune_mlp_neurons(ops.get_module(layer, spec.mlp), spec, range(s.mlp), shape.base_mlp)
+        if shape.experts and shape.experts[idx] and s.has_mlp:
+            mlp = ops.get_module(layer, spec.mlp)
+            if ops.get_module(mlp, spec.experts).num_experts != shape.experts[idx]:  # per-layer expert counts
+                ops.prune_moe_experts(mlp, spec, range(shape.experts[idx]))
         for rel, rank in sorted(s.low_rank.items()):
             ops.empty_low_rank(layer, rel, rank, spec.conv1d)
 

@@ -54,9 +54,8 @@ class RuntimeFit:
 def shape_after(resolution) -> ModelShape:
     """The ModelShape a Resolution's output has (the base model's globals, the kept layers' shapes, the hidden size
     after prune_hidden, the experts each kept layer keeps)."""
-    experts = [len(c.kept_experts) if c.num_experts else 0 for c in resolution.kept_layers]
     return replace(resolution.shape, layers=resolution.result_shapes(), hidden=resolution.result_hidden,
-                   experts=experts if resolution.shape.experts else [])
+                   experts=resolution.result_experts)
 
 
 def _uniform(shape: ModelShape) -> bool:
