@@ -22,7 +22,8 @@ def plan_blockers(plan: Plan, *, pickle_weights: bool = False, trust_remote_code
         elif step.op not in STRUCTURAL_OPS:
             reasons.append(f"steps[{i}] ({step.op}): needs the activations of calibration text, so the model must run")
         elif step.op == "low_rank" and getattr(step, "method", None) not in (None, "svd"):
-            reasons.append(f"steps[{i}] (low_rank, method {step.method}): needs the input Gram matrix from "
+            needs = "per-channel input means" if step.method == "asvd" else "the input Gram matrix"
+            reasons.append(f"steps[{i}] (low_rank, method {step.method}): needs {needs} from "
                            "calibration text, so the model must run")
     if pickle_weights:
         reasons.append("the input weights are pickles, not safetensors: they cannot be read slice by slice")
