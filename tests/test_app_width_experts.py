@@ -94,7 +94,7 @@ async def test_expert_grid_marks_go_to_the_plan_per_layer_and_top_k_is_kept(tiny
         await pilot.press("right", "space")  # expert 1 of layer 0 alone: per-layer counts (surgery.load) are legal
         await pilot.pause()
         assert steps_of(app, "prune_experts") == [{"op": "prune_experts", "layer": 0, "experts": [1]}]
-        assert app.editor.pending_experts == {} and "×e1" in str(grid.render())
+        assert "×e1" in str(grid.render())
         await pilot.press("escape", "down", "enter")  # layer 1: one expert there too
         await pilot.pause()
         grid = app.screen.query_one(ExpertGrid)

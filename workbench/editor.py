@@ -9,9 +9,8 @@ group", so a head set that breaks only that rule is held as a *pending selection
 remembered in the session's UI state, but not in the plan. It becomes plan steps (one undoable edit) the moment it
 is GQA-legal, e.g. after one head has been picked in every group.
 
-Expert marks on MoE models work the same way for the rule "every MoE layer keeps the same number of experts": an
-expert set that breaks only that rule is the layer's pending expert selection until every MoE layer has the same
-count. Residual channels (prune_hidden), experts, the reconstruct step and the calibration block are not marks a
+Expert marks on MoE models go to the plan at once, layer by layer (MoE layers may keep different numbers of
+experts: the output then loads with surgery.load). Residual channels (prune_hidden), experts, the reconstruct step and the calibration block are not marks a
 session's journal can hold yet: with a session they are kept in its UI state (`PLAN_EXTRAS_KEY`), so they survive
 `q`, but the session's undo does not reach them (without a session, undo covers them like every other edit).
 """
@@ -30,8 +29,6 @@ from surgery.resolve import Resolution, resolve_plan
 from surgery.shapes import LayerShape, ModelShape
 
 PENDING_KEY = "pending_heads"  # session UI state: {layer: [heads]} as JSON, so a pending selection survives `q`
-# the resolver's words for the one expert rule a pending selection may break (surgery.resolve._check_experts)
-UNIFORM_EXPERTS = "every MoE layer must keep the same number of experts"
 
 
 def gqa_shortfall(shape: LayerShape, heads: set[int]) -> dict[int, int] | None:
@@ -105,7 +102,6 @@ class PlanEditor:
         self._undo: list[tuple] = []
         self._redo: list[tuple] = []
         self.pending: dict[int, set[int]] = {}  # layer -> the head set being picked, not GQA-legal yet
-        self.pending_experts: dict[int, set[int]] = {}  # layer -> expert set, waiting for the other MoE layers
         # a loaded plan's data-driven parts (calibration block, reconstruct step, whitened/asvd low_rank), which are not
         # marks: kept as they are and written back by plan(), so editing such a plan never drops them
         self.data_steps: dict = {}
@@ -381,7 +377,6 @@ class PlanEditor:
                                   hidden=list(resolution.hidden_removed),
                                   data_steps=self._data_steps_of(plan, resolution))
         self._set_pending({})  # a whole new plan: a half-picked selection no longer means anything
-        self.pending_experts = {}
         return resolution
 
     # ------------------------------------------------------------------------------------ width and experts
@@ -391,43 +386,22 @@ class PlanEditor:
                             hidden=list(channels))
 
     def experts_shown(self, layer: int) -> set[int]:
-        """The layer's removed experts as the user sees them: the pending selection if any, else the plan's."""
-        return set(self.pending_experts.get(layer, self.layers[layer].experts))
+        """The layer's removed experts (in the plan)."""
+        return set(self.layers[layer].experts)
 
     def set_experts(self, layer: int, experts: set[int], description: str | None = None) -> Resolution:
-        """Make `experts` the layer's removed experts. The plan needs the same expert count in every MoE layer: a
-        set that breaks only that rule is held as the layer's pending selection until the other layers match;
-        any other problem (fewer than top-k, a dense layer) is refused with the resolver's reason."""
+        """Make `experts` the layer's removed experts; a problem (fewer than top-k, a dense layer) is refused with
+        the resolver's reason."""
         self._require_live(layer)
-        wanted = {**self.pending_experts, layer: set(experts)}
 
         def edit(ls: list[LayerMarks]) -> None:
-            for i, chosen in wanted.items():
-                ls[i].experts = set(chosen)
+            ls[layer].experts = set(experts)
 
-        try:
-            resolution = self._change(description or f"experts {sorted(experts)} of layer {layer}", edit)
-        except PlanError as exc:
-            if exc.problems and all(UNIFORM_EXPERTS in p for p in exc.problems):
-                self.pending_experts = wanted
-                return self.resolution
-            raise
-        self.pending_experts = {}
-        return resolution
+        return self._change(description or f"experts {sorted(experts)} of layer {layer}", edit)
 
     def toggle_expert(self, layer: int, expert: int) -> Resolution:
         verb = "unmark" if expert in self.experts_shown(layer) else "mark"
         return self.set_experts(layer, self.experts_shown(layer) ^ {expert}, f"{verb} expert {expert} of layer {layer}")
-
-    def expert_pending_note(self, layer: int) -> str | None:
-        """What a pending expert selection still needs (None: nothing pending in this layer)."""
-        if layer not in self.pending_experts:
-            return None
-        kept = {i: n - len(self.experts_shown(i)) for i, n in enumerate(self.shape.experts)
-                if n and not self.layers[i].dropped and not self.layers[i].drop_mlp}
-        counts = ", ".join(f"layer {i} keeps {k}" for i, k in kept.items())
-        return (f"layer {layer}: experts {', '.join(map(str, sorted(self.pending_experts[layer])))} pending "
-                f"({UNIFORM_EXPERTS}): {counts}; mark as many in the other MoE layers, or unmark")
 
     def set_reconstruct(self, calibrated: Plan, description: str = "add reconstruct step") -> Resolution:
         """Take a calibrated copy of the plan under edit (surgery.reconstruct.calibrate_plan): its calibration

@@ -115,15 +115,11 @@ class LayerScreen(Screen):
     def refresh_experts(self) -> None:
         app, layer = self.app, self.layer_index
         metric = app.metric_for("expert")
-        pending = layer in app.editor.pending_experts
         self.query_one(ExpertGrid).update_state(app.scores.expert(layer, metric) if app.scores and metric else None,
-                                                metric or "", app.editor.experts_shown(layer), pending)
+                                                metric or "", app.editor.experts_shown(layer))
 
     def on_expert_grid_toggle(self, event: ExpertGrid.Toggle) -> None:
         self.app.edit(lambda e: e.toggle_expert(self.layer_index, event.expert))
-        note = self.app.editor.expert_pending_note(self.layer_index)
-        if note:  # nothing reached the plan: say what the uniform expert count still asks for
-            self.app.notify(note.split(": ", 1)[1], title="pending", severity="warning", timeout=8)
         self.app.refresh_views()
 
     def action_lowest_experts(self) -> None:

@@ -73,8 +73,6 @@ class ModelScreen(Screen):
                 state.append("no MLP")
             if cut.low_rank:
                 state.append("low-rank")
-            if layer.index in editor.pending_experts:
-                state.append("experts pending")
             if layer.index in editor.pending:
                 state.append("pending")
             gone = cut.dropped

@@ -1,7 +1,6 @@
 """The experts of one MoE layer, coloured by an expert metric (router frequency, REAP); space marks one.
 
-A marked expert reads `×e3` (struck through), a pending one (picked, waiting for the other MoE layers to keep as
-many) `?e3` (underlined): the glyph says it without colour, as in the head grid.
+A marked expert reads `×e3` (struck through): the glyph says it without colour, as in the head grid.
 """
 
 from __future__ import annotations
@@ -45,10 +44,9 @@ class ExpertGrid(Widget, can_focus=True):
         self.scores: list[float] | None = None
         self.metric = ""
         self.marked: set[int] = set()
-        self.pending = False  # the marks shown are a pending selection, not in the plan yet
 
-    def update_state(self, scores: list[float] | None, metric: str, marked: set[int], pending: bool) -> None:
-        self.scores, self.metric, self.marked, self.pending = scores, metric, set(marked), pending
+    def update_state(self, scores: list[float] | None, metric: str, marked: set[int]) -> None:
+        self.scores, self.metric, self.marked = scores, metric, set(marked)
         self.refresh(layout=True)
 
     def per_row(self, width: int | None = None) -> int:
@@ -67,11 +65,11 @@ class ExpertGrid(Widget, can_focus=True):
         text = Text()
         per_row = self.per_row()
         for e in range(self.experts):
-            glyph = ("?" if self.pending else "×") if e in self.marked else " "
+            glyph = "×" if e in self.marked else " "
             label = f"{glyph}e{e:<3}" + (f"{values[e]:>8.2e}" if values else "")
             style = f"on {heat[heat_bucket(values[e], lo, hi)]}" if values and heat[0] else ""
             if e in self.marked:
-                style = f"underline {marked_colour}" if self.pending else f"strike {marked_colour}"
+                style = f"strike {marked_colour}"
             if e == self.cursor and self.has_focus:
                 style += " reverse"
             text.append(label + " ", style=style.strip())
