@@ -20,7 +20,7 @@ from surgery.jobs.store import list_jobs
 from surgery.jobs.worker import run_job
 from cli_helpers import call, one_error_line
 from test_jobs import (  # noqa: F401 - fixtures
-    env, events_of, kill_after_first_checkpoint, new_job, one_thread, output_tensors,
+    assert_same_weights, env, events_of, kill_after_first_checkpoint, new_job, one_thread, output_tensors,
 )
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -109,10 +109,7 @@ def test_fsdp_matches_one_process_and_ddp_and_resumes_bit_identically_after_sigk
     run_detached(job, resume=True)
     starts = [e for e in events_of(job) if e["event"] == "start"]
     assert starts[-1]["resumed_from"] is not None and starts[-1]["step"] >= 2
-    want, got = output_tensors(two_ranks.default_output), output_tensors(job.default_output)
-    assert set(want) == set(got)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    assert_same_weights(two_ranks.default_output, job.default_output)
 
 
 def test_a_world_size_that_cannot_split_the_batch_is_refused_before_a_job_exists(capsys, tmp_path, env):

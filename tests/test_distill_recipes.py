@@ -16,7 +16,7 @@ from surgery.jobs.store import list_jobs
 from surgery.jobs.worker import run_job
 from cli_helpers import call, one_error_line
 from test_jobs import (  # noqa: F401 (fixtures)
-    env, events_of, kill_after_first_checkpoint, new_job, one_thread, output_tensors,
+    assert_same_weights, env, events_of, kill_after_first_checkpoint, new_job, one_thread, output_tensors,
 )
 from tiny_models import make_model
 
@@ -199,9 +199,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, env, xenv
     assert job_status(job).state == "lost"
     assert run_job(job.path) == 0
     assert [e for e in events_of(job) if e["event"] == "start"][-1]["resumed_from"] is not None
-    want, got = output_tensors(reference.default_output), output_tensors(job.default_output)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    assert_same_weights(reference.default_output, job.default_output)
 
 
 @pytest.mark.parametrize("flags, message", [

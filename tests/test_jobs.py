@@ -105,6 +105,14 @@ def output_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
+def assert_same_weights(want_dir: Path, got_dir: Path) -> None:
+    """Two output models hold the same tensor names and bit-identical values (the resume promise)."""
+    want, got = output_tensors(want_dir), output_tensors(got_dir)
+    assert set(want) == set(got)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
 def wait_until(predicate, timeout=120.0, poll=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -207,10 +215,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(capsys, tmp_path, e
     assert code == 0, err
     starts = [e for e in events_of(job) if e["event"] == "start"]
     assert starts[-1]["resumed_from"] is not None and starts[-1]["step"] >= 4
-    want, got = output_tensors(reference.default_output), output_tensors(job.default_output)
-    assert set(want) == set(got)
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    assert_same_weights(reference.default_output, job.default_output)
 
 
 # ---------------------------------------------------------------- cancel, crash, lost
