@@ -12,6 +12,7 @@ from typing import Any
 
 from sessions.check import ModelCheck, check_model
 from sessions.contents import SessionContents, list_contents
+from sessions.extras import PLAN_EXTRAS_KEY, merge_plan_extras
 from sessions.lock import LockInfo, SessionLock, pid_alive, read_lock
 from sessions.model import Marks, SessionModel, UIState
 from sessions.paths import LOCK_FILE
@@ -105,12 +106,8 @@ class SessionView:
         Raises:
             PlanError: The kept steps no longer parse (a one-line reason; nothing is dropped silently).
         """
-        from sessions.extras import PLAN_EXTRAS_KEY, merge_plan_extras
-
         try:
             return merge_plan_extras(self.plan(), self._state.ui.extra.get(PLAN_EXTRAS_KEY))
-        except PlanError:
-            raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PlanError([f"session {self.name!r}: its width / expert / reconstruct steps do not parse "
                              f"({type(exc).__name__}: {exc})"]) from None

@@ -183,8 +183,6 @@ class PlanEditor:
         self.resolution = resolution
 
     # ------------------------------------------------------------------------- what a session cannot hold yet
-    _split = staticmethod(split_plan)
-
     def _with_extras(self, plan: Plan | None, text) -> Plan | None:
         """A session's marks plus the extras kept in its UI state; the marks alone when the two do not fit."""
         if plan is None or not text:
@@ -202,7 +200,7 @@ class PlanEditor:
         """Hand an accepted change to the session: marks to its journal, the extras to its UI state. Returns
         whether the journal got an (undoable) entry."""
         after = self.plan()
-        (marks_before, extra_before), (marks_after, extra_after) = self._split(before), self._split(after)
+        (marks_before, extra_before), (marks_after, extra_after) = split_plan(before), split_plan(after)
         journaled = forward is not None or marks_after.to_json() != marks_before.to_json()
         if forward is not None:
             forward(self.session)
@@ -214,7 +212,7 @@ class PlanEditor:
 
     def _save_extras(self) -> None:
         if self.session is not None:
-            self.session.set_ui(PLAN_EXTRAS_KEY, self._split(self.plan())[1] or None)
+            self.session.set_ui(PLAN_EXTRAS_KEY, split_plan(self.plan())[1] or None)
 
     # ----------------------------------------------------------------------------------------------- edits
     def _state(self) -> tuple:
@@ -413,7 +411,7 @@ class PlanEditor:
     def _from_session(self, entry) -> bool:
         if entry is None:
             return False
-        self.load_plan(self._with_extras(self.session.plan(), self._split(self.plan())[1]))
+        self.load_plan(self._with_extras(self.session.plan(), split_plan(self.plan())[1]))
         self._commit("undo" if entry.kind == "undo" else "redo")
         return True
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from sessions import Session, check_name, default_name, describe_source, list_sessions, remove_session, sessions_root
+from sessions.extras import PLAN_EXTRAS_KEY, split_plan
 from surgery.errors import UserError
 from surgery.plan import load_plan
 from workbench.cli_common import (
@@ -109,8 +110,6 @@ def open_session(
     s, created = Session.open_or_create(name, model, root=root)
     if plan is not None:
         try:
-            from sessions.extras import PLAN_EXTRAS_KEY, split_plan
-
             # the journal holds marks; width/expert cuts, refits and calibration go to the UI state, as in the TUI
             marks, extras = split_plan(plan)
             s.load_plan(marks, note=f"plan file {plan_file}")
