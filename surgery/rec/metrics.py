@@ -126,6 +126,15 @@ def ranks_sampled(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.
     return (neg >= t).sum(1)
 
 
+def _check_scores(scores: torch.Tensor, first_user: int) -> None:
+    """Refuse NaN scores: every comparison with NaN is false, so a diverged model would rank each target first
+    (HR@10 1.0) instead of last."""
+    bad = torch.isnan(scores[:, 1:]).any(1)  # column 0 is padding
+    if bool(bad.any()):
+        raise UserError(f"the model scores items as NaN (first for user {first_user + int(bad.nonzero()[0])}): its "
+                        "weights are not finite (a diverged training run?); nothing to rank")
+
+
 def parse_protocol(protocol: str) -> int | None:
     """"full" -> None; "sampled-N" -> N negatives.
 
@@ -173,6 +182,7 @@ def evaluate(scorer: Scorer, data, *, split: str = "test", protocols: tuple[str,
             sl = slice(start, start + batch_size)
             width = max(1, int(lengths[sl].max()))  # no column beyond the longest history in the batch
             scores = scorer(histories[sl, :width], lengths[sl])  # (B, N + 1)
+            _check_scores(scores, start)
             for p in protocols:
                 if n_negs[p] is None:
                     ranks[p].append(ranks_full(scores, targets[sl], histories[sl]))

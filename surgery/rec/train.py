@@ -32,7 +32,7 @@ JOB_VERSION = 1
 class RecJob(BaseModel):
     """The job file of one rec training run (version 1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # --lr inf would train NaNs to "done"
 
     version: int = JOB_VERSION
     kind: Literal["rec-train"] = "rec-train"
@@ -235,6 +235,24 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], gr
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def check_finite(step: int, values: dict[str, float], lr: float, last_checkpoint: str | None) -> None:
+    """Stop a run whose loss, gradient norm or weights became NaN/inf (`step` 1-based) before they reach a
+    checkpoint or the output: one line naming the step, the values and what to try.
+
+    Raises:
+        TrainingDiverged: Any value not finite (the distillation loop's error, so jobs fail the same way).
+    """
+    from surgery.distill.loop import TrainingDiverged
+
+    bad = {name: v for name, v in values.items() if not math.isfinite(v)}
+    if bad:
+        what = ", ".join(f"{name} = {v}" for name, v in bad.items())
+        kept = (f"the last checkpoint ({last_checkpoint}) is intact" if last_checkpoint
+                else "no checkpoint was written yet")
+        raise TrainingDiverged(f"training diverged at step {step}: {what}; start again with a lower --lr "
+                               f"(it was {lr:g}); {kept}, nothing was saved to the output")
+
+
 class _CancelSignal:
     """`is_set()` when the job's cancel file exists (workbench jobs/rec cancel) or the caller's event is set."""
 
@@ -291,16 +309,19 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
             _load_optim(opt, tensors, meta["param_groups"])
             torch.set_rng_state(tensors["rng.cpu"])  # dropout draws continue exactly where they stopped
             step, epoch_seconds = meta["step"], meta.get("epoch_seconds", [])
+        last_ckpt = found[0].name if found else None
         log.append("start", step=step, pid=os.getpid(), world_size=1, resumed_from=found[0].name if found else None,
                    device=cfg.device, train={"users": len(users), **data.describe()})
 
         def checkpoint(n: int) -> str:
+            nonlocal last_ckpt
             tensors = {f"student.{k}": v for k, v in module.state_dict().items()}  # tied weights: save_checkpoint
             optim, groups = _optim_tensors(opt)
             p = save_checkpoint(job.checkpoints_dir, n, {**tensors, **optim, "rng.cpu": torch.get_rng_state()},
                                 {"param_groups": groups, "epoch_seconds": epoch_seconds},
                                 keep=cfg.keep_checkpoints)
             log.append("checkpoint", step=n, path=str(p.relative_to(job.path)))
+            last_ckpt = p.name
             return p.name
 
         t_epoch = time.perf_counter()
@@ -319,12 +340,16 @@ def run_rec_job(path: str | Path, *, progress: Callable[[str], None] | None = No
                 loss, terms = module.train_loss(x, y, users=user_ids[idx].to(cfg.device))
             else:
                 loss, terms = module.train_loss(x, y)
+            terms.setdefault("total", float(loss.detach()))
+            check_finite(step + 1, terms, cfg.lr, last_ckpt)  # before backward: a NaN step never reaches the weights
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            check_finite(step + 1, {"gradient norm": grad_norm}, cfg.lr, last_ckpt)
             opt.step()
+            # finite gradients can still push a weight past float range (an absurd --lr)
+            check_finite(step + 1, {"weight norm": float(torch.nn.utils.get_total_norm(params))}, cfg.lr, last_ckpt)
             step += 1
-            terms.setdefault("total", float(loss.detach()))
             seconds = time.perf_counter() - t0
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.append("step", step=step, losses=terms, lr=cfg.lr, grad_norm=round(grad_norm, 4),
