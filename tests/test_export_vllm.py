@@ -193,3 +193,41 @@ def test_cli_prints_padding_and_refuses_bad_input_in_one_line(capsys, exported, 
     assert code == 2 and "not empty" in one_error_line(err)
     code, _, err = call(capsys, "export", tmp_path / "missing", "--to", "vllm", "--out", tmp_path / "w")
     assert code == 2 and one_error_line(err) and not (tmp_path / "w").exists()
+
+
+def test_sharded_export_reads_as_the_unsharded_one(exported, tmp_path, capsys):
+    """--max-shard-size splits like save_pretrained; mlx-lm reads the shards, and the index is what vLLM's loader
+    filters the *.safetensors files by (every file it names exists, every file it lists is named)."""
+    from safetensors import safe_open
+
+    from cli_helpers import call
+
+    case = "heads_kv_neurons_lowrank"
+    _, whole_mlx, whole, whole_dir = exported[case]
+    src, out = whole_dir.parent / case, tmp_path / "sharded"
+    code, _, _ = call(capsys, "export", src, "--to", "vllm", "--out", out, "--dtype", "float32",
+                      "--max-shard-size", "100KB")
+    assert code == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 2 and files == sorted(set(index["weight_map"].values()))
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    with safe_open(str(whole_dir / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        want_bytes = sum(4 * int(np.prod(f.get_slice(k).get_shape())) for k in names)
+    got = {}
+    for name in files:
+        with safe_open(str(out / name), "pt") as f:
+            shard = {k: f.get_tensor(k) for k in f.keys()}
+        # save_pretrained's rule: a shard stays under the limit unless one tensor alone is larger
+        assert len(shard) == 1 or sum(t.numel() * 4 for t in shard.values()) <= 100_000
+        got.update(shard)
+    assert set(got) == names == set(index["weight_map"]) and index["metadata"]["total_size"] == want_bytes
+    with safe_open(str(whole_dir / "model.safetensors"), "pt") as f:
+        assert all(torch.equal(got[k], f.get_tensor(k)) for k in names)
+    sharded_mlx, _ = mlx_lm.load(str(out), tokenizer_config={"trust_remote_code": True})
+    ids = mx.array(tokens(2, 24).numpy())
+    np.testing.assert_array_equal(np.array(sharded_mlx(ids)), np.array(whole_mlx(ids)))
+    assert not (whole_dir / "model.safetensors.index.json").exists()  # under 5GB: one file, as before
+    code, _, err = call(capsys, "export", src, "--to", "vllm", "--out", tmp_path / "bad", "--max-shard-size", "lots")
+    assert code == 2 and "shard size" in err and not (tmp_path / "bad").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from surgery.errors import UserError
 from surgery.export.atomic import _fsync_dir, atomic_dir, check_output_dir
 from surgery.export.hf import legacy_rope_keys
 from surgery.export.report import Adjustment, ExportReport
+from surgery.export.safetensors_shards import DEFAULT_MAX_SHARD_SIZE, parse_shard_size, write_sharded
 from surgery.modules import dense_weight
 from surgery.plan import write_text_atomic
 from surgery.shapes import LayerShape, ModelShape, shape_from_config
@@ -233,26 +235,30 @@ def _mlp_tensors(mlp, spec, b: BlockLayout) -> dict[str, torch.Tensor]:
     return out
 
 
-def decilm_state_dict(model, shape: ModelShape, heads: int, layout: list[BlockLayout]) -> dict[str, torch.Tensor]:
-    """Every tensor of `model` under plain Llama names, padded to `layout` (tied lm_head written once)."""
+def decilm_tensors(model, shape: ModelShape, heads: int, layout: list[BlockLayout]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `model` under plain Llama names, padded to `layout` (tied lm_head written once), one at a
+    time: a layer's padded copies exist only while that layer is written (see safetensors_shards)."""
     spec = shape.spec
-    state = {"model.embed_tokens.weight": ops.get_module(model, spec.embed).weight,
-             "model.norm.weight": ops.get_module(model, spec.final_norm).weight}
+    hidden = exported_hidden(shape)
+
+    def padded(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+        return name, (t if hidden == shape.hidden else pad_hidden_tensor(name, t, shape.hidden, hidden))
+
+    yield padded("model.embed_tokens.weight", ops.get_module(model, spec.embed).weight)
+    yield padded("model.norm.weight", ops.get_module(model, spec.final_norm).weight)
     if not shape.tied_embeddings:
-        state["lm_head.weight"] = ops.get_module(model, spec.lm_head).weight
+        yield padded("lm_head.weight", ops.get_module(model, spec.lm_head).weight)
     for i, (layer, s, b) in enumerate(zip(ops.get_module(model, spec.layers), shape.layers, layout)):
         prefix = f"model.layers.{i}."
         if b.heads:
-            state[prefix + "input_layernorm.weight"] = ops.get_module(layer, spec.attn_norms[0]).weight
+            yield padded(prefix + "input_layernorm.weight", ops.get_module(layer, spec.attn_norms[0]).weight)
             attn = ops.get_module(layer, spec.attn)
             for k, v in _attention_tensors(attn, spec, b, heads, s.head_dim, shape.hidden).items():
-                state[prefix + "self_attn." + k] = v
+                yield padded(prefix + "self_attn." + k, v)
         if b.mlp:
-            state[prefix + "post_attention_layernorm.weight"] = ops.get_module(layer, spec.mlp_norms[0]).weight
+            yield padded(prefix + "post_attention_layernorm.weight", ops.get_module(layer, spec.mlp_norms[0]).weight)
             for k, v in _mlp_tensors(ops.get_module(layer, spec.mlp), spec, b).items():
-                state[prefix + "mlp." + k] = v
-    hidden = exported_hidden(shape)
-    return state if hidden == shape.hidden else pad_hidden(state, shape.hidden, hidden)
+                yield padded(prefix + "mlp." + k, v)
 
 
 _READS_HIDDEN = ("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
@@ -260,19 +266,16 @@ _READS_HIDDEN = ("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_pr
 _WRITES_HIDDEN = ("o_proj.weight", "down_proj.weight", "o_proj.bias", "down_proj.bias")  # (hidden, ...): zero rows
 
 
-def pad_hidden(state: dict[str, torch.Tensor], hidden: int, padded: int) -> dict[str, torch.Tensor]:
-    """The state dict with `padded - hidden` zero residual channels appended (see the module docstring)."""
-    extra, scale = padded - hidden, (hidden / padded) ** 0.5
-    out = {}
-    for name, t in state.items():
-        if name.endswith(_READS_HIDDEN):
-            t = torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)
-        elif name.endswith(_WRITES_HIDDEN):
-            t = _pad_rows(t, padded)
-        elif name.endswith("norm.weight"):  # every norm of the DeciLM layout is over the residual stream
-            t = torch.cat([t * scale, t.new_zeros(extra)])
-        out[name] = t
-    return out
+def pad_hidden_tensor(name: str, t: torch.Tensor, hidden: int, padded: int) -> torch.Tensor:
+    """One tensor with `padded - hidden` zero residual channels appended (see the module docstring)."""
+    extra = padded - hidden
+    if name.endswith(_READS_HIDDEN):
+        return torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)
+    if name.endswith(_WRITES_HIDDEN):
+        return _pad_rows(t, padded)
+    if name.endswith("norm.weight"):  # every norm of the DeciLM layout is over the residual stream
+        return torch.cat([t * (hidden / padded) ** 0.5, t.new_zeros(extra)])
+    return t
 
 
 def check_supported(config_dict: dict, shape: ModelShape) -> None:
@@ -298,7 +301,7 @@ def decilm_config(config_dict: dict, shape: ModelShape, heads: int, layout: list
             "attention_bias", "mlp_bias", "hidden_act")
     cfg = {k: config_dict[k] for k in keep if k in config_dict}
     hidden = exported_hidden(shape)
-    if hidden != shape.hidden:  # zero channels: the norms normalise as before (see pad_hidden)
+    if hidden != shape.hidden:  # zero channels: the norms normalise as before (see pad_hidden_tensor)
         cfg["hidden_size"] = hidden
         cfg["rms_norm_eps"] = config_dict.get("rms_norm_eps", 1e-6) * shape.hidden / hidden
     mlps = [b.mlp_out for b in layout if b.mlp]
@@ -331,12 +334,15 @@ def export_vllm(
     overwrite: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress=None,
 ) -> ExportReport:
     """Write `source` (any model `surgery.load` reads) as a vLLM DeciLM directory at `out_path`, atomically.
 
     Args:
         dtype: float32, bfloat16, float16 or auto (the source's dtype).
+        max_shard_size: Shard the weights past this size as save_pretrained does ("5GB": model-0000i-of-0000n
+            .safetensors + model.safetensors.index.json); tensors are written one at a time.
         progress: called with one-line status messages.
 
     Returns:
@@ -345,13 +351,12 @@ def export_vllm(
     Raises:
         UserError: bad source or dtype, unwritable or occupied output, or a shape the layout cannot hold.
     """
-    from safetensors.torch import save_file
-
     from surgery.loading import load_model, parse_dtype
 
     say = progress or (lambda message: None)
     out = Path(out_path)
     parse_dtype(dtype)  # cheap checks first: nothing loaded in vain
+    parse_shard_size(max_shard_size)
     check_output_dir(out, overwrite)
     say(f"loading {source}")
     loaded = load_model(source, dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
@@ -361,17 +366,14 @@ def export_vllm(
     check_supported(loaded.config_dict, shape)
     heads, layout = decilm_layout(shape)
     adjustments = layout_adjustments(shape, heads, layout)
-    say("laying out tensors")
-    with torch.no_grad():
-        state = {k: v.detach().to(torch_dtype).contiguous()
-                 for k, v in decilm_state_dict(loaded.model, shape, heads, layout).items()}
     config = decilm_config(loaded.config_dict, shape, heads, layout, torch_dtype)
     report = ExportReport(target="vllm", out=out, architecture=ARCHITECTURE, dtype=str(torch_dtype).split(".")[-1],
-                          params=sum(t.numel() for t in state.values()), file_bytes=0,
-                          serve_command=serve_command(out), adjustments=adjustments)
+                          params=0, file_bytes=0, serve_command=serve_command(out), adjustments=adjustments)
+
     say(f"writing {out}")
-    with atomic_dir(out, overwrite) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_dir(out, overwrite) as tmp, torch.no_grad():
+        report.params = write_sharded(lambda: decilm_tensors(loaded.model, shape, heads, layout), tmp, torch_dtype,
+                                      max_shard_size, progress=progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(CONFIG_CODE, tmp / "configuration_decilm.py")
         if loaded.tokenizer is not None:

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from surgery.errors import UserError
 from workbench.cli_common import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt, err, fmt_int, out, print_json, status
 
 
@@ -33,6 +34,8 @@ def export(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output: a .gguf file (gguf) or a directory (vllm).")],
     dtype: Annotated[str, typer.Option(help="gguf: f32, f16 (= auto), bf16 or q8_0; vllm: float32, bfloat16, float16 or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    max_shard_size: Annotated[str | None, typer.Option(
+        "--max-shard-size", help="vllm: shard the weights past this size, as save_pretrained (default 5GB).")] = None,
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -44,15 +47,22 @@ def export(
     or `vllm serve OUT_DIR --trust-remote-code`.
 
     vLLM layout: zero query heads up to hidden/head_dim in every layer that keeps attention,
-    zero neurons up to a multiple of 256, low-rank factors multiplied back (listed in OUT_DIR/surgery-export.json).
+    zero neurons up to a multiple of 256, low-rank factors multiplied back (listed in OUT_DIR/surgery-export.json);
+    weights sharded past --max-shard-size like save_pretrained (model.safetensors.index.json).
     """
+    extra = {}
     if to is Target.gguf:
         from surgery.export.gguf import export_gguf as exporter
+
+        if max_shard_size is not None:
+            raise UserError("--max-shard-size applies to --to vllm (a GGUF export is one file)")
     else:
         from surgery.export.vllm import export_vllm as exporter
+
+        extra = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     with status(not json_out) as progress:
         report = exporter(source, out_path, dtype=dtype, overwrite=overwrite, allow_pickle=allow_pickle,
-                          trust_remote_code=trust_remote_code, progress=progress)
+                          trust_remote_code=trust_remote_code, progress=progress, **extra)
     if json_out:
         print_json(report.to_dict())
         return
