@@ -2,7 +2,7 @@
 
 A path may be `/dev/zero` (endless), a FIFO nobody writes to (an open that blocks forever), `<(cat plan.json)` (a
 pipe that can be read only once), or JSON nested thousands of levels deep (RecursionError in json and pydantic).
-Each gives one line here instead of a hang, a MemoryError or a traceback.
+Each gives one line here instead of a hang, a MemoryError or a traceback. `-` is standard input.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from surgery.errors import UserError
 
 MAX_BYTES = 256 * 1024 * 1024  # a plan naming every neuron of a 70B model is ~20 MB
 MAX_DEPTH = 64  # plans nest 4 levels (plan, steps, step, list); provenance may nest a little more
+STDIN = "-"  # `cat plan.json | workbench apply - --out DIR`
 
 
 def read_limited(path: Path, what: str, max_bytes: int | None = None) -> bytes:
@@ -27,13 +28,7 @@ def read_limited(path: Path, what: str, max_bytes: int | None = None) -> bytes:
         UserError: Missing, unreadable, not a file (a directory, a device), or larger than `max_bytes`.
     """
     max_bytes = MAX_BYTES if max_bytes is None else max_bytes
-    try:
-        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of blocking (it then reads as empty).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise UserError(f"no such {what} file: {path}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    fd = _open(path, what)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -54,6 +49,25 @@ def read_limited(path: Path, what: str, max_bytes: int | None = None) -> bytes:
         raise UserError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def _open(path: Path, what: str) -> int:
+    """A descriptor for `path`, or a copy of standard input's for `-` (one line for a missing path, a terminal)."""
+    if str(path) == STDIN:
+        try:
+            if os.isatty(0):  # reading would wait for typing: refuse instead of hanging
+                raise UserError(f"{what} file '-' means standard input, which is a terminal: pipe the {what} in "
+                                f"(`cat {what}.json | workbench ... -`)")
+            return os.dup(0)
+        except OSError as exc:
+            raise UserError(f"cannot read the {what} from standard input: {exc.strerror or exc}") from None
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of blocking (it then reads as empty).
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UserError(f"no such {what} file: {path}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
 
 
 def _depth(data: Any) -> int:

@@ -275,6 +275,64 @@ def test_plan_from_a_pipe_is_read_once(capsys, tmp_path, model_dir):
     assert (tmp_path / "out" / "surgery.json").is_file()
 
 
+def prune_pipeline(model_dir) -> bytes:
+    return json.dumps({"version": 1, "kind": "pipeline", "model": {"source": str(model_dir)},
+                       "stages": [{"stage": "prune", "steps": [{"op": "drop_mlp", "layer": 1}]}]}).encode()
+
+
+def test_pipeline_file_from_a_pipe_is_read_once(capsys, tmp_path, model_dir, monkeypatch):
+    import os
+
+    monkeypatch.setenv("WORKBENCH_JOBS", str(tmp_path / "jobs"))
+    read_end, write_end = os.pipe()
+    os.write(write_end, prune_pipeline(model_dir))
+    os.close(write_end)  # `workbench apply <(cat pipeline.json)`: apply read it, then the pipeline read it again
+    code, _, err = call(capsys, "apply", f"/dev/fd/{read_end}", "--out", tmp_path / "out")
+    os.close(read_end)
+    assert code == 0, err
+    assert (tmp_path / "out" / "pipeline.json").is_file()
+
+
+class stdin_from:
+    """fd 0 replaced by `fd` for the block (what the shell does for `cat plan.json | workbench apply - ...`)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self):
+        import os
+
+        self.saved = os.dup(0)
+        os.dup2(self.fd, 0)
+
+    def __exit__(self, *exc):
+        import os
+
+        os.dup2(self.saved, 0)
+        os.close(self.saved)
+
+
+def test_dash_reads_plans_and_pipelines_from_standard_input(capsys, tmp_path, model_dir, monkeypatch):
+    import os
+
+    monkeypatch.setenv("WORKBENCH_JOBS", str(tmp_path / "jobs"))
+    for name, doc in (("plan", write_plan(tmp_path).read_bytes()), ("pipeline", prune_pipeline(model_dir))):
+        read_end, write_end = os.pipe()
+        os.write(write_end, doc)
+        os.close(write_end)
+        with stdin_from(read_end):
+            code, _, err = call(capsys, "apply", "-", "--model", model_dir, "--out", tmp_path / name)
+        os.close(read_end)
+        assert code == 0, (name, err)
+        assert (tmp_path / name / "surgery.json").is_file()
+    master, terminal = os.openpty()  # `workbench apply -` typed with nothing piped in: refused, not a silent wait
+    with stdin_from(terminal):
+        code, _, err = call(capsys, "plan", "validate", "-", "--model", model_dir)
+    os.close(terminal)
+    os.close(master)
+    assert code == 2 and "standard input, which is a terminal" in one_error_line(err)
+
+
 def test_deeply_nested_plan_gives_one_line(capsys, tmp_path, model_dir):
     for depth in (200, 5000):
         path = tmp_path / f"deep{depth}.json"

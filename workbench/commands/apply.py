@@ -24,7 +24,7 @@ from workbench.cli_common import (
 
 
 def apply(
-    plan_file: Annotated[Path, typer.Argument(help="Plan file (JSON).")],
+    plan_file: Annotated[Path, typer.Argument(help="Plan or pipeline file (JSON); - reads standard input.")],
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (written atomically).")] = None,
     model: ModelOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Apply even if the plan was made for other weights.")] = False,
@@ -54,9 +54,11 @@ def apply(
     if out_dir is None:
         raise UserError("missing --out DIR (where to write the result)")
     if is_pipeline_file(data):  # distill -> prune -> redistill files run as a headless pipeline
-        from workbench.commands.jobs import pipeline
+        from surgery.jobs.pipeline import parse_pipeline
+        from workbench.commands.jobs import run_parsed_pipeline
 
-        pipeline(plan_file, out_dir, overwrite=overwrite, jobs_dir=None, json_out=json_out)
+        run_parsed_pipeline(parse_pipeline(data, str(plan_file)), out_dir, overwrite=overwrite, jobs_dir=None,
+                            json_out=json_out)  # the document read above: a pipe cannot be read twice
         return
     plan = load_plan(plan_file, data)
     start = time.perf_counter()

@@ -329,20 +329,28 @@ def resume(
 
 @app.command("pipeline")
 def pipeline(
-    pipeline_file: Annotated[Path, typer.Argument(help="Pipeline file (JSON, \"kind\": \"pipeline\").")],
+    pipeline_file: Annotated[Path, typer.Argument(help="Pipeline file (JSON, \"kind\": \"pipeline\"); - reads "
+                                                       "standard input.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Final model directory (written atomically).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
     jobs_dir: JobsDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a distill -> prune -> redistill pipeline headlessly in this process (see docs/jobs.md)."""
-    from surgery.jobs.pipeline import load_pipeline, run_pipeline
+    from surgery.jobs.pipeline import load_pipeline
+
+    run_parsed_pipeline(load_pipeline(pipeline_file), out_dir, overwrite=overwrite, jobs_dir=jobs_dir,
+                        json_out=json_out)
+
+
+def run_parsed_pipeline(pipe, out_dir: Path, *, overwrite: bool, jobs_dir: Path | None, json_out: bool) -> None:
+    """Run a parsed pipeline file and report it (`jobs pipeline`, and `apply` on a pipeline file it has read)."""
+    from surgery.jobs.pipeline import run_pipeline
     from surgery.jobs.store import jobs_root
     from workbench.cli_common import status
 
-    run_pipeline_file = load_pipeline(pipeline_file)
     with status(not json_out) as progress:
-        record = run_pipeline(run_pipeline_file, out_dir, jobs_root=jobs_root(jobs_dir), overwrite=overwrite,
+        record = run_pipeline(pipe, out_dir, jobs_root=jobs_root(jobs_dir), overwrite=overwrite,
                               progress=progress)
     if json_out:
         print_json(record)
