@@ -3,7 +3,8 @@
 Stages (each prints JSON lines; run them in order, `distill` between `cuts` and `measure`):
 
     # plans and cuts: width-only (prune_hidden by channel-norm), depth-only (drop_layers by layer-bi),
-    # heads+neurons (non-uniform, head-grad + neuron-taylor) and, when `plan suggest --axes` exists, its mix
+    # heads+neurons (non-uniform, head-grad + neuron-taylor), `plan suggest --axes`'s mix on gate scores (mix) and
+    # on measured loss curves (measured: --only measured)
     nice -n 10 python benchmarks/axes_80.py cuts --train /tmp/d14/wiki_train.txt --work /tmp/ax80
     # the same redistillation budget for every cut (workbench distill, 2 at a time): see docs/benchmarks.md
     # perplexity on the first 4 x 2048 WikiText-2 test tokens and prefill / decode speed, all models in one run
@@ -83,7 +84,7 @@ def cuts(args) -> None:
     config_dict = read_config(resolve_source(DEMO))
     total = None
     scores_path = work / "scores.safetensors"
-    if wanted & {"depth", "heads+neurons"} and not scores_path.exists():  # layer-bi; head-grad + neuron-taylor
+    if wanted & {"depth", "heads+neurons", "measured"} and not scores_path.exists():  # layer-bi; head-grad + neuron-taylor
         save_scores(scores_path, score_source(DEMO, str(args.train), "head-grad,neuron-taylor,layer-bi",
                                               tokens=args.calib_tokens, seq_len=256, batch_size=8))
     plans = {}
@@ -118,6 +119,22 @@ def cuts(args) -> None:
         mix = suggest_for_source(DEMO, [gates_path], target, uniform=False)
         plans["mix"] = [s.model_dump(exclude_none=True) for s in mix.plan.steps]
         print(json.dumps({"mix_summary": mix.summary}, default=str), flush=True)
+    if "measured" in wanted:  # `plan suggest --axes hidden,layers,heads,neurons --data`: measured loss curves
+        from surgery.importance.measured import suggest_measured_for_source
+
+        norm_path = work / "scores_norm.safetensors"  # channel-norm: hidden's own ranking (same tokens as scores)
+        if not norm_path.exists():
+            save_scores(norm_path, score_source(DEMO, str(args.train), "channel-norm", tokens=args.calib_tokens,
+                                                seq_len=256, batch_size=8))
+        target = Target(params=TARGET, axes=("hidden", "layers", "heads", "neurons"))
+        started = time.time()
+        s = suggest_measured_for_source(DEMO, [scores_path, norm_path], target, str(args.train),
+                                        tokens=args.measure_tokens, seq_len=256, uniform=False,
+                                        progress=lambda m: print(json.dumps({"progress": m, "s": round(
+                                            time.time() - started)}), flush=True))
+        plans["measured"] = [st.model_dump(exclude_none=True) for st in s.plan.steps]
+        print(json.dumps({"measured_summary": s.summary, "allocation": s.plan.provenance["allocation"],
+                          "wall_s": round(time.time() - started)}, default=str), flush=True)
     for name, steps in plans.items():
         plan = parse_plan({"version": 1, "steps": steps})
         out = work / f"cut_{name.replace('+', '_')}"
@@ -252,6 +269,8 @@ def main() -> None:
     c.add_argument("--calib-tokens", type=int, default=8192)
     c.add_argument("--work", type=Path, default=Path("/tmp/ax80"))
     c.add_argument("--only", help="comma-separated plan names to (re)apply, e.g. mix")
+    c.add_argument("--measure-tokens", type=int, default=4096, help="calibration tokens of the measured mix's loss "
+                   "curves (the first of --train)")
     c.add_argument("--mix-calib-tokens", type=int, help="calibration tokens of the mix's gate scores (default: "
                    "--calib-tokens)")
     m = sub.add_parser("measure")

@@ -152,7 +152,7 @@ def suggest_plan(
     Raises:
         UserError: missing metrics, an unreachable or contradictory target.
     """
-    from surgery.estimate import count_params, estimate, meta_model
+    from surgery.estimate import count_params, meta_model
 
     if target.params is not None and not 0 < target.params <= 1:
         raise UserError(f"--target-params {target.params}: expected the fraction of parameters kept, in (0, 1]")
@@ -196,6 +196,16 @@ def suggest_plan(
         "metrics": alloc.used,
         "scores": [_describe(f) for f in files],
     }
+    return finish_suggestion(steps, provenance, config_dict, target, model=model, rules=rules,
+                             granularity=alloc.granularity, summary=alloc.summary)
+
+
+def finish_suggestion(steps: list[dict], provenance: dict, config_dict: dict, target: Target, *,
+                      model: ModelRef | None = None, rules=None, granularity: int = 0,
+                      summary: dict | None = None) -> Suggestion:
+    """Allocated steps -> a Suggestion: the plan (validated, never handed out invalid) with its exact counts."""
+    from surgery.estimate import estimate
+
     plan = parse_plan({"version": 1, "steps": steps, "provenance": provenance,
                        **({"model": model.model_dump(exclude_none=True)} if model else {})})
     try:
@@ -207,9 +217,9 @@ def suggest_plan(
     e = estimate(config_dict, resolution)  # exact counts from a meta-device model
     before, after = e.params_before, e.params_after
     target_params = round(before * target.params) if target.params is not None else None
-    provenance["params"] = {"before": before, "after": after, "target": target_params}
+    provenance = {**provenance, "params": {"before": before, "after": after, "target": target_params}}
     plan = plan.model_copy(update={"provenance": provenance})
-    return Suggestion(plan, before, after, target_params, alloc.granularity, alloc.summary)
+    return Suggestion(plan, before, after, target_params, granularity, summary or {})
 
 
 def _check_serves_unpadded(resolution, config_dict: dict, runtime: str) -> None:
@@ -255,6 +265,17 @@ def suggest_for_source(
         ScoreMismatch: the scores were computed for other weights (unless `force`).
     """
     from surgery.loading import read_config
+
+    resolved, files, ref = scores_for_source(source, score_paths, force=force, allow_pickle=allow_pickle,
+                                             trust_remote_code=trust_remote_code, progress=progress)
+    return suggest_plan(files, read_config(resolved), target, uniform=uniform, metrics=metrics, model=ref,
+                        force=force)
+
+
+def scores_for_source(source: str | None, score_paths: Sequence[str | Path], *, force: bool = False,
+                      allow_pickle: bool = False, trust_remote_code: bool = False,
+                      progress: Callable[[str], None] | None = None):
+    """(resolved source, score files checked against its weights, ModelRef) for `plan suggest`."""
     from surgery.pipeline import source_fingerprint
     from surgery.sources import resolve_source
 
@@ -267,6 +288,4 @@ def suggest_for_source(
         progress("fingerprinting weights")
     fingerprint = source_fingerprint(resolved)
     files = [load_scores(p, model_fingerprint=fingerprint, force=force) for p in score_paths]
-    ref = ModelRef(source=resolved.original, fingerprint=fingerprint)
-    return suggest_plan(files, read_config(resolved), target, uniform=uniform, metrics=metrics, model=ref,
-                        force=force)
+    return resolved, files, ModelRef(source=resolved.original, fingerprint=fingerprint)

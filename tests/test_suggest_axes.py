@@ -193,3 +193,135 @@ def test_cli_axes_prints_the_choice_and_refuses_bad_input(tmp_path, capsys):
                           "--axes", "hidden", "--heads", "1", "--out", tmp_path / "bad.json")
     assert code == 2 and "--heads" in one_error_line(err)
     assert not (tmp_path / "bad.json").exists()
+
+
+# -- measured loss curves (`--axes ... --data`) ------------------------------------------------------------------
+CALIB = [tokens(batch=4, length=16, seed=7)]  # calibration batch, not BLOCKS (the scores')
+MEASURED = "head-grad,neuron-taylor,layer-bi,channel-norm"
+
+
+def _loss_with(plan_steps, family="llama") -> float:
+    from surgery.importance.measured import calibration_loss
+
+    model, _ = apply_plan(make_model(family), parse_plan({"version": 1, "steps": plan_steps}))
+    return calibration_loss(model, CALIB)
+
+
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "non-uniform"])
+def test_measured_mix_is_never_worse_than_a_single_axis_plan(uniform):
+    """The kept plan's calibration loss, recomputed on a fresh model, is at most that of every single-axis plan
+    cut to the same target by its own ranking (computed here independently), and the target is met."""
+    from surgery.importance.measured import calibration_loss, suggest_measured
+
+    model, cfg = make_model("llama"), make_model("llama").config.to_dict()
+    scores = scored(model, MEASURED)
+    target = Target(params=0.8, axes=parse_axes("heads,neurons,layers,hidden"))
+    s = suggest_measured(model, CALIB, scores, cfg, target, uniform=uniform, points=(0.5, 1.0))
+    check_exact(s, cfg)
+    m = s.summary["measured"]
+    kept_loss = _loss_with([st.model_dump(exclude_none=True) for st in s.plan.steps])
+    assert m["base_loss"] == pytest.approx(calibration_loss(make_model("llama"), CALIB), abs=1e-5)
+    singles = {  # each unit alone at the whole target, by the ranking the allocator uses for it
+        "heads+neurons": suggest_plan(scores, cfg, Target(params=0.8), uniform=uniform),
+        "layers": suggest_plan(scores, cfg, Target(params=0.8, axes=("layers",)), uniform=uniform,
+                               metrics={"layers": "layer_bi"}),
+        "hidden": suggest_plan(scores, cfg, Target(params=0.8, axes=("hidden",)), uniform=uniform,
+                               metrics={"hidden": "channel_norm"}),
+    }
+    losses = {u: _loss_with([st.model_dump(exclude_none=True) for st in x.plan.steps]) for u, x in singles.items()
+              if abs(x.params_after - x.target_params) <= x.granularity}
+    assert losses and kept_loss <= min(losses.values()) + 1e-5, (kept_loss, losses, m)
+    assert m["best_single"] == min(losses, key=losses.get)
+    kept = m["mix_loss"] if m["kept"] == "mix" else m["best_single_loss"]
+    assert kept_loss == pytest.approx(m["base_loss"] + kept, abs=1e-5)  # the summary reports what it measured
+    if m["mix_loss"] is not None:  # the check kept the better of the two
+        assert (m["kept"] == "mix") == (m["mix_loss"] <= m["best_single_loss"])
+    report = s.summary["axes"]
+    assert set(report) == {"heads+neurons", "layers", "hidden"} and sum(r["fills"] for r in report.values()) <= 1
+    assert all(r["curve"][0] == [0, 0.0] and len(r["curve"]) >= 2 for r in report.values())
+    assert s.plan.provenance["allocation"]["kept"] == m["kept"]
+
+
+def test_allocation_on_curves_is_optimal_for_convex_curves():
+    """Against a brute force over a fine grid of splits of the goal (the curves linear between their points)."""
+    from surgery.importance.measured import allocate_on_curves, interpolate
+
+    curves = {"a": [(0, 0), (10, 1), (20, 4), (30, 9)], "b": [(0, 0), (15, 0.6), (30, 3.0)],
+              "c": [(0, 0), (5, 1.0), (40, 2.0)]}  # c is concave: its hull is the chord (0,0)-(40,2)
+    goal = 36.0
+    got = allocate_on_curves(curves, goal)
+    assert sum(got.values()) == pytest.approx(goal)
+    hull_cost = lambda u, x: interpolate([curves[u][0], *[p for p in curves[u] if p != (5, 1.0)]], x)  # noqa: E731
+    cost = sum(hull_cost(u, x) for u, x in got.items())
+    best = min(hull_cost("a", a) + hull_cost("b", b) + hull_cost("c", goal - a - b)
+               for a in [i * 0.5 for i in range(61)] for b in [i * 0.5 for i in range(61)] if a + b <= goal)
+    assert cost <= best + 1e-9
+    with pytest.raises(UserError, match="at most by their measured cuts"):
+        allocate_on_curves(curves, 200.0)
+
+
+def test_measured_bad_input_is_one_clear_error(tmp_path, capsys):
+    from surgery.importance.measured import suggest_measured
+
+    model, cfg = make_model("llama"), make_model("llama").config.to_dict()
+    scores = scored(model, "head-grad,neuron-taylor")
+    for target, kw, needle in (
+        (Target(axes=("hidden",)), {}, "--axes needs --target-params"),
+        (Target(params=0.8, axes=("hidden",)), {"points": (0.5, 2.0)}, "expected fractions of the cut"),
+        (Target(params=0.8, axes=("hidden", "layers"), serve="vllm"), {}, "--serve vllm is not supported"),
+        (Target(params=0.8, axes=("layers", "hidden")), {}, "no layers ranking .*--method layer-bi"),
+    ):
+        with pytest.raises(UserError, match=needle):
+            suggest_measured(model, CALIB, scores, cfg, target, **kw)
+    # through the CLI: a missing --data file is one line, exit 2, no plan written
+    src = save_tiny(tmp_path / "src")
+    base = scored(make_model("llama"), MEASURED)
+    from surgery.pipeline import source_fingerprint
+    from surgery.sources import resolve_source
+
+    meta = base.meta.model_copy(update={"model_source": str(src),
+                                        "model_fingerprint": source_fingerprint(resolve_source(str(src)))})
+    scores_path = save_scores(tmp_path / "s.safetensors", ScoreFile(meta, base.tensors))
+    capsys.readouterr()
+    code, _, err = call(capsys, "plan", "suggest", "--scores", scores_path, "--target-params", "0.8", "--axes",
+                        "hidden,layers", "--data", tmp_path / "missing.txt", "--out", tmp_path / "bad.json")
+    assert code == 2 and "missing.txt" in one_error_line(err)
+    assert not (tmp_path / "bad.json").exists()
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    code, out, err = call(capsys, "plan", "suggest", "--scores", scores_path, "--target-params", "0.8", "--axes",
+                          "hidden,layers", "--data", text, "--calib-tokens", "256", "--seq-len", "32",
+                          "--out", tmp_path / "plan.json")
+    assert code == 0, err
+    assert "axes by measured calibration loss" in out and "checked: " in out and "kept " in out
+    assert json.loads((tmp_path / "plan.json").read_text())["provenance"]["allocation"]["data"]["tokens"] == 256
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_non_uniform_expert_counts_per_layer_match_the_masked_router_and_load(tmp_path, capsys, family):
+    """--non-uniform gives each MoE layer its own expert count (layer 0's experts are made the cheap ones); the
+    plan equals the masked-router original and loads with surgery.load."""
+    import surgery
+    from test_prune_experts import apply_with_cli, pruned_against_oracle
+
+    model = moe_model(family)  # 6 experts, top-2: what pruned_against_oracle builds
+    cfg = model.config.to_dict()
+    real = scored(model, "expert-grad")
+    tensors = {k: v.abs() + (1e-4 if ".layers.0." in k else 1.0) for k, v in real.tensors.items()}
+    mlp = model.model.layers[0].mlp
+    per_expert = sum(p.numel() for p in [*mlp.experts.parameters(recurse=False),
+                                         *mlp.gate.parameters(recurse=False)]) / 6
+    total = sum(p.numel() for p in model.parameters())
+    target = Target(params=1 - 5 * per_expert / total, axes=("experts",))  # 5 experts: 4 (the most) + 1
+    s = suggest_plan(ScoreFile(real.meta, tensors), cfg, target, uniform=False)
+    check_exact(s, cfg)
+    removed = {st.layer: st.experts for st in s.plan.steps if st.op == "prune_experts"}
+    assert {k: len(v) for k, v in removed.items()} == {0: 4, 1: 1}  # per-layer counts, never below top-k
+    assert s.summary["experts_removed"] == {0: 4, 1: 1}
+    pruned_against_oracle(family, removed)  # asserts the masked-router logits
+    apply_with_cli(tmp_path, capsys, family, json.loads(s.plan.to_json()))
+    loaded = surgery.load(str(tmp_path / "out"))
+    assert [layer.mlp.gate.num_experts for layer in loaded.model.layers] == [2, 5]
+    expected, _ = apply_plan(moe_model(family), s.plan)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(BLOCKS).logits, expected(BLOCKS).logits, atol=1e-5, rtol=0)

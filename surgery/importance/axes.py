@@ -16,8 +16,8 @@ The allocation:
    heads) states, or one per layer with non-uniform; neurons: each layer's n lowest (the same n everywhere, or per
    layer); layers: the k lowest by score per parameter; hidden: the k lowest channels for every k the family's
    config can express (`prune_hidden` is one cut shared by every layer: the residual stream is shared); experts:
-   each MoE layer's k lowest, the same k in every MoE layer (resolve requires one expert count), never below
-   top-k;
+   each MoE layer's k lowest, never below top-k, the same k in every MoE layer when uniform (plain transformers
+   loads one count) or one k per layer with non-uniform (per-layer counts load with surgery.load);
 2. all of them together for the parameter goal: per option group the lower convex hull, then hull segments
    across every axis in order of score per parameter, each taken while the total stays within the goal;
 3. layers dropped in step 2 take their heads, neurons and experts with them, so step 2 runs again on the kept
@@ -238,6 +238,11 @@ class AxesAllocator(Allocator):
         for s in sites:  # prune_experts slices dim 0 of every experts and router parameter
             owned = [*s.experts.parameters(recurse=False), *s.router.parameters(recurse=False)]
             per.append(sum(p.numel() for p in owned) / s.num_experts)
+        if not self.uniform:  # per-layer expert counts (surgery.load rebuilds each layer), never below top-k
+            groups = [[(k * c, cum[k]) for k in range(s.num_experts - self.shape.top_k + 1)]
+                      for s, (_, cum), c in zip(sites, ranked, per)]
+            return Axis("experts", self.used["experts"], groups, lambda picks: {
+                s.index: sorted(order[:p]) for s, (order, _), p in zip(sites, ranked, picks) if p})
         most = min(s.num_experts for s in sites) - self.shape.top_k
         group = [(k * sum(per), sum(cum[k] for _, cum in ranked)) for k in range(most + 1)]
         return Axis("experts", self.used["experts"], [group], lambda picks: {
@@ -252,16 +257,7 @@ class AxesAllocator(Allocator):
 
     # -- exact counts ------------------------------------------------------------------------------------------
     def _removed(self, steps: list[dict]) -> int:
-        """Parameters `steps` remove, exactly (a meta-device model with the plan applied)."""
-        from surgery.estimate import estimate
-        from surgery.plan import parse_plan
-        from surgery.resolve import resolve_plan
-
-        try:
-            e = estimate(self.config_dict, resolve_plan(parse_plan({"version": 1, "steps": steps}), self.shape))
-        except PlanError as exc:  # ours: every option is a legal cut
-            raise RuntimeError(f"plan suggest --axes built an invalid plan: {exc}") from None
-        return e.params_before - e.params_after
+        return params_removed(self.config_dict, self.shape, steps)
 
     def _apply(self, axes: list[Axis], layers: dict | None = None) -> list[dict]:
         """Steps for the axes' current picks (and a fixed layer decision)."""
@@ -367,6 +363,19 @@ class AxesAllocator(Allocator):
         self.summary["axes"] = self.report
         self.summary["hidden_removed"] = len(self.channels)
         self.summary["experts_removed"] = {i: len(e) for i, e in self.experts.items() if e}
+
+
+def params_removed(config_dict: dict, shape, steps: list[dict]) -> int:
+    """Parameters `steps` remove, exactly (a meta-device model with the plan applied)."""
+    from surgery.estimate import estimate
+    from surgery.plan import parse_plan
+    from surgery.resolve import resolve_plan
+
+    try:
+        e = estimate(config_dict, resolve_plan(parse_plan({"version": 1, "steps": steps}), shape))
+    except PlanError as exc:  # ours: every option is a legal cut
+        raise RuntimeError(f"plan suggest --axes built an invalid plan: {exc}") from None
+    return e.params_before - e.params_after
 
 
 _OPTION = {"heads": "head-metric", "neurons": "neuron-metric", "layers": "layer-metric", "hidden": "channel-metric",

@@ -55,6 +55,26 @@ def _print_axes(report: dict, console) -> None:
         console.print(f"  {axis}: {fmt_int(r['params'])} params ({why})" + ("; fills the target" if r["fills"] else ""))
 
 
+def _print_measured(summary: dict, console) -> None:
+    """What the measured curves of `--axes ... --data` said per axis, and which plan was kept."""
+    m = summary["measured"]
+    console.print(f"axes by measured calibration loss (unpruned {m['base_loss']:.4f} nats on {fmt_int(m['tokens'])} "
+                  f"tokens, {m['evaluations']} forwards):")
+    for unit, r in summary["axes"].items():
+        curve = ", ".join(f"{a / 1e6:.2f}M {c:+.3f}" for a, c in r["curve"][1:])
+        price = r["cheapest_loss_per_m_params"]
+        why = (f"+{r['loss']:.4f} nats at that amount" if r["params"] else
+               f"not chosen: its cheapest measured step costs {price:.4g} nats per 1M params" if price is not None
+               else "nothing it can cut")
+        console.print(f"  {unit} ({r['metric']}): {fmt_int(r['params'])} params ({why}); measured {curve}"
+                      + ("; fills the target" if r["fills"] else ""))
+    single = (f"{m['best_single']} alone +{m['best_single_loss']:.4f}" if m["best_single"] else
+              "no axis reaches the target alone")
+    mix = f"the mix +{m['mix_loss']:.4f}" if m["mix_loss"] is not None else "the mix missed the target"
+    kept = "the mix" if m["kept"] == "mix" else f"{m['kept']} alone (the mix measured worse)"
+    console.print(f"  checked: {mix} against {single}: kept {kept}")
+
+
 def _check_calibration_options(data: str | None, rank_method: str | None, ridge: float, inputs: str) -> None:
     if data is None:
         raise UserError("--reconstruct and --rank-method whitened/asvd need --data FILE (calibration text)")
@@ -92,8 +112,10 @@ def suggest(
                                                   "summed scores of the heads each group keeps.")] = None,
     axes: Annotated[str | None, typer.Option("--axes", help="Meet --target-params along these axes, by score "
                                              "removed per parameter: heads, neurons, layers, hidden (prune_hidden, "
-                                             "every layer), experts (MoE); e.g. hidden,layers. Default: heads and "
-                                             "neurons sharing the cut.")] = None,
+                                             "every layer), experts (MoE); e.g. hidden,layers. With --data: by the "
+                                             "measured calibration loss of each axis's own cuts, checked against "
+                                             "the best single axis. Default: heads and neurons sharing the "
+                                             "cut.")] = None,
     channel_metric: Annotated[str | None, typer.Option("--channel-metric", help="For --axes hidden. Default: "
                                                        "channel-taylor, channel-norm (one axis only).")] = None,
     expert_metric: Annotated[str | None, typer.Option("--expert-metric", help="For --axes experts. Default: "
@@ -124,9 +146,10 @@ def suggest(
     reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Add a reconstruct step: refit o_proj / "
                                               "down_proj of every cut layer on the --data text (least squares, "
                                               "no training).")] = False,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Calibration text for --reconstruct and "
-                                             "--rank-method whitened: .txt, .jsonl, .parquet or hf:NAME; its "
-                                             "token fingerprint goes into the plan.")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Calibration text for --reconstruct, "
+                                             "--rank-method whitened and --axes (each axis priced by the "
+                                             "measured loss of its own cuts): .txt, .jsonl, .parquet or hf:NAME; "
+                                             "its token fingerprint goes into the plan.")] = None,
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens (the first "
                                               "tokens // seq-len blocks of --data).")] = 8192,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 256,
@@ -164,12 +187,23 @@ def suggest(
     )
     metrics = {"heads": head_metric, "neurons": neuron_metric, "layers": layer_metric, "kv": kv_metric,
                "ranks": rank_metric, "hidden": channel_metric, "experts": expert_metric}
-    calibrated = reconstruct or rank_method not in (None, "svd") or data is not None or asvd_alpha is not None
+    measured = target.axes is not None and data is not None  # --axes priced by measured loss curves on --data
+    calibrated = (reconstruct or rank_method not in (None, "svd") or (data is not None and not measured)
+                  or asvd_alpha is not None)
     if calibrated:
         _check_calibration_options(data, rank_method, ridge, recon_inputs)
     with status(not json_out) as progress:
-        s = suggest_for_source(source, scores, target, uniform=not non_uniform, metrics=metrics, force=force,
-                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+        if measured:
+            from surgery.importance.measured import suggest_measured_for_source
+
+            s = suggest_measured_for_source(source, scores, target, data, tokens=calib_tokens, seq_len=seq_len,
+                                            text_field=text_field, uniform=not non_uniform, metrics=metrics,
+                                            force=force, allow_pickle=allow_pickle,
+                                            trust_remote_code=trust_remote_code, progress=progress)
+        else:
+            s = suggest_for_source(source, scores, target, uniform=not non_uniform, metrics=metrics, force=force,
+                                   allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                   progress=progress)
         if calibrated:
             from surgery.plan import Reconstruct
             from surgery.reconstruct import calibrate_for_source
@@ -207,9 +241,13 @@ def suggest(
     ) if p]
     if s.summary.get("low_rank_choice"):
         _print_gradient_choice(s.summary["low_rank_choice"], out if out_file else err)
-    if s.summary.get("axes"):
+    if s.summary.get("measured"):
+        _print_measured(s.summary, out if out_file else err)
+    elif s.summary.get("axes"):
         (out if out_file else err).print("axes (lowest score removed per parameter first):")
         _print_axes(s.summary["axes"], out if out_file else err)
+        (out if out_file else err).print("  (first-order gate prices; --data FILE prices each axis by measured "
+                                         "calibration loss instead)")
     target = f" (target {fmt_int(s.target_params)}, step {fmt_int(s.granularity)})" if s.target_params else ""
     where = f"wrote {out_file}" if out_file else "plan"
     loads = "plain transformers" if not non_uniform else "surgery.load (per-layer shapes)"
