@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,11 +144,14 @@ def apply_to_source(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     stream: bool | None = None,
+    cancel: threading.Event | None = None,
 ) -> ApplyResult:
     """Validate, then load the model, apply the plan and write `out` atomically with its manifest.
 
     `stream`: True streams the plan from the input safetensors without building the model (surgery.stream; a plan
     that cannot stream is refused), False loads it, None (default) streams when the plan and source allow.
+    `cancel`: checked between layers of the data-driven steps and while streaming (raises Cancelled /
+    KeyboardInterrupt; nothing is left behind).
 
     Raises:
         FingerprintMismatch: the plan was made for other weights (unless `force`).
@@ -174,7 +178,8 @@ def apply_to_source(
         from surgery.stream.apply import stream_apply_source
 
         streamed = stream_apply_source(plan, v, out, required=bool(stream), dtype=dtype, overwrite=overwrite,
-                                       force=force, trust_remote_code=trust_remote_code, progress=progress)
+                                       force=force, trust_remote_code=trust_remote_code, progress=progress,
+                                       cancel=cancel)
         if streamed is not None:
             return streamed
     blocks = calibration_blocks(v, trust_remote_code) if v.resolution.needs_data else None
@@ -187,7 +192,8 @@ def apply_to_source(
     if blocks is not None:
         from surgery.reconstruct import apply_calibrated
 
-        data_report = apply_calibrated(loaded.model, v.resolution, loaded.tokenizer, blocks=blocks).describe()
+        data_report = apply_calibrated(loaded.model, v.resolution, loaded.tokenizer, cancel=cancel,
+                                       blocks=blocks).describe()
     else:
         apply_resolution(loaded.model, v.resolution)
     manifest = apply_manifest(plan, v, count_params(loaded.model), force, "in_memory")

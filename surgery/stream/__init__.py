@@ -5,7 +5,9 @@
 - `files`: the output shards, their exact sizes and the plan of reads (`StreamPlan`), torch-free;
 - `layout`: the output tensors derived from config + headers alone (the torch-free dry run);
 - `writer`: safetensors shards written chunk by chunk, byte-identical to `save_file`, hashed as written;
-- `apply`: the meta-device model that names the outputs, the free-space check, the output directory.
+- `apply`: the meta-device model that names the outputs, the free-space check, the output directory;
+- `datasteps`: data-driven steps (reconstruct, whitened / asvd low rank) fitted layer by layer, their tensors
+  spilled to a temporary safetensors file and streamed from it.
 
 Names are imported lazily: `surgery.stream.layout` / `dry` must not pull in torch through this package.
 """

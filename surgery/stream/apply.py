@@ -10,6 +10,7 @@ load + apply + save, at about one tensor of memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -94,13 +95,14 @@ def build_stream_plan(
     return assemble(shapes, resolution, sources, max_shard_size, params=count_params(model), model=model)
 
 
-def check_free_space(out: Path, plan: StreamPlan, copied: list[Path]) -> None:
+def check_free_space(out: Path, plan: StreamPlan, copied: list[Path], spill: int = 0) -> None:
     """Refuse before writing anything when the disk under `out` cannot hold the result.
 
-    Needed: the exact shard sizes, the exact sizes of the files copied in (`copied`: the tokenizer's), and a
-    margin for the small JSON files written beside them (config, generation config, index, manifest).
+    Needed: the exact shard sizes, the exact sizes of the files copied in (`copied`: the tokenizer's), a margin
+    for the small JSON files written beside them (config, generation config, index, manifest), and `spill`: the
+    bytes of the data steps' spill files (surgery.stream.datasteps), which exist beside the shards until the end.
     """
-    needed = plan.bytes_written + sum(p.stat().st_size for p in copied) + _SMALL_FILES_MARGIN
+    needed = plan.bytes_written + sum(p.stat().st_size for p in copied) + _SMALL_FILES_MARGIN + spill
     probe = out.absolute()
     while not probe.exists():
         probe = probe.parent
@@ -164,12 +166,15 @@ def save_streamed_dir(
     overwrite: bool = False,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    prepare: Callable[[Path], contextlib.AbstractContextManager[StreamPlan]] | None = None,
 ) -> Path:
     """Write the streamed model (+ tokenizer, + manifest) to `out` atomically: `save_model_dir` with the streaming
     writer in place of `save_pretrained`, so everything around the weights is written by the same code.
 
     `tokenizer_from`: a source directory whose tokenizer's save_pretrained output is copied in (from the cache:
-    surgery.stream.tokenizer), instead of saving a loaded `tokenizer`.
+    surgery.stream.tokenizer), instead of saving a loaded `tokenizer`. `prepare(tmp)`: a context that gives the
+    plan to write instead of `plan`, entered in the temporary output directory before the shards are written
+    (the data steps' fit and its spill: surgery.stream.datasteps).
     """
     from surgery.export import save_model_dir
 
@@ -179,7 +184,8 @@ def save_streamed_dir(
             from surgery.stream.tokenizer import copy_tokenizer
 
             copy_tokenizer(tokenizer_from, tmp)
-        return write_stream(plan, tmp, progress, cancel)
+        with prepare(tmp) if prepare is not None else contextlib.nullcontext(plan) as to_write:
+            return write_stream(to_write, tmp, progress, cancel)
 
     return save_model_dir(plan.model, out, tokenizer=tokenizer, manifest=manifest, overwrite=overwrite,
                           write_weights=write_weights)
@@ -196,28 +202,38 @@ def stream_apply_source(
     force: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
     max_shard_size: str = "5GB",
 ):
     """The streaming branch of `surgery.pipeline.apply_to_source` (`v`: its Validation, already checked).
+
+    Data-driven steps (reconstruct, whitened / asvd low rank) are fitted layer by layer from the input first, their
+    tensors spilled beside the output and streamed from there (surgery.stream.datasteps).
 
     Returns:
         The ApplyResult, or None when the plan cannot stream and streaming was not `required`.
 
     Raises:
         NotStreamable: `required` and a step (or the source) cannot stream: the first reason, one line.
-        UserError: Not enough free disk space for the result (checked before anything is written).
+        UserError: Not enough free disk space for the result (checked before anything is written), calibration
+            text that is not the plan's or too short (likewise).
     """
     from surgery.loading import parse_dtype, read_config
-    from surgery.pipeline import ApplyResult, apply_manifest
+    from surgery.pipeline import ApplyResult, apply_manifest, calibration_blocks
 
     reasons = plan_blockers(plan, pickle_weights=v.resolved.pickle_weights, trust_remote_code=trust_remote_code)
-    splan = None
+    splan = fit = None
     if not reasons:
         config_dict = read_config(v.resolved)
+        torch_dtype = parse_dtype(dtype, config_dict)
         try:
-            splan = build_stream_plan(v.resolved.path, config_dict, v.resolution, parse_dtype(dtype, config_dict),
-                                      max_shard_size)
+            splan = build_stream_plan(v.resolved.path, config_dict, v.resolution, torch_dtype, max_shard_size)
+            if v.resolution.needs_data:
+                from surgery.stream.datasteps import SpilledFit
+
+                fit = SpilledFit(splan, v.resolution)
         except NotStreamable as e:
+            splan = None
             reasons.append(str(e))
     if splan is None:
         if required:
@@ -225,14 +241,26 @@ def stream_apply_source(
         return None
     from surgery.stream.tokenizer import cached_tokenizer_files
 
+    blocks = calibration_blocks(v, trust_remote_code) if fit is not None else None
     # a tokenizer that cannot load is refused before anything is written, and its files' sizes are exact
-    check_free_space(out, splan, cached_tokenizer_files(v.resolved.path))
+    check_free_space(out, splan, cached_tokenizer_files(v.resolved.path), fit.spill_bytes if fit else 0)
     manifest = apply_manifest(plan, v, splan.params_after, force, "stream")
-    manifest["apply"].update(bytes_read=splan.bytes_read, bytes_written=splan.bytes_written)
+    planned = fit.plan if fit else splan
+    manifest["apply"].update(bytes_read=planned.bytes_read, bytes_written=planned.bytes_written)
+    prepare = None
+    if fit is not None:
+        from surgery.stream.datasteps import LAYER_BY_LAYER, run_layerwise_fit
+
+        manifest["apply"].update(data_steps=LAYER_BY_LAYER, spill_bytes=fit.spill_bytes)
+        run = run_layerwise_fit(v.resolved.path, config_dict, v.resolution, blocks, torch_dtype, manifest,
+                                progress, cancel)
+
+        def prepare(tmp: Path):
+            return fit.fitted(tmp, run)
     if progress:
-        progress("streaming tensors")
+        progress("fitting data steps layer by layer" if fit else "streaming tensors")
     save_streamed_dir(splan, out, tokenizer_from=v.resolved.path, manifest=manifest, overwrite=overwrite,
-                      progress=progress)
+                      progress=progress, cancel=cancel, prepare=prepare)
     return ApplyResult(out, v, manifest)
 
 

@@ -7,6 +7,9 @@ from surgery.plan import Plan
 STRUCTURAL_OPS = frozenset(
     {"prune_heads", "prune_kv_groups", "prune_neurons", "drop_layers", "drop_attention", "drop_mlp", "low_rank"}
 )
+# fitted on calibration text layer by layer before the shards stream (surgery.stream.datasteps); low_rank steps
+# of every method stream too (svd factorised by the writer, whitened / asvd by that fit)
+LAYERWISE_DATA_OPS = frozenset({"reconstruct"})
 
 
 def plan_blockers(plan: Plan, *, pickle_weights: bool = False, trust_remote_code: bool = False) -> list[str]:
@@ -19,12 +22,8 @@ def plan_blockers(plan: Plan, *, pickle_weights: bool = False, trust_remote_code
         elif step.op == "prune_hidden":
             reasons.append(f"steps[{i}] (prune_hidden): slices every tensor of the model, which the streaming "
                            "applier does not do yet, so it runs in memory")
-        elif step.op not in STRUCTURAL_OPS:
+        elif step.op not in STRUCTURAL_OPS | LAYERWISE_DATA_OPS:
             reasons.append(f"steps[{i}] ({step.op}): needs the activations of calibration text, so the model must run")
-        elif step.op == "low_rank" and getattr(step, "method", None) not in (None, "svd"):
-            needs = "per-channel input means" if step.method == "asvd" else "the input Gram matrix"
-            reasons.append(f"steps[{i}] (low_rank, method {step.method}): needs {needs} from "
-                           "calibration text, so the model must run")
     if pickle_weights:
         reasons.append("the input weights are pickles, not safetensors: they cannot be read slice by slice")
     if trust_remote_code:

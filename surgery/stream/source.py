@@ -64,24 +64,34 @@ def weight_shards(directory: Path) -> list[Path]:
     raise SourceError(f"no model.safetensors or model.safetensors.index.json in {directory}")
 
 
+def file_tensors(path: Path) -> dict[str, SourceTensor]:
+    """Every tensor of one safetensors file, from its header alone.
+
+    Raises:
+        SourceError: The header is corrupt, or holds a dtype streaming cannot read.
+    """
+    read_safetensors_header(path)  # the checks: sizes, offsets inside the file
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    found: dict[str, SourceTensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry["dtype"]
+        if dtype not in ST_ITEMSIZE:
+            raise SourceError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which streaming cannot read")
+        found[name] = SourceTensor(path, 8 + n + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
+    return found
+
+
 def tensor_locations(directory: Path | str) -> dict[str, SourceTensor]:
     """Every tensor of the checkpoint in `directory`, from its headers alone (no weight byte is read).
 
     Raises:
         SourceError: A header is corrupt, or holds a dtype streaming cannot read.
     """
-    directory = Path(directory)
     found: dict[str, SourceTensor] = {}
-    for path in weight_shards(directory):
-        read_safetensors_header(path)  # the checks: sizes, offsets inside the file
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = entry["dtype"]
-            if dtype not in ST_ITEMSIZE:
-                raise SourceError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which streaming cannot read")
-            found[name] = SourceTensor(path, 8 + n + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
+    for path in weight_shards(Path(directory)):
+        found.update(file_tensors(path))
     return found

@@ -78,9 +78,12 @@ def apply(
     how = (
         "AutoModelForCausalLM.from_pretrained(DIR)" if loader == "transformers" else "surgery.load(DIR)"
     )
+    applier = m["apply"]["path"].replace("_", "-")
+    if m["apply"].get("data_steps"):  # "layer_by_layer": reconstruct / whitened steps fitted one block at a time
+        applier += f", data steps {m['apply']['data_steps'].replace('_', ' ')}"
     out.print(
         f"[green]wrote[/] {result.out}: params {fmt_int(before)} -> {fmt_int(after)} "
-        f"({1 - after / before:.1%} removed) in {seconds:.1f}s ({m['apply']['path'].replace('_', '-')}); "
+        f"({1 - after / before:.1%} removed) in {seconds:.1f}s ({applier}); "
         f"load with {how}"
     )
 
