@@ -12,6 +12,7 @@ the scoring and suggestion in its `prelude`, and the generated pipeline itself, 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,23 +91,37 @@ def build_pipeline(source: str, plan, opts: CompressOptions) -> dict:
     return doc
 
 
+PRELUDE = "prelude.json"  # in the work directory: the finished scoring and suggestion, what a resume reuses
+
+
 def compress(source: str, target_params: float, out: str | Path, opts: CompressOptions, *, jobs_root: Path,
-             overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+             overwrite: bool = False, progress: Callable[[str], None] | None = None, work: str | Path | None = None,
+             cancel: threading.Event | None = None, on_job: Callable | None = None) -> dict:
     """Run the recipe; returns the record written to `out/pipeline.json`.
+
+    Args:
+        work: The work directory (scores, plan, the generated pipeline, the stages' models). Default: a new
+            `<jobs_root>/compress-<id>/`. Run again with the same `work` and arguments, the recipe continues from
+            the phase it reached: the scoring and the suggestion (prelude.json) and the pipeline's finished stages
+            (pipeline/progress.json) are reused, an interrupted redistillation continues from its job's newest
+            checkpoint; the result is the uninterrupted run's, byte for byte.
+        cancel: Set -> `CompressCancelled` at the next phase boundary (what finished is kept for a resume).
+        on_job: Passed to `run_pipeline` (the redistillation job, before it runs here; None after).
 
     Raises:
         UserError: Bad input (found before the scoring starts where it can be: the output directory, the data
             files, the budget), or a failed stage.
+        CompressCancelled: `cancel` was set.
+        surgery.jobs.pipeline.PipelineCancelled: The redistillation job was cancelled (it checkpointed first).
     """
     from surgery.export import check_output_dir
-    from surgery.importance.pipeline import score_source
-    from surgery.importance.scorefile import save_scores
-    from surgery.jobs.pipeline import parse_pipeline, run_pipeline
+    from surgery.jobs.pipeline import RECORD, parse_pipeline, run_pipeline
     from surgery.jobs.store import new_job_id
-    from surgery.plan import Reconstruct
-    from surgery.suggest import Target, suggest_for_source
+    from surgery.plan import write_text_atomic
 
     out = Path(out)
+    if work is not None and (published := published_record(out, Path(work))) is not None:
+        return published  # an earlier attempt finished and published it (and was stopped before saying so)
     check_output_dir(out, overwrite)
     if not 0 < target_params < 1:
         raise UserError(f"--target-params {target_params}: the fraction of parameters kept, strictly between 0 and 1")
@@ -116,9 +131,79 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
     redistill_steps(opts)  # a budget below one step is refused before anything runs
     check_job_options(opts)
     say = progress or (lambda _m: None)
-    work = Path(jobs_root) / new_job_id("compress")
-    work.mkdir(parents=True)
-    prelude: dict = {"work": str(work), "target_params": target_params}
+
+    def boundary() -> None:
+        if cancel is not None and cancel.is_set():
+            raise CompressCancelled("compress cancelled")
+
+    work = Path(work) if work is not None else Path(jobs_root) / new_job_id("compress")
+    work.mkdir(parents=True, exist_ok=True)
+    prelude = _read_prelude(work, target_params)
+
+    def save_prelude() -> None:
+        write_text_atomic(work / PRELUDE, json.dumps(prelude, indent=2, sort_keys=True) + "\n")
+
+    boundary()
+    if "score" in prelude and Path(prelude["score"]["file"]).is_file():
+        say(f"scoring: done before, reused ({prelude['score']['file']})")
+        score_path = Path(prelude["score"]["file"])
+    else:
+        score_path = _score(source, opts, work, prelude, say)
+        save_prelude()
+    boundary()
+    if "suggest" in prelude and (work / "pipeline.json").is_file():
+        say(f"suggesting a plan: done before, reused ({prelude['suggest']['plan']})")
+        from surgery.jsonfile import read_json_file
+
+        doc = read_json_file(work / "pipeline.json", "the compress pipeline")
+    else:
+        doc = _suggest(source, target_params, opts, work, score_path, prelude, say)
+        # the suggestion counts as done once its pipeline is on disk: a resume reads that very document
+        write_text_atomic(work / "pipeline.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        save_prelude()
+    boundary()
+    pipeline = parse_pipeline(doc, "the compress pipeline")
+    record = run_pipeline(pipeline, out, jobs_root=Path(jobs_root), overwrite=overwrite, progress=say,
+                          prelude=prelude, work=work / "pipeline", on_job=on_job)
+    add_training_throughput(record, opts)
+    write_text_atomic(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+class CompressCancelled(Exception):
+    """`compress` stopped at a phase boundary because its cancel event was set."""
+
+
+def _read_prelude(work: Path, target_params: float) -> dict:
+    """The work directory's finished phases (a new prelude for a new directory).
+
+    Raises:
+        UserError: The directory was used for another budget (its scores and plan are not this run's).
+    """
+    if not (work / PRELUDE).is_file():
+        return {"work": str(work), "target_params": target_params}
+    from surgery.jsonfile import read_json_file
+
+    prelude = read_json_file(work / PRELUDE, "compress prelude")
+    if not isinstance(prelude, dict) or prelude.get("target_params") != target_params:
+        raise UserError(f"{work} holds a compress run for another budget: resume it with the same options")
+    return prelude
+
+
+def published_record(out: Path, work: Path) -> dict | None:
+    """The record in `out/pipeline.json` when the compress run of `work` wrote it, else None."""
+    from surgery.jobs.pipeline import RECORD
+
+    try:
+        record = json.loads((out / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and (record.get("prelude") or {}).get("work") == str(work) else None
+
+
+def _score(source: str, opts: CompressOptions, work: Path, prelude: dict, say) -> Path:
+    from surgery.importance.pipeline import score_source
+    from surgery.importance.scorefile import save_scores
 
     t0 = time.perf_counter()
     say("scoring")
@@ -127,6 +212,14 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
     score_path = save_scores(work / "scores.safetensors", scores)
     prelude["score"] = {"methods": SCORE_METHODS, "file": str(score_path), "tokens": scores.meta.tokens,
                         "data_fingerprint": scores.meta.data_fingerprint, "wall_s": round(time.perf_counter() - t0, 1)}
+    return Path(score_path)
+
+
+def _suggest(source: str, target_params: float, opts: CompressOptions, work: Path, score_path: Path, prelude: dict,
+             say) -> dict:
+    """Suggest the plan (+ the reconstruction's calibration), save it and return the pipeline document."""
+    from surgery.plan import Reconstruct
+    from surgery.suggest import Target, suggest_for_source
 
     t0 = time.perf_counter()
     say("suggesting a plan")
@@ -146,18 +239,7 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
     prelude["suggest"] = {"plan": str(work / "plan.json"), "params_before": s.params_before,
                           "params_after": s.params_after, "uniform": not opts.non_uniform,
                           "reconstruct": opts.reconstruct, "wall_s": round(time.perf_counter() - t0, 1)}
-
-    doc = build_pipeline(source, plan, opts)
-    (work / "pipeline.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    pipeline = parse_pipeline(doc, "the compress pipeline")
-    record = run_pipeline(pipeline, out, jobs_root=Path(jobs_root), overwrite=overwrite, progress=say,
-                          prelude=prelude)
-    add_training_throughput(record, opts)
-    from surgery.jobs.pipeline import RECORD
-    from surgery.plan import write_text_atomic
-
-    write_text_atomic(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return record
+    return build_pipeline(source, plan, opts)
 
 
 def add_training_throughput(record: dict, opts: CompressOptions) -> None:

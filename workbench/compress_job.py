@@ -4,10 +4,14 @@ events.jsonl, lock, process.json, stdout/stderr logs) whose process runs `surger
 The parent (the TUI) validates the form, writes job.json and spawns `python -m workbench.compress_job JOBDIR` in its
 own session, so the recipe survives quitting the TUI or a dropped SSH link. The child holds the job's lock while it
 runs, turns each progress message into a `status` event and each recipe phase into a `step` event (so `workbench
-jobs list` and the jobs panel show "3/7"), and ends with `done` (its output directory) or `failed`. The
-redistillation stage is a distill job of its own in the same jobs root, with its loss curve. Cancelling (`x` in the
-panel, `workbench jobs cancel`) stops the process at the next progress message or within a second; the output
-directory is written atomically at the very end, so a cancelled recipe leaves no partial output.
+jobs list` and the jobs panel show "3/7"), and ends with `done` (its output directory) or `failed`. The job
+directory is also the recipe's work directory (scores, plan.json, the generated pipeline.json, prelude.json and
+pipeline/ with the stages' models and progress.json), so `workbench jobs resume ID` continues from the phase it
+reached. The redistillation stage is a distill job of its own in the same jobs root, with its loss curve, run in
+this process (so it dies with it). Cancelling (`x` in the panel, `workbench jobs cancel`, SIGTERM) reaches that
+job when it runs (it checkpoints and ends `cancelled`, then so does the recipe); in any other phase the process
+stops within a second. The output directory is written atomically at the very end, so a cancelled recipe leaves no
+partial output.
 """
 
 from __future__ import annotations
@@ -109,49 +113,92 @@ def compress_document(fields: dict) -> dict:
 
 def start_compress(root: Path, fields: dict) -> str:
     """Validate the form, create the job and spawn its detached process; returns the job id."""
-    from surgery.jobs.events import EventLog
-    from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock, write_process_record
     from surgery.jobs.store import create_job
 
     doc = compress_document(fields)
     job = create_job(root, json.dumps(doc, indent=2, sort_keys=True) + "\n", kind=KIND)
+    spawn(job)
+    return job.id
+
+
+def is_compress_job(job) -> bool:
+    """Whether a job directory holds a compress recipe (not a distill job)."""
+    try:
+        return job.read_config().get("kind") == KIND
+    except Exception:  # noqa: BLE001 - a corrupt job.json is not ours to judge here
+        return False
+
+
+def spawn(job, *, resume: bool = False) -> subprocess.Popen:
+    """Start the job's detached process (own session: it survives the TUI and the SSH link); returns its handle.
+
+    Raises:
+        JobRunning: A process of the job is alive (nothing is started).
+    """
+    from surgery.jobs.events import EventLog, read_events
+    from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock, write_process_record
+
     cmd = [sys.executable, "-m", "workbench.compress_job", str(job.path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # locked here and inherited (as surgery.jobs.runner.start_job does): the job reads "running" from the first
     # moment, not "lost" while the child is still importing torch
     fd = acquire_lock(job)
     try:
+        attempt = 1 + sum(1 for e in read_events(job.events_file)[0] if e["event"] == "launch")
+        job.cancel_file.unlink(missing_ok=True)  # an old request must not cancel the new attempt
         if fd is not None:
             env[LOCK_FD_ENV] = str(fd)
         with open(job.stdout_file, "ab") as out, open(job.stderr_file, "ab") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
                                     pass_fds=(fd,) if fd is not None else (), cwd=job.path, env=env)
-        write_process_record(job, proc.pid, command=cmd, attempt=1, nproc=1)
-        EventLog(job.events_file).append("launch", pid=proc.pid, attempt=1, nproc=1, resume=False)
+        write_process_record(job, proc.pid, command=cmd, attempt=attempt, nproc=1)
+        EventLog(job.events_file).append("launch", pid=proc.pid, attempt=attempt, nproc=1, resume=resume)
     finally:
         if fd is not None:
             os.close(fd)  # the child holds its own copy of the locked file description
-    return job.id
+    return proc
+
+
+def sub_jobs(job) -> dict[str, str]:
+    """The recipe's training-stage jobs so far, stage index -> job id (from its pipeline progress)."""
+    try:
+        return dict(json.loads((job.path / "pipeline" / "progress.json").read_text(encoding="utf-8"))["jobs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def run(path: str | Path) -> int:
-    """The job process: run the recipe, log its progress; 0 done or cancelled, 2 bad input, 1 a bug."""
+    """The job process: run (or continue) the recipe, log its progress; 0 done or cancelled, 2 bad input, 1 a bug.
+
+    A cancel request (the `cancel` file, or SIGTERM) during the redistillation is forwarded to that job, which
+    checkpoints and ends `cancelled`; then this job ends `cancelled`. During the other phases the process ends at
+    once (`cancelled`): what finished is on disk in the job directory, and `workbench jobs resume` continues from
+    there. A SIGKILL takes the redistillation with it (it runs in this process), and both read `lost`.
+    """
+    import signal
     import traceback
 
     from surgery.compress import CompressOptions, compress
     from surgery.errors import UserError
     from surgery.jobs.events import EventLog
-    from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock
+    from surgery.jobs.pipeline import PipelineCancelled
+    from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock, write_process_record
     from surgery.jobs.store import JobDir
 
     job = JobDir(Path(path).resolve())
     log = EventLog(job.events_file)
     if LOCK_FD_ENV not in os.environ:  # started by hand: take the lock here (the fd stays open until exit)
         acquire_lock(job)
+        write_process_record(job, os.getpid(), command="foreground", attempt=None)
+        log.append("launch", pid=os.getpid(), attempt=None, nproc=1, resume=resumed_phase(job) is not None)
+    # the inherited fd is this job's lock; the redistillation job run in this process must take its own
+    os.environ.pop(LOCK_FD_ENV, None)
     doc = job.read_config()
     options = doc["options"]
     phases = phases_for(options)
     done = {"step": 0}
+    guard = threading.RLock()  # one decision at a time: forward to the running sub-job, or end here
+    current: dict = {"sub": None, "ended": False}
 
     def progress(message: str) -> None:
         log.append("status", message=message)
@@ -159,24 +206,46 @@ def run(path: str | Path) -> int:
             if message.startswith(phase) and i > done["step"]:
                 done["step"] = i
                 log.append("step", step=i, phase=phase, losses={})
-        if job.cancel_file.exists():
-            cancel()
 
-    def cancel() -> None:
-        log.append("cancelled", step=done["step"], checkpoint=None, sync=True)
-        os._exit(0)  # the output is only written, atomically, at the very end: nothing partial is left
+    def end_cancelled(**extra) -> None:
+        with guard:
+            if not current["ended"]:
+                current["ended"] = True
+                log.append("cancelled", step=done["step"], checkpoint=None, sync=True, **extra)
+            os._exit(0)  # the output is only written, atomically, at the very end: nothing partial is left
+
+    def on_job(sub) -> None:
+        with guard:
+            current["sub"] = sub
+        if sub is not None and job.cancel_file.exists():
+            forward(sub)
+
+    def forward(sub) -> None:
+        from surgery.plan import write_text_atomic
+
+        if not sub.cancel_file.exists():
+            write_text_atomic(sub.cancel_file, json.dumps({"requested": round(time.time(), 3), "by": job.id}) + "\n")
 
     def watch() -> None:  # a long stage (scoring, redistilling) says nothing for minutes
-        while not job.cancel_file.exists():
-            time.sleep(1.0)
-        cancel()
+        while True:
+            if job.cancel_file.exists():
+                with guard:  # held while deciding: no sub-job can start between the look and the exit
+                    sub = current["sub"]
+                    if sub is None:
+                        end_cancelled()
+                forward(sub)  # it stops after its current step; the main thread then ends this job
+            time.sleep(0.5)
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: job.cancel_file.touch())
     threading.Thread(target=watch, daemon=True).start()
     log.append("start", step=0, pid=os.getpid(), world_size=1, device=options.get("device", "cpu"),
-               resumed_from=None, train=options["data"])
+               resumed_from=resumed_phase(job), train=options["data"])
     try:
         record = compress(doc["source"], doc["target_params"], doc["out"], CompressOptions(**options),
-                          jobs_root=job.path.parent, progress=progress)
+                          jobs_root=job.path.parent, progress=progress, work=job.path, on_job=on_job)
+    except PipelineCancelled as exc:
+        end_cancelled(sub_job=exc.job, sub_checkpoint=exc.checkpoint)
     except UserError as exc:
         log.append("failed", step=done["step"], error=str(exc).splitlines()[0], error_type=type(exc).__name__,
                    traceback=None, sync=True)
@@ -189,6 +258,14 @@ def run(path: str | Path) -> int:
     log.append("eval", step=len(phases), **{k: v for k, v in after.items() if k in ("params", "perplexity")})
     log.append("done", step=len(phases), output=doc["out"], manifest={"after": after}, sync=True)
     return 0
+
+
+def resumed_phase(job) -> str | None:
+    """The last phase an earlier attempt reached (None on a first start)."""
+    from surgery.jobs.events import read_events
+
+    phases = [e.get("phase") for e in read_events(job.events_file)[0] if e.get("event") == "step"]
+    return phases[-1] if phases else None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -175,16 +176,50 @@ def _make_student(spec: StudentSpec, teacher: str, target: Path, seed: int) -> s
     return str(target)
 
 
-def _train(pipeline: Pipeline, stage, i: int, teacher: str, student: str, out: Path, jobs_root: Path) -> dict:
+class PipelineCancelled(Exception):
+    """A training stage's job ended `cancelled` (a cancel request or SIGTERM reached it): the pipeline stops there,
+    its finished stages and the job's checkpoint kept for a resume."""
+
+    def __init__(self, stage: int, job: str, checkpoint: str | None):
+        super().__init__(f"stage {stage} cancelled (job {job}, checkpoint {checkpoint or 'none'})")
+        self.stage, self.job, self.checkpoint = stage, job, checkpoint
+
+
+def _train(pipeline: Pipeline, stage, i: int, teacher: str, student: str, out: Path, jobs_root: Path,
+           progress: dict, save_progress: Callable[[], None], on_job: Callable | None) -> dict:
+    """Run stage `i`'s job in this process; a job recorded in `progress` by an earlier attempt is continued from
+    its newest checkpoint (or, when it finished, only its output is taken) instead of starting over."""
     from surgery.distill.config import parse_config
-    from surgery.jobs.worker import run_new_job
+    from surgery.jobs.events import last_final, read_events
+    from surgery.jobs.store import JobDir, create_job
+    from surgery.jobs.worker import _output_owned_by, run_job
 
     cfg = parse_config(_job_doc(pipeline, stage, teacher, student, str(out)), f"stages[{i}].job")
     cfg = cfg.with_paths_from(Path.cwd())  # the job file must stand alone (a later resume runs elsewhere)
-    job, code, events, _ = run_new_job(jobs_root, cfg.to_json())
-    if code != 0:
-        raise UserError(f"stage {i} ({stage.stage}) failed: {events[-1].get('error', 'see its log')} "
-                        f"(log: {job.events_file})")
+    known = progress["jobs"].get(str(i))
+    job = JobDir(Path(jobs_root) / known) if known and (Path(jobs_root) / known / "job.json").is_file() else None
+    if job is None:
+        job = create_job(jobs_root, cfg.to_json())
+        progress["jobs"][str(i)] = job.id
+        save_progress()  # before it runs: a resume after SIGKILL finds this job and its checkpoints
+    final = last_final(read_events(job.events_file)[0]) or {}
+    if not (final.get("event") == "done" and _output_owned_by(out, job.id)):
+        job.cancel_file.unlink(missing_ok=True)  # the request that stopped an earlier attempt is spent
+        if on_job is not None:
+            on_job(job)  # a front end forwards cancel requests to it (and may refuse to start it)
+        try:
+            code = run_job(job.path)
+        finally:
+            if on_job is not None:
+                on_job(None)
+        events = read_events(job.events_file)[0]
+        final = last_final(events) or {}
+        if final.get("event") == "cancelled":
+            raise PipelineCancelled(i, job.id, final.get("checkpoint"))
+        if code != 0:
+            raise UserError(f"stage {i} ({stage.stage}) failed: {events[-1].get('error', 'see its log')} "
+                            f"(log: {job.events_file})")
+    events = read_events(job.events_file)[0]
     start = next(e for e in events if e["event"] == "start")
     return {"job": job.id, "events": str(job.events_file), "teacher": teacher, "student": student,
             "data": start["train"], "output": str(out)}
@@ -207,22 +242,34 @@ def _metrics(source: str, spec: EvalSpec | None, tokenizer_source: str) -> dict:
     return record
 
 
+PROGRESS = "progress.json"  # in a pipeline's work directory: what a resume reuses
+
+
 def run_pipeline(pipeline: Pipeline, out: str | Path, *, jobs_root: Path, overwrite: bool = False,
-                 progress=None, prelude: dict | None = None) -> dict:
+                 progress=None, prelude: dict | None = None, work: str | Path | None = None,
+                 on_job: Callable | None = None) -> dict:
     """Run every stage in order and write the final model + pipeline.json to `out` (atomically).
 
-    Intermediate models stay in `<jobs_root>/pipeline-<id>/stage-<i>-<name>/` for inspection; each training stage
-    is a job in `jobs_root`. Each stage's record gets its wall time and, with an `eval` spec, the metrics of its
-    output (`after`; the previous stage's `after`, or the base model's, is its before). `prelude` (what a front
-    end did before the pipeline, e.g. `workbench compress`'s scoring) is stored as is. Returns the record
-    written to `out/pipeline.json`.
+    Intermediate models stay in the work directory (`work`, else `<jobs_root>/pipeline-<id>/`) as
+    `stage-<i>-<name>/` for inspection; each training stage is a job in `jobs_root`. Each stage's record gets its
+    wall time and, with an `eval` spec, the metrics of its output (`after`; the previous stage's `after`, or the
+    base model's, is its before). `prelude` (what a front end did before the pipeline, e.g. `workbench
+    compress`'s scoring) is stored as is. Returns the record written to `out/pipeline.json`.
+
+    Resume: the work directory's progress.json records the base metrics, each finished stage and each training
+    stage's job id as soon as it exists. Run again with the same `work` (same pipeline), finished stages are
+    reused as they are, and an interrupted training stage continues its job from the newest checkpoint, so the
+    result is the uninterrupted run's. `on_job(job)` is called before a training stage's job runs here and
+    `on_job(None)` after it (a front end forwards cancel requests to it).
 
     Raises:
-        UserError: Bad input in any stage (found before the stage starts), or a failed training stage.
+        UserError: Bad input in any stage (found before the stage starts), a failed training stage, or a `work`
+            directory made for another pipeline.
+        PipelineCancelled: A training stage's job was cancelled (it checkpointed first).
     """
     from surgery.export import check_output_dir
     from surgery.pipeline import apply_to_source, source_fingerprint
-    from surgery.plan import parse_plan
+    from surgery.plan import parse_plan, write_text_atomic
     from surgery.sources import resolve_source
 
     out = Path(out)
@@ -236,15 +283,32 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, *, jobs_root: Path, overwr
                         f"{fingerprint[:19]}...")
     from surgery.jobs.store import new_job_id
 
-    work = Path(jobs_root) / new_job_id("pipeline")
-    work.mkdir(parents=True)
+    work = Path(work) if work is not None else Path(jobs_root) / new_job_id("pipeline")
+    work.mkdir(parents=True, exist_ok=True)
+    spec = pipeline.model_dump(mode="json", exclude_none=True)
+    state = _read_progress(work, spec)
+
+    def save_progress() -> None:
+        write_text_atomic(work / PROGRESS, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
     import time
 
     current, stages = base, []
-    say("measuring the base model")
-    before = _metrics(str(resolved.path), pipeline.eval, base)
+    if state.get("before") is None:
+        say("measuring the base model")
+        state["before"] = _metrics(str(resolved.path), pipeline.eval, base)
+        save_progress()
+    else:
+        say("measuring the base model: done before, reused")
+    before = state["before"]
     for i, stage in enumerate(pipeline.stages):
         target = work / f"stage-{i}-{stage.stage}"
+        if i < len(state["stages"]) and Path(state["stages"][i]["output"]).is_dir():
+            say(f"stage {i}: {stage.stage}: done before, reused ({target})")
+            entry = state["stages"][i]
+            stages.append(entry)
+            current = entry["output"]
+            continue
         say(f"stage {i}: {stage.stage}")
         t0 = time.perf_counter()
         if stage.stage == "prune":
@@ -260,16 +324,19 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, *, jobs_root: Path, overwr
                                         pipeline.seed + i)
             else:
                 student = current
-            entry = {"stage": stage.stage, **_train(pipeline, stage, i, teacher, student, target, Path(jobs_root))}
+            entry = {"stage": stage.stage, **_train(pipeline, stage, i, teacher, student, target, Path(jobs_root),
+                                                    state, save_progress, on_job)}
         entry["wall_s"] = round(time.perf_counter() - t0, 1)
         current = str(target)
         if pipeline.eval is not None or i == len(pipeline.stages) - 1:
             say(f"measuring stage {i}")
             entry["after"] = _metrics(current, pipeline.eval, base)
         stages.append(entry)
+        state["stages"] = stages[:]
+        save_progress()
     record = {
         "version": 1,
-        "pipeline": pipeline.model_dump(mode="json", exclude_none=True),
+        "pipeline": spec,
         "base": {"source": base, "fingerprint": fingerprint},
         "stages": stages,
         "metrics": {"before": before, "after": stages[-1]["after"]},
@@ -278,6 +345,23 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, *, jobs_root: Path, overwr
         record["prelude"] = prelude
     _publish(Path(current), out, record)
     return record
+
+
+def _read_progress(work: Path, spec: dict) -> dict:
+    """The work directory's progress (empty for a new one).
+
+    Raises:
+        UserError: It was written for another pipeline (its stages would not be this pipeline's).
+    """
+    from surgery.jsonfile import read_json_file
+
+    if not (work / PROGRESS).is_file():
+        return {"pipeline": spec, "before": None, "stages": [], "jobs": {}}
+    state = read_json_file(work / PROGRESS, "pipeline progress")
+    if not isinstance(state, dict) or state.get("pipeline") != spec:
+        raise UserError(f"{work} holds the progress of another pipeline: resume with the same pipeline file, or "
+                        "use a new work directory")
+    return state
 
 
 def _publish(final: Path, out: Path, record: dict) -> None:

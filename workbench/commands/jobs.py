@@ -219,9 +219,12 @@ def show(job_id: IdArg, jobs_dir: JobsDirOpt = None, json_out: JsonOpt = False) 
         print_json({**status.to_dict(), "job": config})
         return
     out.print(f"[bold]{job.id}[/]  {status.state}  step {status.step}/{status.steps}  ({job.path})")
-    out.print(f"  teacher {config.get('teacher')}  ->  student {config.get('student')}")
-    out.print(f"  losses {config.get('losses')}  T={config.get('temperature')}  lr {config.get('lr')}  "
-              f"batch {config.get('batch_size')} x {config.get('seq_len')} tokens")
+    if config.get("kind") == "compress":
+        _show_compress(job, config)
+    else:
+        out.print(f"  teacher {config.get('teacher')}  ->  student {config.get('student')}")
+        out.print(f"  losses {config.get('losses')}  T={config.get('temperature')}  lr {config.get('lr')}  "
+                  f"batch {config.get('batch_size')} x {config.get('seq_len')} tokens")
     if status.losses:
         out.print("  latest losses: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(status.losses.items())))
     if status.tokens_per_s:
@@ -241,6 +244,24 @@ def show(job_id: IdArg, jobs_dir: JobsDirOpt = None, json_out: JsonOpt = False) 
         for line in stderr_tail(job):
             out.print(f"  [dim]stderr:[/] {line}", markup=True, highlight=False)
         out.print(f"  resume it with: workbench jobs resume {job.id}")
+
+
+def _show_compress(job, config: dict) -> None:
+    """The recipe's source, budget, output, phase reached and its redistillation job(s) with their states."""
+    from surgery.jobs.events import read_events
+    from surgery.jobs.status import job_status
+    from surgery.jobs.store import JobDir
+    from workbench.compress_job import sub_jobs
+
+    out.print(f"  compress {config.get('source')}  keep {config.get('target_params')} of the parameters  ->  "
+              f"{config.get('out')}", markup=False, highlight=False)
+    phases = [e.get("phase") for e in read_events(job.events_file)[0] if e.get("event") == "step"]
+    if phases:
+        out.print(f"  phase reached: {phases[-1]}", markup=False, highlight=False)
+    for stage, sub_id in sorted(sub_jobs(job).items()):  # siblings: the recipe runs them in its own jobs root
+        st = job_status(JobDir(job.path.parent / sub_id))
+        out.print(f"  stage {stage} job {sub_id}: {st.state} at step {st.step}/{st.steps} (checkpoint "
+                  f"{st.checkpoint or 'none'})", markup=False, highlight=False)
 
 
 @app.command("logs")
@@ -320,11 +341,44 @@ def resume(
     from surgery.jobs.store import find_job, jobs_root
 
     job = find_job(jobs_root(jobs_dir), job_id)
+    from workbench.compress_job import is_compress_job
+
+    if is_compress_job(job):
+        _resume_compress(job, nproc, foreground, json_out)
+        return
     load_config(job.job_file)  # a corrupt, binary or newer-version job.json is refused here, not seconds later
     from surgery.jobs.runner import check_launch
 
     check_launch(job, nproc)  # a batch the processes cannot split, or another world size than the checkpoint's
     _run(job, nproc, foreground, json_out, resume=True)
+
+
+def _resume_compress(job, nproc: int, foreground: bool, json_out: bool) -> None:
+    """Continue a compress recipe from the phase it reached (finished phases reused; the redistillation from its
+    job's newest checkpoint). `--foreground` waits for the job process and reports its end."""
+    import subprocess
+    import sys
+
+    from surgery.errors import UserError
+    from surgery.jobs.runner import check_runnable
+    from workbench.compress_job import spawn
+
+    if nproc != 1:
+        raise UserError("a compress job runs one process: drop --nproc")
+    check_runnable(job)  # running or done: refused before anything changes
+    if foreground:  # a child process all the same: the recipe ends a cancelled attempt with os._exit
+        job.cancel_file.unlink(missing_ok=True)
+        code = subprocess.call([sys.executable, "-m", "workbench.compress_job", str(job.path)])
+        _report(job, json_out)
+        if code:
+            raise typer.Exit(code)
+        return
+    proc = spawn(job, resume=True)
+    if json_out:
+        print_json({"id": job.id, "path": str(job.path), "pid": proc.pid, "state": "running"})
+    else:
+        out.print(f"[green]resumed[/] compress job {job.id} (pid {proc.pid}); follow it with: "
+                  f"workbench jobs logs {job.id} -f")
 
 
 @app.command("pipeline")
