@@ -1,7 +1,8 @@
 """FSDP2 distillation on CPU with gloo: 2 sharded ranks give the loss curve of 1 process, of a 1-rank FSDP run and
 of 2-process DDP; a 2-rank FSDP job killed with SIGKILL and resumed ends bit-identical to the uninterrupted run;
 its checkpoints are sharded safetensors (no pickles); a world size that cannot split the batch or differs from the
-checkpoint's is refused in one line, exit 2, nothing written."""
+checkpoint's is refused in one line, exit 2, nothing written; only rank 0 reads weights: every rank's shards and
+buffers equal the slices of the model loaded whole."""
 
 from __future__ import annotations
 
@@ -141,3 +142,82 @@ def test_a_rank_that_cannot_write_its_shards_leaves_the_previous_checkpoint_the_
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary directory left behind
     with pytest.raises(ckpt.CheckpointError, match="incomplete sharded checkpoint"):
         ckpt.latest_checkpoint(tmp_path)  # the marker-only checkpoint has no shards: refused, not half-read
+
+
+def _sharded_view(rank: int, store: str, job_file: str, out: str) -> None:
+    """One rank of a 2-rank gloo group (torch.multiprocessing.spawn): prepare + Trainer as a job does, counting
+    every whole-model load; writes its local shards and buffers to out/rank-R.safetensors, what it saw to .json."""
+    from safetensors.torch import save_file
+
+    import surgery.loading as loading
+    from surgery.distill.config import load_config
+    from surgery.distill.loop import Trainer
+    from surgery.distill.prepare import prepare
+    from surgery.distill.world import World
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    reads, load_model = [], loading.load_model
+
+    def counting_load(source, **kw):
+        reads.append(os.path.basename(str(source)))
+        return load_model(source, **kw)
+
+    loading.load_model = counting_load
+    try:
+        cfg = load_config(job_file)
+        prep = prepare(cfg, torch.device("cpu"))
+        skeletons = all(p.is_meta for m in (prep.student, prep.teacher) for p in m.parameters())
+        trainer = Trainer(cfg, prep, World(rank, 2, rank, torch.device("cpu"), distributed=True))
+        tensors = {}
+        for role, model in (("student", trainer.student), ("teacher", trainer.teacher)):
+            for name, p in model.named_parameters():
+                tensors[f"{role}.param.{name}"] = p.to_local().detach().clone()
+            for name, b in model.named_buffers():
+                tensors[f"{role}.buffer.{name}"] = b.detach().clone()
+        save_file(tensors, os.path.join(out, f"rank-{rank}.safetensors"))
+        with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
+            json.dump({"reads": reads, "skeletons": skeletons}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank_0_reads_weights_and_every_rank_gets_the_slices_and_buffers_of_the_whole_model(tmp_path, env):
+    """Each rank builds the models on the meta device; rank 0 alone loads them (once each) and broadcasts: every
+    rank's local shards are exactly its torch.chunk of the whole model's parameters, and every buffer (rotary
+    inv_freq, which is in no state dict; the pruned layers' placeholders, which are) equals the loaded model's."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from surgery.loading import load_model
+
+    from surgery.apply import apply_plan
+    from surgery.export import save_model_dir
+    from surgery.plan import parse_plan
+    from test_jobs import char_tokenizer
+    from tiny_models import make_model
+
+    # a student with a dropped MLP and a low-rank matrix: their zero-length placeholders are persistent buffers
+    plan = parse_plan({"version": 1, "steps": [{"op": "drop_mlp", "layer": 0}, {"op": "prune_heads", "layer": 1,
+                       "heads": [1, 3]}, {"op": "low_rank", "module": "model.layers.1.mlp.down_proj", "rank": 7}]})
+    save_model_dir(apply_plan(make_model("llama", seed=0), plan)[0], tmp_path / "student", tokenizer=char_tokenizer())
+    job = new_job(tmp_path, env, fsdp=True, steps=2, student=str(tmp_path / "student"))
+    # fork: the ranks start with torch and transformers imported (spawn re-imports them: 108 s against 7 s here)
+    mp.start_processes(_sharded_view, args=(str(tmp_path / "store"), str(job.job_file), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == {"reads": ["student", "teacher"], "skeletons": True}
+    assert seen[1] == {"reads": [], "skeletons": True}  # rank 1 never held a whole model
+    whole = {"student": load_model(str(tmp_path / "student")).model, "teacher": load_model(str(env / "teacher")).model}
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"rank-{rank}.safetensors"))
+        want = {}
+        for role, model in whole.items():
+            for name, p in model.named_parameters():
+                want[f"{role}.param.{name}"] = p.detach().chunk(2, dim=0)[rank]
+            for name, b in model.named_buffers():
+                want[f"{role}.buffer.{name}"] = b
+        assert set(got) == set(want)
+        assert any(".inv_freq" in k for k in want) and any(v.numel() == 0 for v in want.values())
+        for name in want:
+            assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), (rank, name)

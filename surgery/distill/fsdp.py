@@ -6,6 +6,12 @@ moment, and all-gathers one layer at a time for its forward and backward. The te
 (no optimizer, resharded after each layer's forward): it is the unpruned model, so it is the larger of the two and
 cannot be replicated on devices that cannot hold the student.
 
+No rank but rank 0 reads a weight: every rank builds each model as a skeleton (`skeleton`: parameters on the meta
+device, buffers such as the rotary frequencies computed as loading computes them), shards it, allocates only its
+own shards (`to_empty`), and receives them from the full state dict rank 0 reads, one tensor broadcast at a time
+(`torch.distributed.checkpoint.state_dict.set_model_state_dict(..., broadcast_from_rank0=True)`): rank 0 holds one
+whole model (the one being filled) and every other rank its shards plus one tensor in flight.
+
 Checkpoint shards are written by `torch.distributed.checkpoint` with its safetensors storage
 (`HuggingFaceStorageWriter(save_distributed=True)`: one `shard-0000R-...safetensors` per rank whose header holds
 the offsets of each slice; no `.metadata` pickle), from the model and optimizer state dicts of
@@ -19,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from surgery.distill.world import World
+from surgery.errors import UserError
 
 SHARDS_DIR = "shards"  # DCP's safetensors shards inside a checkpoint directory
 OPTIMIZER_FILE = "optimizer.json"
@@ -54,6 +62,73 @@ def shard(model: nn.Module, layers: nn.ModuleList, world: World, policy) -> None
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def skeleton(path: Path, dtype: str | torch.dtype) -> nn.Module:
+    """The model `surgery.loading.load_model(path, dtype=dtype)` builds, with its parameters on the meta device (no
+    weight read, no memory) and its buffers real on CPU (computed at construction, as loading computes them)."""
+    from surgery.importance.layerwise import skeleton_model
+    from surgery.loading import parse_dtype, read_config
+
+    config = read_config(Path(path))
+    model = skeleton_model(Path(path), config, parse_dtype(dtype, config))
+    # accelerate's init_empty_weights re-creates every parameter assigned while it is active, so the skeleton's
+    # tied lm_head came out as a parameter of its own: tie it again, as loading ties it
+    model.tie_weights()
+    return model
+
+
+def read_full_state(path: Path, dtype: str | torch.dtype) -> dict[str, torch.Tensor]:
+    """The whole state dict of the model in `path` on CPU, read as `load_model` reads it (rank 0 only)."""
+    from surgery.loading import load_model
+
+    with torch.random.fork_rng(devices=[]):  # only rank 0 reads: keep its RNG stream where the others' is
+        return load_model(str(path), dtype=dtype, device="cpu").model.state_dict()
+
+
+def _rank0_result(world: World, read: Callable[[], dict]) -> dict:
+    """`read()` on rank 0 ({} elsewhere); when it fails, every rank raises (the others would otherwise wait in the
+    broadcast for ever): rank 0 its own error, the others a UserError (or RuntimeError for a bug) with its text."""
+    full, failure = {}, None
+    if world.is_main:
+        try:
+            full = read()
+        except Exception as exc:  # re-raised below, after the other ranks have been told
+            failure = exc
+    text = world.broadcast_text(None if failure is None else ("U" if isinstance(failure, UserError) else "B")
+                                + str(failure))
+    if failure is not None:
+        raise failure
+    if text:
+        raise (UserError if text[0] == "U" else RuntimeError)(text[1:])
+    return full
+
+
+def shard_from_rank0(model: nn.Module, layers: nn.ModuleList, world: World, policy,
+                     read_full: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """Shard a `skeleton` over the ranks (as `shard`) and fill each rank's shards from the state dict `read_full()`
+    returns on rank 0 (called there only); the model ends on `world.device` as if loaded whole and then sharded.
+
+    Raises:
+        ValueError: `model` has parameters off the meta device (it is no skeleton: nothing would be saved).
+        UserError: rank 0 could not read the weights (raised on every rank).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not all(p.is_meta for p in model.parameters()):
+        raise ValueError("shard_from_rank0 takes a skeleton (every parameter on the meta device)")
+    shard(model, layers, world, policy)
+    # to_empty allocates this rank's shards and every buffer uninitialised: buffers that are not in the state dict
+    # (rotary inv_freq) are put back from the skeleton; the state dict's (placeholders) come with the broadcast
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=world.device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+    full = _rank0_result(world, read_full)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    full.clear()  # rank 0: the whole model goes now, not when the caller's frame ends
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -188,9 +188,12 @@ class Trainer:
             from surgery.distill import fsdp
 
             policy = fsdp.mixed_precision(world, cfg.autocast)
-            fsdp.shard(self.student, self.s_layers, world, policy)
+            # the models are skeletons (prepare): one after the other, rank 0 reads each whole and sends the shards
+            fsdp.shard_from_rank0(self.student, self.s_layers, world, policy,
+                                  lambda: fsdp.read_full_state(prep.check.student_path, cfg.dtype))
             if self.teacher is not None:
-                fsdp.shard(self.teacher, self.t_layers, world, policy)
+                fsdp.shard_from_rank0(self.teacher, self.t_layers, world, policy,
+                                      lambda: fsdp.read_full_state(prep.check.teacher_path, cfg.dtype))
         elif self.ddp:
             from torch.nn.parallel import DistributedDataParallel
 

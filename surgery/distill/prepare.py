@@ -175,7 +175,8 @@ class Prepared:
 
 
 def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = None) -> Prepared:
-    """Check the job, load both models on `device`, tokenize training (and eval) text.
+    """Check the job, load both models on `device` (under FSDP: build them as skeletons, no weight read, which
+    the trainer shards and fills from rank 0), tokenize training (and eval) text.
 
     With a teacher cache the teacher is loaded only to build a missing cache, and training always reads the cache
     (the run that builds it and every later run see the same numbers). The projection is built deterministically
@@ -183,20 +184,17 @@ def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = No
     """
     from surgery.data import load_blocks
     from surgery.fingerprint import weights_fingerprint
-    from surgery.loading import load_model
 
     check = check_job(cfg)
     say = progress or (lambda _m: None)
-    # FSDP: models are read into CPU memory and fully_shard moves each rank's shard to `device`, so no device
-    # ever holds a whole model
-    load_device = torch.device("cpu") if cfg.fsdp else device
-    say("loading student")
-    student = load_model(str(check.student_path), dtype=cfg.dtype, device=str(load_device))
+    say("loading student" + (" (skeleton: rank 0 reads its weights when it is sharded)" if cfg.fsdp else ""))
+    student = _load(check.student_path, cfg, device, skeleton=cfg.fsdp)
     student.model.train()
     teacher = None
     if cfg.teacher_cache is None or check.cache_manifest is None:
         say("loading teacher")
-        teacher = load_model(str(check.teacher_path), dtype=cfg.dtype, device=str(load_device))
+        # a teacher cache is built by the whole teacher (build_cache runs it unsharded)
+        teacher = _load(check.teacher_path, cfg, device, skeleton=cfg.fsdp and cfg.teacher_cache is None)
         teacher.model.requires_grad_(False)
     tokenizer = student.tokenizer or (teacher.tokenizer if teacher is not None else None)
     if tokenizer is None:
@@ -229,6 +227,29 @@ def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = No
     fingerprints = {"teacher": t_fp, "student": weights_fingerprint(check.student_path)}
     return Prepared(None if teacher is None else teacher.model, student.model, tokenizer, train, evaluation,
                     projection, check, fingerprints, cache, teacher_tokenizer)
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+
+
+def _load(path: Path, cfg: DistillConfig, device: torch.device, *, skeleton: bool) -> _Loaded:
+    """A model and its tokenizer: loaded on `device`, or (`skeleton`, for FSDP) built with its parameters on the
+    meta device, no weight read (the trainer shards it and fills the shards from rank 0: see
+    surgery.distill.fsdp.shard_from_rank0); a cache-building teacher under FSDP is read whole to CPU."""
+    from surgery.loading import load_model, load_tokenizer
+
+    if not skeleton:
+        loaded = load_model(str(path), dtype=cfg.dtype, device=str(torch.device("cpu") if cfg.fsdp else device))
+        return _Loaded(loaded.model, loaded.tokenizer)
+    from surgery.distill.fsdp import skeleton as build_skeleton
+    from surgery.inspect import check_config_against_weights
+    from surgery.sources import resolve_source
+
+    check_config_against_weights(resolve_source(str(path)))  # headers only: a bad checkpoint fails on every rank
+    return _Loaded(build_skeleton(path, cfg.dtype), load_tokenizer(path))
 
 
 def _teacher_cache(cfg: DistillConfig, check: JobCheck, teacher, teacher_fp: str | None, train: TokenBlocks,
