@@ -21,44 +21,52 @@ from surgery.stream.source import ST_FLOATS, ST_ITEMSIZE, SourceTensor
 
 # an output tensor before its source is known: (safetensors dtype, shape), by state-dict name
 OutputState = dict[str, tuple[str, tuple[int, ...]]]
-CHUNK = 16 * 1024 * 1024  # the most bytes one read brings in (unless one row is bigger)
-# a gap of dropped rows this small is read through rather than skipped: a neuron cut keeps thousands of short runs
-# of rows, and one read per run (16,496 for the demo's 80% plan, fp32 rows of 2.3 KB) costs more than the few
-# extra bytes; rows of 8 KB and up (a 7B model's in bf16) are read run by run
-GAP_BYTES = 4096
+# the most bytes one read or one output buffer holds (unless one row is bigger): small enough to stay in a core's
+# L2 cache between the read, the write and the hash; measured here, 16 MB buffers made every write() and the
+# sha256 cost ~1.5-4x more CPU per byte than 1 MB ones (the data came from memory instead of the cache)
+CHUNK = 1024 * 1024
+# a gap of dropped rows this small is read through (into a scratch buffer) rather than skipped: a neuron cut keeps
+# thousands of short runs of rows (16,496 for the demo's 80% plan, fp32 rows of 2.3 KB; ~1,760 per gate/up of a 7B
+# plan, bf16 rows of 8 KB with gaps of 1-3 rows), and one read per run costs more than copying the few extra bytes
+GAP_BYTES = 16 * 1024
 
 
-def _runs(rows, n_rows: int) -> list[tuple[int, int]]:
-    """Kept indices (ascending) as [start, stop) runs of consecutive values (all of 0..n_rows when None)."""
+def _run_array(rows, n_rows: int) -> np.ndarray:
+    """Kept indices (ascending) as an (n, 2) int64 array of [start, stop) runs (all of 0..n_rows when None)."""
     if rows is None:
-        return [(0, n_rows)]
-    if not len(rows):
-        return []
+        return np.array([[0, n_rows]], dtype=np.int64) if n_rows else np.zeros((0, 2), dtype=np.int64)
     r = np.frombuffer(rows, dtype=np.int64) if isinstance(rows, array) else np.asarray(rows, dtype=np.int64)
+    if not len(r):
+        return np.zeros((0, 2), dtype=np.int64)
     breaks = np.flatnonzero(np.diff(r) != 1) + 1  # vectorised: a 70B plan has ~7 million kept indices
     starts = r[np.concatenate(([0], breaks))]
     stops = r[np.concatenate((breaks - 1, [len(r) - 1]))] + 1
-    return list(zip(starts.tolist(), stops.tolist()))
+    return np.stack([starts, stops], axis=1)
 
 
-def row_windows(rows, n_rows: int, row_bytes: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """How a row selection is read: [(first row, end row, kept [start, stop) runs inside)], each window at most
-    CHUNK bytes (or one row), gaps of at most GAP_BYTES read through."""
-    per_window = max(1, CHUNK // max(row_bytes, 1))
+def read_groups(rows, n_rows: int, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """How a row selection is read: the kept runs (n, 2), and for each run the index of its group, a stretch of
+    runs read as one contiguous range because the gaps between them are at most GAP_BYTES (read through)."""
+    runs = _run_array(rows, n_rows)
     gap_rows = GAP_BYTES // max(row_bytes, 1)
-    windows: list[tuple[int, int, list[tuple[int, int]]]] = []
-    for a, b in _runs(rows, n_rows):
-        while a < b:
-            last = windows[-1] if windows else None
-            if last and a - last[1] <= gap_rows and a + 1 - last[0] <= per_window:
-                stop = min(b, last[0] + per_window)
-                last[2].append((a, stop))
-                windows[-1] = (last[0], stop, last[2])
-            else:
-                stop = min(b, a + per_window)
-                windows.append((a, stop, [(a, stop)]))
-            a = stop
-    return windows
+    new_group = np.ones(len(runs), dtype=bool)
+    new_group[1:] = runs[1:, 0] - runs[:-1, 1] > gap_rows
+    return runs, np.cumsum(new_group) - 1
+
+
+def group_spans(runs: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """(g, 2) [first row, end row) of each group of `read_groups`."""
+    if not len(runs):
+        return np.zeros((0, 2), dtype=np.int64)
+    first = np.flatnonzero(np.diff(group, prepend=-1))
+    last = np.append(first[1:], len(runs)) - 1
+    return np.stack([runs[first, 0], runs[last, 1]], axis=1)
+
+
+def rows_touched(rows, n_rows: int, row_bytes: int) -> int:
+    """Rows a selection reads: the kept ones and the gaps read through (`read_groups`)."""
+    spans = group_spans(*read_groups(rows, n_rows, row_bytes))
+    return int((spans[:, 1] - spans[:, 0]).sum())
 
 
 class NotStreamable(UserError):
@@ -98,14 +106,14 @@ class TensorRead:
 
     def bytes_read(self, sources: dict[str, SourceTensor]) -> int:
         """Input bytes this read touches: whole rows (a column cut reads its rows in full), and the small gaps
-        between kept rows that `row_windows` reads through."""
+        between kept rows that are read through (`read_groups`)."""
         if self.factor is not None:
             return self.factor.weight.bytes_read(sources) if self.factor.part == "a" else 0
         if self.source is None:
             return 0
         src = sources[self.source]
         n_rows = src.shape[0] if src.shape else 1
-        return sum(b - a for a, b, _ in row_windows(self.rows, n_rows, src.row_bytes)) * src.row_bytes
+        return rows_touched(self.rows, n_rows, src.row_bytes) * src.row_bytes
 
 
 def layer_selections(cut: LayerCut, spec) -> dict[str, tuple[array | None, array | None]]:
