@@ -183,6 +183,7 @@ class MeasuredAxes:
                 if len(pts) == 1:
                     raise
                 break  # the unit cannot cut this much: its curve ends at the last reachable point
+            self.used.setdefault(unit, s.plan.provenance["metrics"])
             amount = float(s.params_before - s.params_after)
             if amount > pts[-1][0]:  # coarse steps give the point before again: measured once
                 pts.append((amount, self.loss_of(_dump(s), f"{unit} at {k:.0%} of the cut") - self.base))
@@ -226,6 +227,7 @@ class MeasuredAxes:
         self.total = count_params(meta_model(self.config_dict))
         self.goal = self.total * (1 - t.params)
         self.full: dict[str, tuple] = {}
+        self.used: dict[str, dict] = {}  # per unit, the metrics its plans ranked by
         units = units_of(t.axes)
         self.base = self.loss_of([], "the unpruned model")
         curves = {unit: self.curve(unit) for unit in units}
@@ -269,8 +271,7 @@ class MeasuredAxes:
             pts = curves[u]
             hull = lower_hull(pts)
             first = ((pts[hull[1]][1] / pts[hull[1]][0]) * 1e6) if len(hull) > 1 else None
-            out[u] = {"metric": ",".join(s.plan.provenance["metrics"].values()) if s else
-                      ",".join(self._unit_metrics(u).values()) or "default",
+            out[u] = {"metric": ",".join(self.used[u].values()),
                       "params": params, "loss": round(interpolate(pts, params), 6),
                       "allocated": round(amounts.get(u, 0.0)), "curve": [[round(a), round(c, 6)] for a, c in pts],
                       "cheapest_loss_per_m_params": round(first, 6) if first is not None else None,

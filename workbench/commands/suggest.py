@@ -60,17 +60,21 @@ def _print_measured(summary: dict, console) -> None:
     m = summary["measured"]
     console.print(f"axes by measured calibration loss (unpruned {m['base_loss']:.4f} nats on {fmt_int(m['tokens'])} "
                   f"tokens, {m['evaluations']} forwards):")
+    def size(n: float) -> str:
+        return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
     for unit, r in summary["axes"].items():
-        curve = ", ".join(f"{a / 1e6:.2f}M {c:+.3f}" for a, c in r["curve"][1:])
+        curve = ", ".join(f"{size(a)} {c:+.3f}" for a, c in r["curve"][1:])
         price = r["cheapest_loss_per_m_params"]
-        why = (f"+{r['loss']:.4f} nats at that amount" if r["params"] else
+        why = (f"{r['loss']:+.4f} nats at that amount" if r["params"] else
+               f"{size(r['allocated'])} in the mix, which was not kept" if r["allocated"] else
                f"not chosen: its cheapest measured step costs {price:.4g} nats per 1M params" if price is not None
                else "nothing it can cut")
         console.print(f"  {unit} ({r['metric']}): {fmt_int(r['params'])} params ({why}); measured {curve}"
                       + ("; fills the target" if r["fills"] else ""))
-    single = (f"{m['best_single']} alone +{m['best_single_loss']:.4f}" if m["best_single"] else
+    single = (f"{m['best_single']} alone {m['best_single_loss']:+.4f}" if m["best_single"] else
               "no axis reaches the target alone")
-    mix = f"the mix +{m['mix_loss']:.4f}" if m["mix_loss"] is not None else "the mix missed the target"
+    mix = f"the mix {m['mix_loss']:+.4f}" if m["mix_loss"] is not None else "the mix missed the target"
     kept = "the mix" if m["kept"] == "mix" else f"{m['kept']} alone (the mix measured worse)"
     console.print(f"  checked: {mix} against {single}: kept {kept}")
 
