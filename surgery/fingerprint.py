@@ -19,7 +19,9 @@ from surgery.cache import atomic_write_text, cache_root
 from surgery.errors import SourceError
 from surgery.shards import index_shards
 
-_CHUNK = 8 * 1024 * 1024
+# 1 MB reads stay in the core's L2 cache until sha256 reads them: measured here, 0.82 s of CPU per GB against
+# 1.00 s with 8 MB reads (benchmarks/stream_apply.py's `plan validate` is this, on 13.5 GB)
+_CHUNK = 1024 * 1024
 _CACHE_FILE = "fingerprints.json"
 _MAX_ENTRIES = 500
 # A file modified this recently may still change within the same mtime tick ("racy git"): never cache it.
