@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -111,7 +112,17 @@ def workbench(*args: str) -> list[str]:
     return ["workbench", *args]
 
 
-def demo(work: Path, repeats: int) -> None:
+def _env(baseline: Path | None) -> dict | None:
+    """The environment that makes a child process import another checkout's code (None: this one's). Children run
+    with cwd outside the repository, else `python -c` would import the checkout in the current directory first."""
+    return None if baseline is None else {**os.environ, "PYTHONPATH": str(baseline)}
+
+
+def _uptime_now() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def demo(work: Path, repeats: int, baseline: Path | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from apply_speed import magnitude_plan
 
@@ -138,15 +149,20 @@ def demo(work: Path, repeats: int) -> None:
         "print(time.perf_counter() - t, time.process_time() - c)\n"
     )
     import_code = "import torch, transformers, surgery.pipeline, surgery.stream; from transformers import AutoModelForCausalLM"
-    base = measured([sys.executable, "-c", import_code])
+    base = measured([sys.executable, "-c", import_code], cwd=work)
+    # `--baseline DIR`: the same streaming apply with another checkout's code, in the same rounds (before/after)
+    runs = [("plain", plain_code, None), ("stream", stream_code, None)] + \
+        ([("before", stream_code, baseline)] if baseline else [])
     # warm-up: the source fingerprint is cached after its first computation (as it is for every later apply)
-    subprocess.run([sys.executable, "-c", stream_code, str(src), str(work / "warm"), str(plan_file)], check=True,
-                   capture_output=True)
-    rows = {"plain": [], "stream": []}
+    for name, code, env in runs[1:]:
+        subprocess.run([sys.executable, "-c", code, str(src), str(work / f"warm-{name}"), str(plan_file)],
+                       check=True, capture_output=True, cwd=work, env=_env(env))
+    print(f"demo: uptime at start: {_uptime_now()}", flush=True)
+    rows = {name: [] for name, _, _ in runs}
     for i in range(repeats):
-        for name, code in (("plain", plain_code), ("stream", stream_code)):
+        for name, code, env in runs:
             out = work / f"{name}{i}"
-            m = measured([sys.executable, "-c", code, str(src), str(out), str(plan_file)])
+            m = measured([sys.executable, "-c", code, str(src), str(out), str(plan_file)], cwd=work, env=_env(env))
             wall, cpu = map(float, m["stdout"].strip().splitlines()[-1].split())
             rows[name].append((wall, m["rss_mb"], cpu, m["wall_s"], m["cpu_s"]))
             shutil.rmtree(out)
@@ -157,15 +173,17 @@ def demo(work: Path, repeats: int) -> None:
         spread = (max(x[0] for x in rows[k]) - min(x[0] for x in rows[k])) / 2
         print(f"demo: {k:6s} {s:.2f} s ±{spread:.2f} wall, {cpu[k]:.2f} s CPU (in-process, median of {repeats}), "
               f"peak RSS {max(x[1] for x in rows[k]):.0f} MB")
-    print(f"demo: streaming apply / plain load+save = {med['stream'][0] / med['plain'][0]:.2f} wall, "
-          f"{cpu['stream'] / cpu['plain']:.2f} CPU (goal <= 1.0)")
     whole = {k: [sorted(x[i] for x in v)[len(v) // 2] for i in (3, 4)] for k, v in rows.items()}
-    print(f"demo: whole processes (interpreter, every import, the work): plain {whole['plain'][0]:.2f} s wall / "
-          f"{whole['plain'][1]:.2f} s CPU, stream {whole['stream'][0]:.2f} s / {whole['stream'][1]:.2f} s; ratio "
-          f"{whole['stream'][0] / whole['plain'][0]:.2f} wall, {whole['stream'][1] / whole['plain'][1]:.2f} CPU")
+    for k in rows.keys() - {"plain"}:
+        print(f"demo: {k} streaming apply / plain load+save = {med[k][0] / med['plain'][0]:.2f} wall, "
+              f"{cpu[k] / cpu['plain']:.2f} CPU (goal <= 1.0)")
+        print(f"demo: whole processes (interpreter, every import, the work): plain {whole['plain'][0]:.2f} s wall / "
+              f"{whole['plain'][1]:.2f} s CPU, {k} {whole[k][0]:.2f} s / {whole[k][1]:.2f} s; ratio "
+              f"{whole[k][0] / whole['plain'][0]:.2f} wall, {whole[k][1] / whole['plain'][1]:.2f} CPU")
+    print(f"demo: uptime at the end: {_uptime_now()}")
 
 
-def synthetic(work: Path, shape: str) -> None:
+def synthetic(work: Path, shape: str, baseline: Path | None = None) -> None:
     config = SHAPES[shape]
     src, out, copy = work / "src", work / "out", work / "copy"
     from surgery.estimate import count_params, meta_model
@@ -193,15 +211,21 @@ def synthetic(work: Path, shape: str) -> None:
     cp_rate = dir_bytes(copy) / cp_s
     shutil.rmtree(copy)
     subprocess.run(["sync"], check=True)
-    a = measured(workbench("apply", str(plan), "--model", str(src), "--out", str(out), "--stream", "--json"))
-    manifest = json.loads(a["stdout"])
-    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"{shape}: cp -r + sync of the input: {cp_s:.1f} s, {cp_rate / 1e6:.0f} MB/s")
-    print(f"{shape}: streaming apply (--stream, fingerprint cached): {a['wall_s']:.1f} s wall, "
-          f"{a['cpu_s']:.1f} s CPU, peak RSS "
-          f"{a['rss_mb']:.0f} MB (goal < 2 GB), wrote {written / 1e9:.2f} GB = {written / a['wall_s'] / 1e6:.0f} MB/s "
-          f"({written / a['wall_s'] / cp_rate:.0%} of cp), read {manifest['apply']['bytes_read'] / 1e9:.2f} GB; "
-          f"params {manifest['params']['before']:,} -> {manifest['params']['after']:,}")
+    print(f"{shape}: cp -r + sync of the input: {cp_s:.1f} s, {cp_rate / 1e6:.0f} MB/s ({_uptime_now()})", flush=True)
+    # `--baseline DIR` first (the later run finds less of the input in the page cache: the earlier output pushed
+    # some of it out), then this checkout's code; each output deleted before the next run
+    for label, env in ([("before (--baseline)", baseline)] if baseline else []) + [("streaming apply", None)]:
+        a = measured(workbench("apply", str(plan), "--model", str(src), "--out", str(out), "--stream", "--json"),
+                     cwd=work, env=_env(env))
+        manifest = json.loads(a["stdout"])
+        written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        print(f"{shape}: {label} (--stream, fingerprint cached): {a['wall_s']:.1f} s wall, "
+              f"{a['cpu_s']:.1f} s CPU, peak RSS "
+              f"{a['rss_mb']:.0f} MB (goal < 2 GB), wrote {written / 1e9:.2f} GB = {written / a['wall_s'] / 1e6:.0f} MB/s "
+              f"({written / a['wall_s'] / cp_rate:.0%} of cp), read {manifest['apply']['bytes_read'] / 1e9:.2f} GB; "
+              f"params {manifest['params']['before']:,} -> {manifest['params']['after']:,}; {_uptime_now()}", flush=True)
+        shutil.rmtree(out)
+        subprocess.run(["sync"], check=True)
 
 
 def headers70b(work: Path) -> None:
@@ -247,13 +271,15 @@ def main() -> None:
     ap.add_argument("--shape", choices=["7b", "3b"], default="7b")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="Keep the scratch directory.")
+    ap.add_argument("--baseline", type=Path, help="demo / synthetic7b: also stream with this checkout's code "
+                    "(PYTHONPATH), in the same run: the before/after pair.")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wb-stream-", dir=args.work))
     try:
         if args.what == "demo":
-            demo(work, args.repeats)
+            demo(work, args.repeats, args.baseline)
         elif args.what == "synthetic7b":
-            synthetic(work, args.shape)
+            synthetic(work, args.shape, args.baseline)
         else:
             headers70b(work)
     finally:
