@@ -9,8 +9,12 @@ synthetic7b a 7B-shaped Llama (random bf16 weights written once into a temp dir,
 headers70b  a 70B-shaped header set (Llama-3-70B config; each shard a real safetensors header, then `truncate`d
             to its full size: sparse, ~0 bytes on disk): `inspect`, `plan validate` (its input
             fingerprint left out: it hashes every byte) and `apply --dry-run`, wall time and peak RSS.
+datasteps   the demo model, a plan with data-driven steps (--plan, e.g. the non-uniform 80% plan of
+            docs/benchmarks.md, + reconstruct on --calib-tokens of --calib): `apply` streaming (fitted layer by
+            layer, spilled, streamed) against in memory (stream=False), each in its own process: wall, CPU
+            seconds, peak RSS, and the sha256 of every output file (they must be equal).
 
-Run: nice -n 10 python benchmarks/stream_apply.py demo|synthetic7b|headers70b [--work DIR] [--keep]
+Run: nice -n 10 python benchmarks/stream_apply.py demo|synthetic7b|headers70b|datasteps [--work DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -228,9 +232,12 @@ def synthetic(work: Path, shape: str, baseline: Path | None = None) -> None:
         subprocess.run(["sync"], check=True)
 
 
-def headers70b(work: Path) -> None:
+def headers70b(work: Path, baseline: Path | None = None) -> None:
+    """`inspect`, `plan validate`, `estimate` and `apply --dry-run` on a 70B-shaped header set, each command in its
+    own process (`--baseline DIR`: each also with that checkout's code, right before this one's)."""
     config = SHAPES["70b"]
     src = work / "h70b"
+    print(f"70b: uptime at start: {_uptime_now()}")
     t = time.perf_counter()
     total = write_checkpoint(src, config, fill=False)
     on_disk = sum(p.stat().st_blocks * 512 for p in src.iterdir())
@@ -238,50 +245,77 @@ def headers70b(work: Path) -> None:
           f"{on_disk / 1e6:.1f} MB on disk, written in {time.perf_counter() - t:.1f} s")
     plan = work / "plan70b.json"
     plan.write_text(json.dumps(uniform_plan(config)))
-    # `plan validate` = this + the input fingerprint (sha256 of every byte: 141 GB here, ~5 min of one idle core
-    # at the ~0.5 GB/s measured on this box), which a header set cannot make cheaper, so it is timed without it
-    validate_code = (  # surgery.pipeline.validate_for_source minus its fingerprint, in the same order
-        "import sys; from surgery.plan import load_plan; from surgery.resolve import resolve_plan\n"
-        "from surgery.shapes import shape_from_config; from surgery.sources import read_config_file, resolve_source\n"
-        "from surgery.inspect import check_config_against_weights; from surgery.stream.dry import exact_params\n"
-        "src = resolve_source(sys.argv[1]); cfg = read_config_file(src.path); check_config_against_weights(src)\n"
-        "r = resolve_plan(load_plan(sys.argv[2]), shape_from_config(cfg)); before, after = exact_params(src, cfg, r)\n"
-        "print(f'{before:,} -> {after:,} params, torch imported: {\"torch\" in sys.modules}', end='')\n"
+    # `plan validate` is the real CLI minus the input fingerprint (sha256 of every byte: 141 GB here, ~5 min of one
+    # idle core at the ~0.5 GB/s measured on this box), which a header set cannot make cheaper: it is stubbed out
+    validate_code = (
+        "import sys; import surgery.pipeline as p; p.source_fingerprint = lambda resolved: 'sha256:' + '0' * 64\n"
+        "from workbench.cli import main; sys.argv = ['workbench', 'plan', 'validate', *sys.argv[1:]]; main()\n"
+    )
+    # what the TUI's totals and `plan suggest` compute: exact parameters and FLOPs/token before and after, from the
+    # headers when given the checkpoint's directory (torch-free; code without `source_dir` counts on the meta device),
+    # and on a meta-device model (torch + transformers) without it
+    estimate_code = (
+        "import inspect, sys; from surgery.plan import load_plan; from surgery.resolve import resolve_plan\n"
+        "from surgery.shapes import shape_from_config; from surgery.sources import read_config_file\n"
+        "from surgery.estimate import estimate\n"
+        "cfg = read_config_file(sys.argv[1]); r = resolve_plan(load_plan(sys.argv[2]), shape_from_config(cfg))\n"
+        "headers = sys.argv[3] == 'headers' and 'source_dir' in inspect.signature(estimate).parameters\n"
+        "e = estimate(cfg, r, **({'source_dir': sys.argv[1]} if headers else {}))\n"
+        "print(f'{e.params_before:,} -> {e.params_after:,} params, {e.flops_before / 1e9:.1f} -> '\n"
+        "      f'{e.flops_after / 1e9:.1f} GFLOPs/token, torch imported: {\"torch\" in sys.modules}', end='')\n"
     )
     rows = [
         ("inspect", workbench("inspect", str(src), "--json")),
-        ("plan validate without the fingerprint (config check, resolve, exact parameter counts)",
-         [sys.executable, "-c", validate_code, str(src), str(plan)]),
+        ("plan validate (the CLI, input fingerprint stubbed)",
+         [sys.executable, "-c", validate_code, str(plan), "--model", str(src), "--json"]),
+        ("estimate from the headers", [sys.executable, "-c", estimate_code, str(src), str(plan), "headers"]),
+        ("estimate on a meta-device model", [sys.executable, "-c", estimate_code, str(src), str(plan), "meta"]),
         ("apply --dry-run", workbench("apply", str(plan), "--model", str(src), "--dry-run", "--json")),
     ]
     for name, cmd in rows:
-        m = measured(cmd)
-        extra = f"; {m['stdout']}" if name.startswith("plan") else ""
-        if name.startswith("apply"):
-            d = json.loads(m["stdout"])
-            extra = (f"; planned by {d['planned_by']}, {len(d['reads'])} tensor reads, reads {d['bytes_read'] / 1e9:.1f} GB, writes "
-                     f"{d['bytes_written'] / 1e9:.1f} GB in {len(d['shards'])} shards")
-        print(f"70b: {name}: {m['wall_s']:.1f} s, peak RSS {m['rss_mb']:.0f} MB{extra}")
+        for label, env in ([("before (--baseline)", baseline)] if baseline else []) + [("this checkout", None)]:
+            m = measured(cmd, cwd=work, env=_env(env))
+            extra = f"; {m['stdout']}" if name.startswith("estimate") else ""
+            if name.startswith("plan"):
+                v = json.loads(m["stdout"])
+                extra = f"; {v['params_before']:,} -> {v['params_after']:,} params"
+            if name.startswith("apply"):
+                d = json.loads(m["stdout"])
+                extra = (f"; planned by {d['planned_by']}, {len(d['reads'])} tensor reads, reads "
+                         f"{d['bytes_read'] / 1e9:.1f} GB, writes {d['bytes_written'] / 1e9:.1f} GB in "
+                         f"{len(d['shards'])} shards")
+            print(f"70b: {name} [{label}]: {m['wall_s']:.1f} s ({m['cpu_s']:.1f} s CPU), peak RSS "
+                  f"{m['rss_mb']:.0f} MB{extra}", flush=True)
+    print(f"70b: uptime at the end: {_uptime_now()}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["demo", "synthetic7b", "headers70b"])
+    ap.add_argument("what", choices=["demo", "synthetic7b", "headers70b", "datasteps"])
     ap.add_argument("--work", type=Path, default=None, help="Scratch directory (default: a new one under /tmp).")
     ap.add_argument("--shape", choices=["7b", "3b"], default="7b")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="Keep the scratch directory.")
-    ap.add_argument("--baseline", type=Path, help="demo / synthetic7b: also stream with this checkout's code "
+    ap.add_argument("--baseline", type=Path, help="demo / synthetic7b / headers70b: also run with this checkout's code "
                     "(PYTHONPATH), in the same run: the before/after pair.")
+    ap.add_argument("--plan", type=Path, help="datasteps: the structural plan to calibrate (made for smollm2-135m).")
+    ap.add_argument("--calib", type=Path, help="datasteps: calibration text file.")
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--inputs", choices=["pruned", "original"], default="original")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wb-stream-", dir=args.work))
     try:
         if args.what == "demo":
             demo(work, args.repeats, args.baseline)
+        elif args.what == "datasteps":
+            if args.plan is None or args.calib is None:
+                raise SystemExit("datasteps needs --plan PLAN.json and --calib TEXT")
+            datasteps(work, args.plan, args.calib, args.calib_tokens, args.seq_len, args.inputs, args.repeats)
         elif args.what == "synthetic7b":
             synthetic(work, args.shape, args.baseline)
         else:
-            headers70b(work)
+            headers70b(work, args.baseline)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -209,6 +209,11 @@ def test_free_space_check_counts_the_spill(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_apply.shutil, "disk_usage", lambda p: real(p)._replace(free=needed))
     result = apply_to_source(plan, tmp_path / "out", str(src), stream=True)
     assert result.manifest["apply"]["spill_bytes"] == fit.spill_bytes
+    # the dry run (headers only, no fit) plans the same output bytes
+    from surgery.stream.dry import dry_run_source
+
+    dry = dry_run_source(plan, str(src))
+    assert dry["path"] == "stream" and dry["bytes_written"] == (tmp_path / "out" / "model.safetensors").stat().st_size
     # what the spill held: exactly the fitted tensors, the sizes the check counted
     spilled = {r.name for reads in fit.groups.values() for r in reads}
     assert spilled == {
