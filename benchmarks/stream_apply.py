@@ -321,5 +321,68 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
+# defined after main() (called at run time), away from the other subcommands' functions
+def datasteps(work: Path, plan: Path, calib: Path, tokens: int, seq_len: int, inputs: str, repeats: int) -> None:
+    """`datasteps`: a structural plan + reconstruct applied to the demo streaming and in memory, side by side."""
+    import os
+
+    from surgery.plan import Reconstruct, load_plan
+    from surgery.reconstruct import calibrate_for_source
+
+    def load() -> str:
+        return "load avg " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+    start = time.perf_counter()
+    calibrated = calibrate_for_source(load_plan(plan), str(calib), tokens=tokens, seq_len=seq_len,
+                                      reconstruct=Reconstruct(op="reconstruct", inputs=inputs))
+    plan_file = work / "plan_reconstruct.json"
+    plan_file.write_text(calibrated.model_dump_json(exclude_none=True))
+    cal = calibrated.calibration
+    print(f"datasteps: {plan.name} + reconstruct (inputs {inputs}, ridge {calibrated.steps[-1].ridge}) on "
+          f"{cal.tokens:,} tokens of {calib.name} (seq-len {cal.seq_len}, batch {cal.batch_size}); calibrated in "
+          f"{time.perf_counter() - start:.1f} s ({load()})", flush=True)
+    code = (  # the same imports before the clock starts on both sides; one thread each (the box is shared)
+        "import sys, time, json, hashlib, pathlib, torch, transformers; torch.set_num_threads(1)\n"
+        "from surgery.pipeline import apply_to_source; from surgery.plan import load_plan\n"
+        "plan, out, stream = load_plan(sys.argv[3]), pathlib.Path(sys.argv[2]), sys.argv[4] == 'stream'\n"
+        "t, c = time.perf_counter(), time.process_time()\n"
+        "r = apply_to_source(plan, out, sys.argv[1], stream=stream)\n"
+        "wall, cpu = time.perf_counter() - t, time.process_time() - c\n"
+        "sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())\n"
+        "       if p.name != 'surgery.json'}\n"
+        "print(json.dumps({'wall': wall, 'cpu': cpu, 'apply': r.manifest['apply'], 'sha': sha}))\n"
+    )
+    # warm-up: the source fingerprint and the tokenizer round trip are cached after their first computation
+    subprocess.run([sys.executable, "-c", code, "smollm2-135m", str(work / "warm"), str(plan_file), "stream"],
+                   check=True, capture_output=True)
+    shutil.rmtree(work / "warm")
+    rows: dict[str, list] = {"in_memory": [], "stream": []}
+    digests = {}
+    for i in range(repeats):
+        for name in rows:
+            out = work / f"{name}{i}"
+            m = measured([sys.executable, "-c", code, "smollm2-135m", str(out), str(plan_file), name])
+            r = json.loads(m["stdout"].strip().splitlines()[-1])
+            assert r["apply"]["path"] == name and (name == "in_memory" or r["apply"]["data_steps"] == "layer_by_layer")
+            digests.setdefault(name, r["sha"])
+            assert digests[name] == r["sha"], f"{name}: another output on repeat {i}"
+            rows[name].append((r["wall"], r["cpu"], m["rss_mb"], m["wall_s"], m["cpu_s"], r["apply"]))
+            print(f"  {name} #{i}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU in-process; whole process "
+                  f"{m['wall_s']:.1f} s / {m['cpu_s']:.1f} s CPU, peak RSS {m['rss_mb']:.0f} MB ({load()})", flush=True)
+            shutil.rmtree(out)
+    same = digests["in_memory"] == digests["stream"]
+    med = {k: [sorted(x[j] for x in v)[len(v) // 2] for j in range(5)] for k, v in rows.items()}
+    for k, (wall, cpu, rss, pwall, pcpu) in med.items():
+        print(f"datasteps: {k:9s} {wall:.1f} s wall, {cpu:.1f} s CPU (in-process, median of {repeats}); whole "
+              f"process {pwall:.1f} s / {pcpu:.1f} s CPU; peak RSS {max(x[2] for x in rows[k]):.0f} MB")
+    s, m = med["stream"], med["in_memory"]
+    spill = rows["stream"][0][5]["spill_bytes"]
+    print(f"datasteps: streaming / in memory = {s[0] / m[0]:.2f} wall, {s[1] / m[1]:.2f} CPU, "
+          f"{max(x[2] for x in rows['stream']) / max(x[2] for x in rows['in_memory']):.2f} peak RSS; spill "
+          f"{spill / 1e6:.1f} MB; sha256 of all {len(digests['stream'])} files equal: {same}")
+    if not same:
+        raise SystemExit(f"outputs differ: {digests}")
+
+
 if __name__ == "__main__":
     main()
