@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,15 +76,18 @@ def _depth(data: Any) -> int:
     deepest, stack = 0, [(data, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict | list):
+        if isinstance(item, array):  # a list of numbers an object_pairs_hook packed (surgery.indices)
+            deepest = max(deepest, depth)
+        elif isinstance(item, dict | list):
             deepest = max(deepest, depth)
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
     return deepest
 
 
 def read_json_file(path: Path, what: str, *, malformed: Callable[[str], Exception] = UserError,
-                   max_depth: int = MAX_DEPTH) -> Any:
+                   max_depth: int = MAX_DEPTH, object_pairs_hook: Callable[[list], Any] | None = None) -> Any:
     """The decoded JSON of the `what` file at `path` (plan, job ...), read once; one-line errors that name the spot.
+    `object_pairs_hook` is json.loads' (a plan file packs its index lists while it is decoded: surgery.indices).
 
     Raises:
         UserError: Missing, unreadable or not a file, too large.
@@ -99,7 +103,7 @@ def read_json_file(path: Path, what: str, *, malformed: Callable[[str], Exceptio
         raise malformed(f"{path}: malformed JSON: the {what} file is empty")
     too_deep = f"{path}: JSON nested deeper than {max_depth} levels"
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
         raise malformed(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:

@@ -14,16 +14,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, WrapValidator, model_validator
 
 from surgery.errors import PlanError, UserError
 from surgery.filemode import ordinary_mode
+from surgery.indices import Indices, compact_plan_lists, restore_lists
 
 PLAN_VERSION = 1
 
 # strict: the schema says integer, so "0" and true (which pydantic would turn into 0 and 1) are refused
 NonNegInt = Annotated[int, Field(ge=0, strict=True)]
-IndexList = Annotated[list[NonNegInt], Field(min_length=1)]
+
+
+def _packed(value: Any, check: Callable[[Any], list[int]]) -> Indices | list[int]:
+    # Indices were checked when they were made (surgery.indices.as_indices); anything else goes through the list
+    # schema, so its errors read as they always did, then is packed. An index past int64 stays a list: no model
+    # has that many of anything, and the resolver names it out of range as before.
+    if isinstance(value, Indices):
+        return value
+    checked = check(value)
+    try:
+        return Indices(checked)
+    except OverflowError:
+        return checked
+
+
+# held as Indices (int64, 8 bytes an index instead of ~40), written as a JSON list
+IndexList = Annotated[list[NonNegInt], Field(min_length=1), WrapValidator(_packed),
+                      PlainSerializer(list, return_type=list[int])]
 
 
 class _Strict(BaseModel):
@@ -253,8 +271,13 @@ def read_json_file(path: Path, what: str, *, malformed: Callable[[str], Exceptio
 
 
 def read_plan_json(path: str | Path) -> Any:
-    """The decoded JSON of a plan file (read once: it may be a pipe); PlanError for text that is not JSON."""
-    return read_json_file(Path(path), "plan", malformed=lambda message: PlanError([message]))
+    """The decoded JSON of a plan file (read once: it may be a pipe); PlanError for text that is not JSON. Each
+    step's index list is packed into Indices as it is decoded (surgery.indices: a 70B plan's lists stay a few MB)."""
+    from surgery.jsonfile import read_json_file as read_checked
+
+    data = read_checked(Path(path), "plan", malformed=lambda message: PlanError([message]),
+                        object_pairs_hook=compact_plan_lists)
+    return restore_lists(data)
 
 
 def load_plan(path: str | Path, data: Any = None) -> Plan:

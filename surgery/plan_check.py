@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import PlanError, UserError
-from surgery.plan import Plan, parse_plan, read_json_file
+from surgery.plan import Plan, parse_plan, read_plan_json
 
 _STEP = re.compile(r"steps\[(\d+)\]")
 
@@ -89,7 +89,7 @@ def check_plan_file(path: str | Path, resolve: Callable[[Plan, str | None], Any]
         UserError: the file is missing or not JSON (nothing else can be checked then).
     """
     path = Path(path)
-    data = read_json_file(path, "plan", malformed=lambda message: PlanError([message]))
+    data = read_plan_json(path)  # index lists packed as they are decoded (surgery.indices)
     report = PlanReport()
     try:
         report.plan = parse_plan(data)

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from surgery.errors import PlanError
+from surgery.indices import Indices
 from surgery.plan import (
     ASVD_ALPHA,
     DATA_RANK_METHODS,
@@ -42,7 +43,9 @@ class LayerCut:
     drop_attention: bool = False
     drop_mlp: bool = False
     heads: set[int] = field(default_factory=set)  # removed query heads (groups expanded)
-    neurons: set[int] = field(default_factory=set)
+    # removed MLP neurons, ascending and unique: an int64 array, not a set (a 70B plan removes 5,734 of 28,672 in
+    # each of 80 layers: ~3.7 MB so, ~30 MB as sets of Python ints)
+    neurons: Indices = field(default_factory=Indices)
     low_rank: dict[str, int] = field(default_factory=dict)  # layer-relative path "mlp.down_proj" -> rank
     head_steps: list[str] = field(default_factory=list)  # "steps[3].heads", for blame
     neuron_steps: list[str] = field(default_factory=list)
@@ -69,7 +72,17 @@ class LayerCut:
 
     @property
     def kept_neurons(self) -> list[int]:
-        return [i for i in range(self.shape.mlp) if i not in self.neurons]
+        kept: list[int] = []
+        start = 0
+        for i in self.neurons:  # ascending: the kept ones are the runs between
+            kept.extend(range(start, i))
+            start = i + 1
+        kept.extend(range(start, self.shape.mlp))
+        return kept
+
+    @property
+    def n_kept_neurons(self) -> int:
+        return self.shape.mlp - len(self.neurons)
 
     @property
     def attention_kept(self) -> bool:
@@ -83,7 +96,7 @@ class LayerCut:
         """The layer's shape after the cut."""
         heads = len(self.kept_heads) if self.attention_kept else 0
         kv = len(self.kept_groups) if self.attention_kept else 0
-        mlp = len(self.kept_neurons) if self.mlp_kept else 0
+        mlp = self.n_kept_neurons if self.mlp_kept else 0
         low_rank = {m: r for m, r in self.low_rank.items() if self._module_kept(m)}
         src = self.shape.source_layer if self.shape.source_layer is not None else self.index
         return LayerShape(heads, kv, self.shape.head_dim, mlp, {**self.shape.low_rank, **low_rank}, src)
@@ -184,7 +197,7 @@ def linear_dims(cut: LayerCut, kind: str, name: str, shape: ModelShape, hidden: 
     residual width after prune_hidden, default the model's)."""
     spec, hd = shape.spec, cut.shape.head_dim
     hidden = shape.hidden if hidden is None else hidden
-    q, kv, width = len(cut.kept_heads) * hd, len(cut.kept_groups) * hd, len(cut.kept_neurons)
+    q, kv, width = len(cut.kept_heads) * hd, len(cut.kept_groups) * hd, cut.n_kept_neurons
     dims = {
         spec.q: (q, hidden),
         spec.k: (kv, hidden),
@@ -211,6 +224,7 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
     hidden_removed: set[int] = set()
     hidden_steps: list[int] = []
     rescale_norms = True
+    neuron_lists: dict[int, list] = {}  # layer -> its steps' neuron lists, merged once at the end
 
     def layer_ok(where: str, layer: int) -> bool:
         if layer >= n:
@@ -234,7 +248,7 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
         elif isinstance(step, PruneNeurons) and layer_ok(f"{at}.layer", step.layer):
             cut = cuts[step.layer]
             if _check_indices(f"{at}.neurons", step.neurons, cut.shape.mlp, "neuron", step.layer, problems):
-                cut.neurons.update(step.neurons)
+                neuron_lists.setdefault(step.layer, []).append(step.neurons)
                 cut.neuron_steps.append(f"{at}.neurons")
         elif isinstance(step, DropLayers):
             _check_indices(f"{at}.layers", step.layers, n, "layer", None, problems)
@@ -289,6 +303,8 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
             for layer in step.layers or []:
                 layer_ok(f"{at}.layers", layer)
 
+    for layer, lists in neuron_lists.items():
+        cuts[layer].neurons = _ascending_union(lists)
     _check_layers(cuts, shape, problems, warnings)
     if shape.experts:
         _check_experts(cuts, shape, problems)
@@ -302,6 +318,13 @@ def resolve_plan(plan: Plan, shape: ModelShape) -> Resolution:
     if problems:
         raise PlanError(problems)
     return Resolution(shape, cuts, warnings, reconstruct, plan.calibration, sorted(hidden_removed), rescale_norms)
+
+
+def _ascending_union(lists: list) -> Indices:
+    """The union of checked index lists (each unique), ascending; one list already ascending is kept as it is."""
+    if len(lists) == 1 and isinstance(lists[0], Indices) and all(a < b for a, b in zip(lists[0], lists[0][1:])):
+        return lists[0]
+    return Indices(sorted(set().union(*lists)))
 
 
 def _check_experts(cuts: list[LayerCut], shape: ModelShape, problems: list[str]) -> None:
@@ -428,7 +451,7 @@ def _check_layers(cuts: list[LayerCut], shape: ModelShape, problems: list[str], 
                 )
             else:
                 _check_gqa(cut, blame, problems)
-        if cut.mlp_kept and cut.neurons and not cut.kept_neurons and not cut.dropped:
+        if cut.mlp_kept and cut.neurons and not cut.n_kept_neurons and not cut.dropped:
             problems.append(
                 f"{cut.neuron_steps[-1]}: removes every MLP neuron of layer {cut.index}; use drop_mlp instead"
             )

@@ -63,6 +63,8 @@ def test_header_plan_equals_meta_device_plan(tmp_path, family, make_plan):
 
     e = estimate(cfg, resolution)
     assert exact_params(resolve_source(str(src)), cfg, resolution) == (e.params_before, e.params_after)
+    # the torch-free estimate from the headers: every count equal to the meta-device model's
+    assert estimate(cfg, resolution, context=37, source_dir=src) == estimate(cfg, resolution, context=37)
 
 
 def test_header_plan_sharded_bf16_input_and_output(tmp_path):

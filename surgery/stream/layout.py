@@ -105,20 +105,10 @@ def _top_level(top: dict[str, SourceTensor], resolution: Resolution, config_dict
     return state
 
 
-class _KeptOnce:
-    """The LayerCut fields `linear_dims` reads, each computed once (kept_neurons walks the layer's whole width, and
-    a 70B layer has 28,672 neurons and 7 Linears)."""
-
-    def __init__(self, cut: LayerCut) -> None:
-        self.shape, self.kept_heads, self.kept_groups, self.kept_neurons = (
-            cut.shape, cut.kept_heads, cut.kept_groups, cut.kept_neurons)
-
-
 def _layer(cut: LayerCut, tensors: dict[str, SourceTensor], resolution: Resolution, out: str, dtype: str,
            where: str) -> OutputState:
     """The output tensors of one kept layer (`out`: its new name prefix, "model.layers.3.")."""
     shape = resolution.shape
-    kept_once = _KeptOnce(cut)
     spec = shape.spec
     hidden = (shape.hidden,)
     blocks = {spec.attn: ("attn", spec.attn_linears, cut.attention_kept),
@@ -149,7 +139,7 @@ def _layer(cut: LayerCut, tensors: dict[str, SourceTensor], resolution: Resoluti
         seen.add(module)
         if not kept:
             continue
-        n_out, n_in = linear_dims(kept_once, kind, sub, shape)
+        n_out, n_in = linear_dims(cut, kind, sub, shape)
         rank = cut.low_rank.get(module)
         if rank is not None and param == "weight":  # surgery.modules.LowRankLinear
             state[f"{out}{module}.weight"] = (dtype, (0,))
@@ -205,6 +195,11 @@ def output_state(
             state.update(part)
             position += 1
     return dict(sorted(state.items()))
+
+
+def embedding_names(spec) -> set[str]:
+    """The stored lookup tables (token embedding, GPT-2's learned positions): 2-D tensors that are no Linear."""
+    return {f"{spec.embed}.weight", *_EXTRA_TOP_LEVEL.get(spec.family, ())}
 
 
 def params_of(sources: dict[str, SourceTensor]) -> int:

@@ -43,14 +43,18 @@ def apply(
 ) -> None:
     """Apply a plan to a model and save the result (config, safetensors, tokenizer, surgery.json manifest)."""
     data = read_plan_json(plan_file)  # once: the file may be a pipe (`<(cat plan.json)`)
+    from surgery.jobs.pipeline import is_pipeline_file
+
     if dry_run:  # before any torch import: a 70B dry run takes seconds, not a 400 MB import
+        if is_pipeline_file(data):  # its schema errors ("kind: unknown field") would not say what is wrong
+            raise UserError(f"{plan_file} is a pipeline file: --dry-run lists the reads of a plan file only (a "
+                            "pipeline's prune stages cut the models its training stages make)")
         plan = load_plan(plan_file, data)
         del data  # the raw JSON of a 70B plan holds ~460k ints: not needed once parsed
         _dry_run(plan, model, stream, dtype, allow_pickle, trust_remote_code, json_out)
         return
     from surgery.pipeline import apply_to_source  # torch/transformers: imported only when needed
 
-    from surgery.jobs.pipeline import is_pipeline_file
     if out_dir is None:
         raise UserError("missing --out DIR (where to write the result)")
     if is_pipeline_file(data):  # distill -> prune -> redistill files run as a headless pipeline

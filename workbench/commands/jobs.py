@@ -22,7 +22,7 @@ JobsDirOpt = Annotated[
 ]
 IdArg = Annotated[str, typer.Argument(help="Job id (a unique prefix is enough) or job directory.")]
 NprocOpt = Annotated[int, typer.Option("--nproc", help="Processes (torch.distributed.run: DDP, or FSDP2 with "
-                                                        "--fsdp; gloo on CPU).")]
+                                                        "--fsdp; gloo on CPU; on CUDA one GPU each). Default 1.")]
 
 
 def _abs_if_path(source: str | None) -> str | None:
@@ -103,6 +103,7 @@ def distill(
     cfg = parse_config(doc, "distill options")
     if foreground and nproc > 1:
         raise UserError("--foreground runs one process: drop --nproc, or run without --foreground")
+    _check_processes(nproc, cfg.device)
     from surgery.distill.world import check_world_size
 
     check_world_size(cfg.batch_size, cfg.grad_accum, nproc)  # before a job directory exists
@@ -121,6 +122,27 @@ def distill(
 
         check_output_dir(out_dir, overwrite)
     _launch(cfg.to_json(), nproc, jobs_dir, foreground, json_out)
+
+
+def _check_processes(nproc: int, device: str) -> None:
+    """--nproc and the job's device against this machine, before a job directory exists or a process starts (the
+    job would otherwise fail seconds later, or divide by zero processes).
+
+    Raises:
+        UserError: nproc < 1; a device this machine lacks; more processes than GPUs where each takes its own.
+    """
+    from surgery.errors import UserError
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1 (got {nproc})")
+    import torch
+
+    from surgery.distill.world import pick_device
+
+    dev = pick_device(device)  # cuda / mps this machine lacks: one line now
+    if dev.type == "cuda" and device in ("auto", "cuda") and nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {nproc}: each process takes its own GPU (cuda:<local rank>) but this machine has "
+                        f"{torch.cuda.device_count()}: use at most that many, or --device cpu")
 
 
 def _launch(job_json: str, nproc: int, jobs_dir: Path | None, foreground: bool, json_out: bool) -> None:
@@ -346,7 +368,8 @@ def resume(
     if is_compress_job(job):
         _resume_compress(job, nproc, foreground, json_out)
         return
-    load_config(job.job_file)  # a corrupt, binary or newer-version job.json is refused here, not seconds later
+    cfg = load_config(job.job_file)  # a corrupt, binary or newer-version job.json is refused here, not seconds later
+    _check_processes(nproc, cfg.device)
     from surgery.jobs.runner import check_launch
 
     check_launch(job, nproc)  # a batch the processes cannot split, or another world size than the checkpoint's
