@@ -133,6 +133,8 @@ def test_bf16_sharded_input_and_output(tmp_path):
     assert len(list((tmp_path / "stream").glob("model-*.safetensors"))) > 1
     assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
     assert_same_dirs(tmp_path / "mem", tmp_path / "stream")
+    # cast on the way (bf16 stored, fp32 written: what `workbench compress` asks): the fit runs in fp32 on both paths
+    both_paths(tmp_path / "f32", src, plan.model_dump(exclude_none=True), dtype="float32")
 
 
 def test_progress_per_layer_and_cancel_leaves_nothing(tmp_path):
