@@ -342,3 +342,15 @@ def test_stream_identical_when_writeback_hints_fail_or_are_missing(tmp_path, mon
         monkeypatch.setattr(writer, "_START_WRITEBACK", starter)
         both_paths(tmp_path / name, src, uniform_plan("llama"))
     assert len(calls) == 1  # one shard: tried once, then left off
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_stream_hash_threaded_or_inline_is_the_fingerprint(tmp_path, monkeypatch, threaded):
+    """The output fingerprint is weights_fingerprint of the directory (both_paths compares the manifests) whether
+    the hash runs in its thread or inline, with buffers small enough that the rotation wraps many times."""
+    import surgery.stream.writer as writer
+
+    monkeypatch.setattr(writer, "hash_thread_pays", lambda: threaded)
+    monkeypatch.setattr(writer, "CHUNK", 512)
+    src = save_tiny(tmp_path / "src", "llama")
+    both_paths(tmp_path, src, rich_plan("llama"))

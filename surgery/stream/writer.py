@@ -45,7 +45,7 @@ def _writeback_starter() -> Callable[[int, int, int], int] | None:
     disk without waiting for it (None where the C library has no such call)."""
     try:
         call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such symbol (macOS), no CDLL(None) (Windows)
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
@@ -271,6 +271,21 @@ class FactorCache:
         return t
 
 
+def hash_thread_pays() -> bool:
+    """Whether hashing beside the reads and writes can be faster than inline: two idle cores (one for each thread),
+    judged by the CPUs this process may use minus the 1-minute load average.
+
+    Measured on the 2-core box of docs/benchmarks.md (load 0.2-0.8, so about one core idle): the demo's write
+    0.70-0.80 s wall threaded against 0.67-0.70 s inline, a 4-layer 7B-shaped stream 2.64 s against 2.59 s, with CPU
+    seconds equal to wall (nothing overlapped) and ~7% more CPU for the thread's hand-offs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Linux: cpu_count, and no load figure
+        return (os.cpu_count() or 1) >= 4
+    return cpus - load >= 2
+
+
 class HashingWriter:
     """Writes files one after another while feeding a single sha256 with each file's name and bytes, exactly as
     `surgery.fingerprint.weights_fingerprint` hashes a directory (files in sorted name order).
@@ -278,13 +293,16 @@ class HashingWriter:
     The hash runs in a thread beside the reads and writes (hashlib releases the GIL on large buffers): sha256 is
     slower than a disk copy on these machines, so hashing inline would cap the stream at the hash's speed. Pieces
     go to it by reference, at most `_HASH_QUEUE` in flight (see SliceReader for why that keeps them valid);
-    `threaded=False` hashes inline instead (on a box whose cores are all busy the thread buys nothing). Files
+    `threaded=False` hashes inline instead, and the default (None) threads only where two cores are idle
+    (`hash_thread_pays`): on a box without them the thread buys nothing and its hand-offs cost CPU. Files
     are not fsynced here: `surgery.export.save_model_dir` fsyncs every file of the directory once, before the
     rename that publishes it; their writeback is started every `_WRITEBACK_BYTES` (`_START_WRITEBACK`) so that
     fsync finds little left to write.
     """
 
-    def __init__(self, threaded: bool = True) -> None:
+    def __init__(self, threaded: bool | None = None) -> None:
+        if threaded is None:
+            threaded = hash_thread_pays()
         self.hash = hashlib.sha256()
         self.bytes_written = 0
         self._queue: queue.Queue | None = None
