@@ -160,9 +160,9 @@ def _collect_layers(model, spec, family: str, head_dim: int, interleave: bool,
             layer.tensors["ffn_norm.weight"] = _np(getattr(block, spec.mlp_norms[0]).weight)
             for name, gguf_name in ((spec.gate, "ffn_gate"), (spec.up, "ffn_up"), (spec.down, "ffn_down")):
                 weight, bias = _dense(getattr(mlp, name), f"layer {idx} {spec.mlp}.{name}", adjustments)
-                if bias is not None:
-                    raise UserError("GGUF export: MLP biases (mlp_bias) are not supported by llama.cpp's llama/deci")
                 layer.tensors[f"{gguf_name}.weight"] = _np(weight)
+                if bias is not None:
+                    layer.tensors[f"{gguf_name}.bias"] = _np(bias)
             layer.ff = layer.tensors["ffn_gate.weight"].shape[0]
         layers.append(layer)
     return layers
@@ -182,6 +182,36 @@ def _expert_tensors(mlp, spec) -> dict[str, np.ndarray]:
             "ffn_gate_exps.weight": np.ascontiguousarray(gate_up[:, :width]),
             "ffn_up_exps.weight": np.ascontiguousarray(gate_up[:, width:]),
             "ffn_down_exps.weight": _np(experts.down_proj)}
+
+
+# The bias tensors each llama.cpp architecture creates (src/models/<arch>.cpp `load_arch_tensors`, all optional:
+# `create_tensor_qkv` makes q/k/v biases for every one; llama and deci also make attn_output and the dense MLP's).
+# A bias outside its set is not read: llama.cpp then refuses the whole file ("wrong number of tensors").
+_QKV_BIASES = frozenset({"attn_q", "attn_k", "attn_v"})
+_ARCH_BIASES = {"llama": _QKV_BIASES | {"attn_output", "ffn_gate", "ffn_up", "ffn_down"},
+                "qwen2": _QKV_BIASES, "qwen3": _QKV_BIASES, "qwen3moe": _QKV_BIASES}
+_ARCH_BIASES["deci"] = _ARCH_BIASES["llama"]
+_HF_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+             "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
+def _check_biases(arch: str, layers: list[_Layer], model) -> None:
+    """Refuse, in one line, a bias the chosen llama.cpp architecture does not read (see `_ARCH_BIASES`), or one
+    the export has no GGUF name for (a router's, an expert's): nothing is dropped silently."""
+    written = sum(name.endswith(".bias") for lay in layers for name in lay.tensors)
+    biases = [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    if written != len(biases):
+        known = tuple(f"{hf}.bias" for hf in _HF_NAMES.values()) + ("b.bias",)  # b.bias: a LowRankLinear's
+        odd = next((n for n in biases if not n.endswith(known)), biases[0])
+        raise UserError(f"GGUF export: the model has {len(biases)} bias tensors and llama.cpp's {arch} has a place "
+                        f"for {written} of them (e.g. not for {odd})")
+    extra = sorted({name.removesuffix(".bias") for lay in layers for name in lay.tensors if name.endswith(".bias")}
+                   - _ARCH_BIASES[arch])
+    if extra:
+        names = ", ".join(f"{_HF_NAMES.get(e, e)} ({e}.bias)" for e in extra)
+        reads = ", ".join(_HF_NAMES[e] for e in sorted(_ARCH_BIASES[arch]))
+        raise UserError(f"GGUF export: llama.cpp's {arch} reads biases of {reads} only; this model has biases on "
+                        f"{names}, which it would refuse to load")
 
 
 def _uniform(layers: list[_Layer]) -> bool:
@@ -253,6 +283,9 @@ def _pad_mlp_widths(layers: list[_Layer], hidden: int, adjustments: list[Adjustm
         extra = width - lay.ff
         for name in ("ffn_gate.weight", "ffn_up.weight"):
             lay.tensors[name] = np.concatenate([lay.tensors[name], np.zeros((extra, hidden), np.float32)], axis=0)
+        for name in ("ffn_gate.bias", "ffn_up.bias"):  # zero biases too: silu(0) * 0 = 0 stays exact
+            if name in lay.tensors:
+                lay.tensors[name] = np.concatenate([lay.tensors[name], np.zeros(extra, np.float32)])
         lay.tensors["ffn_down.weight"] = np.concatenate(
             [lay.tensors["ffn_down.weight"], np.zeros((hidden, extra), np.float32)], axis=1)
         padded.append((i, lay.ff, width))
@@ -366,8 +399,6 @@ def write_gguf(
     if family not in _UNIFORM_ARCH:
         raise UserError(f"GGUF export supports Llama-family models (llama, mistral, SmolLM2) with any per-layer "
                         f"shapes, and qwen2 / qwen3 / qwen3_moe / mixtral with uniform layers; not {family}")
-    if getattr(config, "attention_bias", False) and family in _ROPE_INTERLEAVED:
-        raise UserError("GGUF export: Llama models with attention biases are not supported")
     hidden = config.hidden_size
     # from the attention modules, not the config: a pruned model's config may count fewer heads than it was
     # built with, and hidden // heads would then be wrong (every layer keeps its original head size)
@@ -402,6 +433,7 @@ def write_gguf(
             raise UserError(f"GGUF export: {family} with per-layer shapes is not supported (llama.cpp's per-layer "
                             f"architecture, deci, is Llama-only); export uniform {family} plans, or Llama-family "
                             "models with any shapes")
+        _check_biases(arch, layers, model)
         _pad_mlp_widths(layers, hidden, adjustments)
         embed = _np(model.get_input_embeddings().weight)
         tied = bool(getattr(config, "tie_word_embeddings", False))
