@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sessions.lock import pid_alive
+from sessions.runs import CompressRun, compress_runs
 
 
 @dataclass
@@ -29,6 +30,7 @@ class SessionContents:
     jobs: list[JobInfo] = field(default_factory=list)
     evals: list[str] = field(default_factory=list)
     exports: list[str] = field(default_factory=list)
+    compress: list[CompressRun] = field(default_factory=list)  # the compress recipes among the jobs
 
     @property
     def running_jobs(self) -> int:
@@ -41,7 +43,9 @@ class SessionContents:
 def job_status(job_dir: Path) -> str:
     """The status of a job directory from its job.json ("status" or "state"), read defensively.
 
-    A job that says "running" but records a pid on this host that no longer runs is reported as "dead".
+    A job that says "running" but records a pid on this host that no longer runs is reported as "dead". A
+    workbench job (surgery.jobs: no status in its job.json, an event log beside it) reads its state from the log
+    and its lock: created, running, cancelling, done, failed, cancelled or lost.
     """
     try:
         data = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
@@ -50,6 +54,14 @@ def job_status(job_dir: Path) -> str:
     if not isinstance(data, dict):
         return "unknown"
     status = data.get("status", data.get("state"))
+    if status is None and (job_dir / "checkpoints").is_dir():  # made by surgery.jobs.store.create_job
+        from surgery.jobs.status import job_status as workbench_job_status
+        from surgery.jobs.store import JobDir
+
+        try:
+            return workbench_job_status(JobDir(job_dir)).state
+        except Exception:  # noqa: BLE001 - a listing never breaks on one job
+            return "unknown"
     if not isinstance(status, str) or not status:
         return "unknown"
     pid = data.get("pid")
@@ -79,4 +91,4 @@ def list_contents(session_path: Path) -> SessionContents:
     jobs = [JobInfo(p.name, job_status(p)) for p in _entries(session_path / "jobs", dirs=True)]
     evals = [p.name for p in _entries(session_path / "evals", dirs=False)]
     exports = [p.name for p in _entries(session_path / "exports")]
-    return SessionContents(scores, jobs, evals, exports)
+    return SessionContents(scores, jobs, evals, exports, compress_runs(session_path / "jobs"))

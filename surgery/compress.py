@@ -114,7 +114,6 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
         CompressCancelled: `cancel` was set.
         surgery.jobs.pipeline.PipelineCancelled: The redistillation job was cancelled (it checkpointed first).
     """
-    from surgery.export import check_output_dir
     from surgery.jobs.pipeline import RECORD, parse_pipeline, run_pipeline
     from surgery.jobs.store import new_job_id
     from surgery.plan import write_text_atomic
@@ -122,14 +121,7 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
     out = Path(out)
     if work is not None and (published := published_record(out, Path(work))) is not None:
         return published  # an earlier attempt finished and published it (and was stopped before saying so)
-    check_output_dir(out, overwrite)
-    if not 0 < target_params < 1:
-        raise UserError(f"--target-params {target_params}: the fraction of parameters kept, strictly between 0 and 1")
-    for name, path in (("--data", opts.data), ("--eval-data", opts.eval_data)):
-        if path and not path.startswith("hf:") and not Path(path).expanduser().is_file():
-            raise UserError(f"{name}: no such file: {path}")
-    redistill_steps(opts)  # a budget below one step is refused before anything runs
-    check_job_options(opts)
+    check_inputs(out, target_params, opts, overwrite)
     say = progress or (lambda _m: None)
 
     def boundary() -> None:
@@ -168,6 +160,25 @@ def compress(source: str, target_params: float, out: str | Path, opts: CompressO
     add_training_throughput(record, opts)
     write_text_atomic(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def check_inputs(out: Path, target_params: float, opts: CompressOptions, overwrite: bool = False) -> None:
+    """What `compress` refuses before anything runs: the output directory, the budget, the data files, the job
+    options (a front end calls it before it creates a job).
+
+    Raises:
+        UserError: The first problem, in one line.
+    """
+    from surgery.export import check_output_dir
+
+    check_output_dir(Path(out), overwrite)
+    if not 0 < target_params < 1:
+        raise UserError(f"--target-params {target_params}: the fraction of parameters kept, strictly between 0 and 1")
+    for name, path in (("--data", opts.data), ("--eval-data", opts.eval_data)):
+        if path and not path.startswith("hf:") and not Path(path).expanduser().is_file():
+            raise UserError(f"{name}: no such file: {path}")
+    redistill_steps(opts)  # a budget below one step is refused before anything runs
+    check_job_options(opts)
 
 
 class CompressCancelled(Exception):

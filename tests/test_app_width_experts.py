@@ -272,6 +272,18 @@ async def test_compress_recipe_starts_from_the_jobs_form_and_runs_in_the_backgro
         assert row[1] == "done" and row[2] == "7/7" and "perplexity" in row[6]
         redistill = [j for j in app.screen.ids if j.startswith("distill-")]
         assert len(redistill) == 1  # the recipe's redistillation stage: a job of its own, with its loss curve
+        table.move_cursor(row=app.screen.ids.index(job.id))
+        app.screen.poll()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        panel = str(app.screen.query_one("#curve").render())  # the run's stages with their metrics, and its plan
+        assert "base" in panel and "redistill" in panel and "perplexity" in panel and "plan.json" in panel
+        await pilot.press("l")  # its plan as the marks, one undoable edit
+        await pilot.pause()
+        from collections import Counter
+
+        want = Counter(s["op"] for s in json.loads((job.path / "plan.json").read_text())["steps"])
+        assert Counter(s.op for s in app.editor.plan().steps) == want
     record = json.loads((tmp_path / "compressed" / "pipeline.json").read_text())
     assert [s["stage"] for s in record["stages"]] == ["prune", "redistill"]
     assert record["metrics"]["after"]["perplexity"] == pytest.approx(st.eval["perplexity"])

@@ -104,13 +104,13 @@ def test_resume_reuses_finished_phases_and_gives_the_uninterrupted_bytes(env, tm
         compress(str(env / "teacher"), 0.7, tmp_path / "out2", options(env), jobs_root=tmp_path / "jobs", work=work)
 
 
-def start(env, root: Path) -> JobDir:
+def start(env, jobs_dir: Path, out: Path) -> JobDir:
     from workbench.compress_job import start_compress
 
     fields = {"source": str(env / "teacher"), "target_params": "0.8", "data": str(env / "data.txt"),
-              "tokens": str(TOKENS), "out": str(root / "out"), "eval_data": str(env / "data.txt"),
+              "tokens": str(TOKENS), "out": str(out), "eval_data": str(env / "data.txt"),
               "options": " ".join(f"{k}={v}" for k, v in OPTIONS.items() if k != "eval_data")}
-    return find_job(root / "jobs", start_compress(root / "jobs", fields))
+    return find_job(jobs_dir, start_compress(jobs_dir, fields))
 
 
 def sub_job(job: JobDir) -> JobDir | None:
@@ -129,9 +129,13 @@ def test_cancel_reaches_the_redistillation_and_sigkill_takes_it_along_then_resum
         capsys, env, tmp_path, reference):
     """Real detached processes: cancel mid-redistillation -> both cancelled; resume; SIGKILL after a checkpoint ->
     both lost, no process left; resume again -> the uninterrupted run's weights."""
-    ref_root, _ = reference
-    jobs = ["--jobs-dir", tmp_path / "jobs"]
-    job = start(env, tmp_path)
+    from sessions import Session, describe_source
+
+    ref_root, ref_record = reference
+    session = Session.create("tiny", describe_source(str(env / "teacher")), root=tmp_path / "home" / "sessions")
+    session.close()  # the recipe runs in the session (its jobs/), as from the TUI's jobs panel
+    jobs = ["--jobs-dir", session.path / "jobs"]
+    job = start(env, session.path / "jobs", tmp_path / "out")
     wait_until(lambda: sub_events(job, "step"), timeout=300)
     sub = sub_job(job)
     assert job_status(sub).state == "running"  # it holds its own lock while it trains inside the recipe's process
@@ -165,3 +169,32 @@ def test_cancel_reaches_the_redistillation_and_sigkill_takes_it_along_then_resum
     assert model_files(tmp_path / "out") == model_files(ref_root / "out")
     code, _, err = call(capsys, "jobs", "resume", job.id, *jobs)
     assert code == 2 and "is done" in one_error_line(err)
+
+    # recorded in the session: `sessions show` lists the run's metrics before/after each stage and its plan, the
+    # job states are the jobs' own, and the scores are kept in scores/ (where the TUI picks them up)
+    code, stdout, err = call(capsys, "sessions", "show", "tiny", "--home", tmp_path / "home", "--json")
+    assert code == 0, err
+    contents = json.loads(stdout)["contents"]
+    assert {j["id"]: j["status"] for j in contents["jobs"]} == {job.id: "done", sub.id: "done"}
+    assert contents["scores"] == [f"{job.id}.safetensors"]
+    [run] = contents["compress"]
+    assert run["id"] == job.id and run["state"] == "done" and run["out"] == str(tmp_path / "out")
+    want = [("base", ref_record["metrics"]["before"])] + [(s["stage"], s["after"]) for s in ref_record["stages"]]
+    assert [(m["stage"], m["params"], m["perplexity"]) for m in run["metrics"]] == [
+        (name, m["params"], m["perplexity"]) for name, m in want]
+    assert run["plan"] == str(job.path / "plan.json") and run["plan_ops"]["reconstruct"] == 1
+    code, stdout, _ = call(capsys, "sessions", "show", "tiny", "--home", tmp_path / "home")
+    assert code == 0 and f"compress  {job.id}: done" in stdout and "redistill" in stdout and "x)" in stdout
+
+
+def test_compress_into_a_session_refuses_bad_input_before_making_anything(capsys, env, tmp_path):
+    home = tmp_path / "home"
+    base = ["compress", env / "teacher", "--target-params", 0.8, "--data", env / "data.txt", "--seq-len", 24,
+            "--batch-size", 2, "--home", home]
+    code, _, err = call(capsys, *base, "--tokens", 10, "--session", "tiny")
+    assert code == 2 and "less than one redistillation step" in one_error_line(err)
+    assert not home.exists()  # neither the session nor a job
+    code, _, err = call(capsys, *base, "--tokens", 48, "--session", "../escape")
+    assert code == 2 and "invalid session name" in one_error_line(err) and not (tmp_path / "escape").exists()
+    code, _, err = call(capsys, *base, "--tokens", 48)
+    assert code == 2 and "--out is needed" in one_error_line(err)

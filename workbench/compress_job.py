@@ -121,6 +121,74 @@ def start_compress(root: Path, fields: dict) -> str:
     return job.id
 
 
+def run_in_session(session: str, home: Path | None, source: str, target_params: float, out: Path | None, opts,
+                   *, jobs_dir: Path | None, overwrite: bool, quiet: bool) -> tuple[dict, Path]:
+    """`workbench compress --session NAME`: the recipe as a job in the session's jobs/ (the session is made from
+    `source` when missing), followed here until it ends; returns the record and the output directory.
+
+    The job runs detached, so a dropped terminal does not stop it; Ctrl-C asks it to cancel (it stops at its
+    next phase or redistillation step) and says how to resume.
+
+    Raises:
+        UserError: Bad input (before the session or the job is touched where it can be), or a failed recipe.
+    """
+    from dataclasses import asdict
+
+    from sessions import Session, check_name, describe_source, sessions_root
+    from surgery.compress import check_inputs
+    from surgery.errors import UserError
+    from surgery.jobs.runner import request_cancel, wait_for
+    from surgery.jobs.status import job_status
+    from surgery.jobs.store import create_job, jobs_root
+    from workbench.cli_common import err, status
+
+    name = check_name(session)
+    path = sessions_root(home) / name
+    out = Path(out) if out is not None else path / "exports" / f"compressed-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = out.expanduser().resolve()
+    check_inputs(out, target_params, opts, overwrite)  # before the session is made or touched
+    with status(not quiet) as progress:
+        model = describe_source(source, progress=progress)
+    s, _ = Session.open_or_create(name, model, root=path.parent)
+    other = s.model.fingerprint != model.fingerprint
+    s.close()
+    if other:
+        err.print(f"[yellow]warning:[/] session {name!r} was made for other weights than {source}: the run is "
+                  "recorded there all the same")
+    options = asdict(opts)
+    for key in ("data", "eval_data"):
+        if options[key] and not options[key].startswith("hf:"):
+            options[key] = str(Path(options[key]).expanduser().resolve())
+    if Path(source).expanduser().exists():
+        source = str(Path(source).expanduser().resolve())
+    doc = {"version": 1, "kind": KIND, "source": source, "target_params": target_params, "out": str(out),
+           "overwrite": overwrite, "options": options, "steps": len(phases_for(options))}
+    job = create_job(jobs_root(jobs_dir if jobs_dir is not None else path / "jobs"),
+                     json.dumps(doc, indent=2, sort_keys=True) + "\n", kind=KIND)
+    resume = f"workbench jobs resume {job.id} --jobs-dir {job.path.parent}"
+    spawn(job)
+    err.print(f"compress job {job.id} in session {name!r} (it runs on if this terminal goes; resume: {resume})")
+    try:
+        with status(not quiet) as progress:
+            offset = 0
+            while job_status(job).state in ("created", "running", "cancelling"):
+                from surgery.jobs.events import read_events
+
+                events, offset = read_events(job.events_file, offset=offset)
+                for e in events:
+                    if e["event"] == "status":
+                        progress(str(e.get("message", "")))
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        request_cancel(job)
+        wait_for(job, timeout=600)
+    st = job_status(job)
+    if st.state != "done":
+        raise UserError(f"compress job {job.id} {st.state}" + (f": {st.error}" if st.error else "") +
+                        (f" (resume: {resume})" if st.state in ("cancelled", "lost") else ""))
+    return json.loads((out / "pipeline.json").read_text(encoding="utf-8")), out
+
+
 def is_compress_job(job) -> bool:
     """Whether a job directory holds a compress recipe (not a distill job)."""
     try:
@@ -243,7 +311,8 @@ def run(path: str | Path) -> int:
                resumed_from=resumed_phase(job), train=options["data"])
     try:
         record = compress(doc["source"], doc["target_params"], doc["out"], CompressOptions(**options),
-                          jobs_root=job.path.parent, progress=progress, work=job.path, on_job=on_job)
+                          jobs_root=job.path.parent, progress=progress, work=job.path, on_job=on_job,
+                          overwrite=bool(doc.get("overwrite")))
     except PipelineCancelled as exc:
         end_cancelled(sub_job=exc.job, sub_checkpoint=exc.checkpoint)
     except UserError as exc:
@@ -254,6 +323,9 @@ def run(path: str | Path) -> int:
         log.append("failed", step=done["step"], error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
                    traceback=traceback.format_exc(), sync=True)
         return 1
+    from sessions.runs import keep_scores
+
+    keep_scores(job.path)  # a run in a session leaves its scores there, as scoring in the TUI does
     after = record["metrics"].get("after") or {}
     log.append("eval", step=len(phases), **{k: v for k, v in after.items() if k in ("params", "perplexity")})
     log.append("done", step=len(phases), output=doc["out"], manifest={"after": after}, sync=True)

@@ -18,7 +18,8 @@ def compress(
     data: Annotated[str, typer.Option("--data", help="Text for scoring, reconstruction and redistillation "
                                                      "(keep it disjoint from --eval-data).")],
     tokens: Annotated[int, typer.Option("--tokens", help="Redistillation budget in training tokens.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Final model directory (written atomically).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Final model directory (written atomically; "
+                                                   "with --session: default its exports/compressed-<time>/).")] = None,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Text for perplexity after each "
                                                                       "stage.")] = None,
     eval_tokens: Annotated[int | None, typer.Option("--eval-tokens", help="Cap on eval tokens.")] = None,
@@ -42,6 +43,12 @@ def compress(
     seed: Annotated[int, typer.Option(help="Seed of the redistillation job.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
     jobs_dir: JobsDirOpt = None,
+    session: Annotated[str | None, typer.Option("--session", "-s", help="Record the run in this session (made from "
+                                                "SOURCE if missing): it runs as a job in the session's jobs/ "
+                                                "(resumable: workbench jobs resume ID), its scores are kept in "
+                                                "scores/, `sessions show` lists its metrics and plan.")] = None,
+    home: Annotated[Path | None, typer.Option("--home", help="Workbench home of --session (default: "
+                                              "$WORKBENCH_HOME, else the user data directory).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score, suggest a plan for the budget, cut (+ reconstruct), redistill and evaluate, in one run."""
@@ -56,9 +63,19 @@ def compress(
                            reconstruct=reconstruct, seq_len=seq_len, batch_size=batch_size, lr=lr,
                            schedule=schedule, temperature=temperature,
                            losses=parse_losses(loss), device=device, seed=seed)
-    with status(not json_out) as progress:
-        record = run_compress(source, target_params, out_dir, opts, jobs_root=jobs_root(jobs_dir),
-                              overwrite=overwrite, progress=progress)
+    if session is not None:
+        from workbench.compress_job import run_in_session
+
+        record, out_dir = run_in_session(session, home, source, target_params, out_dir, opts, jobs_dir=jobs_dir,
+                                         overwrite=overwrite, quiet=json_out)
+    else:
+        if out_dir is None:
+            from surgery.errors import UserError
+
+            raise UserError("--out is needed (or --session, which writes into the session's exports/)")
+        with status(not json_out) as progress:
+            record = run_compress(source, target_params, out_dir, opts, jobs_root=jobs_root(jobs_dir),
+                                  overwrite=overwrite, progress=progress)
     if json_out:
         print_json(record)
         return

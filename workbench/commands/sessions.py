@@ -67,6 +67,10 @@ def print_summary(summary: dict) -> None:
         f"scores    {len(c['scores'])} file(s)   evals {len(c['evals'])}   exports {len(c['exports'])}",
         f"jobs      {jobs}",
     ]
+    for run in c.get("compress", []):  # the compress recipes run in this session (sessions.runs)
+        from sessions.runs import CompressRun
+
+        lines += ["compress  " + line for line in CompressRun(**run).lines()]
     if summary.get("locked_by"):
         lines.append(f"locked    by {summary['locked_by']}")
     for line in lines:

@@ -69,6 +69,7 @@ class JobsScreen(Screen):
         Binding("n", "new_job", "new distill job", id="jobs.new"),
         Binding("r", "new_compress", "compress recipe", id="jobs.compress"),
         Binding("x", "cancel_job", "cancel job", id="jobs.cancel"),  # `c` is compare everywhere
+        Binding("l", "load_compress_plan", "load its plan", id="jobs.load_plan"),
     ]
 
     def __init__(self, root: Path) -> None:
@@ -93,6 +94,7 @@ class JobsScreen(Screen):
 
     @work(thread=True, exclusive=True, group="jobs-poll", exit_on_error=False, description="reading job logs")
     def poll(self) -> None:
+        from sessions.runs import read_compress_run
         from surgery.jobs.events import read_events
         from surgery.jobs.status import job_status
         from surgery.jobs.store import list_jobs
@@ -100,7 +102,9 @@ class JobsScreen(Screen):
         rows = []
         for job in list_jobs(self.root):
             events, _ = read_events(job.path / "events.jsonl")
-            rows.append((job_status(job, events), events))
+            # a compress recipe: its stages' metrics and plan, read here (off the UI thread)
+            run = read_compress_run(job.path) if job.id.startswith("compress-") else None
+            rows.append((job_status(job, events), events, run))
         self.app.call_from_thread(self.show, rows)
 
     def show(self, rows: list) -> None:
@@ -108,7 +112,7 @@ class JobsScreen(Screen):
         cursor = table.cursor_row
         table.clear()
         self.ids = []
-        for st, _ in rows:
+        for st, _, _ in rows:
             loss = st.losses.get("total") if st.losses else None
             table.add_row(
                 st.id, st.state, f"{st.step}/{st.steps or '?'}", f"{loss:.4g}" if loss is not None else "",
@@ -118,12 +122,13 @@ class JobsScreen(Screen):
             self.ids.append(st.id)
         if rows:
             table.move_cursor(row=min(cursor or 0, len(rows) - 1))
-            _, events = rows[table.cursor_row]
+            _, events, run = rows[table.cursor_row]
             series = loss_series(events)
             width = max(40, (self.size.width or 80) - 4)
             self.query_one("#curve", Static).update(
                 plotext_chart(series, width, 12, title=f"job {self.ids[table.cursor_row]} losses")
-                if series else progress_lines(events) or "no steps logged yet"
+                if series else "\n".join([*(run.lines() if run else []), progress_lines(events)]).strip()
+                or "no steps logged yet"
             )
         else:
             self.query_one("#curve", Static).update("no jobs yet: n starts one")
@@ -137,6 +142,18 @@ class JobsScreen(Screen):
             return
         job_id = self.ids[table.cursor_row]
         self.app.notify(request_cancel(find_job(self.root, job_id)), title=f"job {job_id}")
+
+    def action_load_compress_plan(self) -> None:
+        """The selected compress run's plan as the marks (one undoable edit, as opening a plan file)."""
+        from sessions.runs import read_compress_run
+
+        table = self.query_one("#jobs", DataTable)
+        job_id = self.ids[table.cursor_row] if self.ids else ""
+        run = read_compress_run(self.root / job_id) if job_id.startswith("compress-") else None
+        if run is None or run.plan is None:
+            self.app.notify("select a compress job that has suggested its plan", title="jobs", severity="warning")
+            return
+        self.app.open_plan_file(run.plan)
 
     def action_new_job(self) -> None:
         from surgery.data import shared_data_file  # torch: imported only when needed
