@@ -273,8 +273,9 @@ class Allocator:
             most = min(s.width for s in sites) - 1
             if per > most:
                 raise UserError(
-                    f"the target needs {per} neurons removed per layer but layers have {most + 1}: "
-                    "lower the target, or drop whole layers with --layers"
+                    f"the target needs {per} neurons removed per layer but layers have {most + 1}: keep more "
+                    "(a higher --target-params or fewer neurons), or drop whole layers too (--layers, or layers "
+                    "in --axes)"
                 )
             for s in sites:
                 if per:

@@ -1,0 +1,86 @@
+"""A new user's first hour with the newer commands (score --layerwise, apply --dry-run, plan suggest --axes,
+distill --nproc/--fsdp, export of width / expert cuts): each test pins one defect found by using them over a shell.
+
+Bad input: one line on stderr, exit code 2, nothing written (no job directory, no output).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import call, one_error_line
+from tiny_models import save_tiny
+
+DATA = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WORKBENCH_JOBS", str(tmp_path / "jobs"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("student") / "tiny", seed=3)
+
+
+def no_jobs(tmp_path) -> bool:
+    jobs = tmp_path / "jobs"
+    return not jobs.exists() or not any(jobs.iterdir())
+
+
+def test_dry_run_of_a_pipeline_file_says_so(capsys, tmp_path, model_dir):
+    pipeline = tmp_path / "pipeline.json"
+    pipeline.write_text(json.dumps({"version": 1, "kind": "pipeline", "model": {"source": str(model_dir)},
+                                    "stages": [{"stage": "prune", "steps": [{"op": "drop_mlp", "layer": 1}]}]}))
+    code, _, err = call(capsys, "apply", "--dry-run", pipeline)
+    assert code == 2, err
+    assert "is a pipeline file: --dry-run lists the reads of a plan file only" in one_error_line(err)
+
+
+def test_suggest_too_deep_a_cut_says_keep_more(capsys, tmp_path, model_dir):
+    scores = tmp_path / "mag.safetensors"
+    assert call(capsys, "score", model_dir, "--method", "head-magnitude,neuron-magnitude", "--out", scores)[0] == 0
+    code, _, err = call(capsys, "plan", "suggest", model_dir, "--scores", scores, "--target-params", "0.01",
+                        "--axes", "heads,neurons", "--out", tmp_path / "plan.json")
+    assert code == 2, err
+    line = err.strip().splitlines()[-1]  # after the "fingerprinting weights…" note
+    # it used to say "lower the target" (keep even less) and "--layers", which --axes refuses
+    assert "keep more (a higher --target-params" in line and "layers in --axes" in line, err
+    assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--nproc", "0"], r"--nproc must be at least 1 \(got 0\)"),  # was ZeroDivisionError, exit 1
+    (["--nproc", "2", "--device", "cuda:7"], "no such CUDA device|CUDA is not available"),  # job failed later
+    (["--fsdp", "--device", "tpu"], "unknown device: 'tpu'"),
+])
+def test_distill_process_and_device_errors_come_before_a_job_exists(capsys, tmp_path, model_dir, student_dir,
+                                                                    extra, expected):
+    import re
+
+    code, _, err = call(capsys, "distill", "--teacher", model_dir, "--student", student_dir, "--data", DATA,
+                        "--steps", "2", "--seq-len", "32", "--batch-size", "2", *extra)
+    assert code == 2, err
+    assert re.search(expected, one_error_line(err)), err
+    assert no_jobs(tmp_path)
+
+
+def test_resume_with_zero_processes_is_one_line(capsys, tmp_path, model_dir, student_dir):
+    code, out, err = call(capsys, "distill", "--teacher", model_dir, "--student", student_dir, "--data", DATA,
+                          "--steps", "1", "--seq-len", "32", "--batch-size", "2", "--print-job")
+    assert code == 0, err
+    from surgery.jobs.store import create_job, jobs_root
+
+    job = create_job(jobs_root(tmp_path / "jobs"), out)
+    code, _, err = call(capsys, "jobs", "resume", job.id, "--nproc", "0")
+    assert code == 2, err
+    assert "--nproc must be at least 1" in one_error_line(err)
