@@ -7,6 +7,11 @@ the calibration block and the `reconstruct` step) and a `redistill` stage, a res
 output directory gets the final model and `pipeline.json` with each stage's wall time and before/after metrics,
 the scoring and suggestion in its `prelude`, and the generated pipeline itself, so
 `workbench jobs pipeline` can replay it.
+
+Every phase leaves its result in the work directory before the next one starts (prelude.json: scoring and
+suggestion; pipeline/progress.json: base metrics, finished stages, the redistillation job's id), so the same call
+with the same `work` continues an interrupted run from the phase it reached, with the uninterrupted run's bytes
+(the compress job, workbench/compress_job.py, uses its job directory as `work`: `workbench jobs resume`).
 """
 
 from __future__ import annotations

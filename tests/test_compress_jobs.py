@@ -198,3 +198,20 @@ def test_compress_into_a_session_refuses_bad_input_before_making_anything(capsys
     assert code == 2 and "invalid session name" in one_error_line(err) and not (tmp_path / "escape").exists()
     code, _, err = call(capsys, *base, "--tokens", 48)
     assert code == 2 and "--out is needed" in one_error_line(err)
+
+
+def test_compress_with_session_runs_as_a_job_of_the_session_and_prints_its_record(capsys, env, tmp_path):
+    """The CLI follows the detached job to its end; the model lands in the session's exports/ by default."""
+    home = tmp_path / "home"
+    small = {**OPTIONS, "calib_tokens": 480, "recon_tokens": 360}
+    flags = [x for k, v in small.items() for x in (f"--{k.replace('_', '-')}", v)]
+    code, stdout, err = call(capsys, "compress", env / "teacher", "--target-params", 0.8, "--data", env / "data.txt",
+                             "--eval-data", env / "data.txt", "--tokens", 48, *flags, "--session", "tiny",
+                             "--home", home, "--json")
+    assert code == 0, err
+    record = json.loads(stdout)
+    [export] = list((home / "sessions" / "tiny" / "exports").iterdir())
+    assert json.loads((export / "pipeline.json").read_text()) == record and model_files(export)
+    [job] = [p for p in (home / "sessions" / "tiny" / "jobs").iterdir() if p.name.startswith("compress-")]
+    assert job_status(JobDir(job)).state == "done" and record["prelude"]["work"] == str(job)
+    assert f"workbench jobs resume {job.name}" in err  # said at the start, in case the terminal goes
