@@ -257,8 +257,8 @@ def headers70b(work: Path, baseline: Path | None = None) -> None:
     estimate_code = (
         "import inspect, sys; from surgery.plan import load_plan; from surgery.resolve import resolve_plan\n"
         "from surgery.shapes import shape_from_config; from surgery.sources import read_config_file\n"
-        "from surgery.estimate import estimate\n"
-        "cfg = read_config_file(sys.argv[1]); r = resolve_plan(load_plan(sys.argv[2]), shape_from_config(cfg))\n"
+        "from pathlib import Path; from surgery.estimate import estimate\n"
+        "cfg = read_config_file(Path(sys.argv[1])); r = resolve_plan(load_plan(sys.argv[2]), shape_from_config(cfg))\n"
         "headers = sys.argv[3] == 'headers' and 'source_dir' in inspect.signature(estimate).parameters\n"
         "e = estimate(cfg, r, **({'source_dir': sys.argv[1]} if headers else {}))\n"
         "print(f'{e.params_before:,} -> {e.params_after:,} params, {e.flops_before / 1e9:.1f} -> '\n"
