@@ -231,3 +231,5 @@ def test_sharded_export_reads_as_the_unsharded_one(exported, tmp_path, capsys):
     assert not (whole_dir / "model.safetensors.index.json").exists()  # under 5GB: one file, as before
     code, _, err = call(capsys, "export", src, "--to", "vllm", "--out", tmp_path / "bad", "--max-shard-size", "lots")
     assert code == 2 and "shard size" in err and not (tmp_path / "bad").exists()
+    code, _, err = call(capsys, "export", src, "--to", "gguf", "--out", tmp_path / "m.gguf", "--max-shard-size", "1GB")
+    assert code == 2 and "one file" in err and not (tmp_path / "m.gguf").exists()
