@@ -19,7 +19,8 @@ is priced by what its cuts actually cost:
 4. made exact: each chosen unit's plan at its amount, steps in dropped layers left out, the finest chosen unit
    re-sized until the whole plan's exact count is within one of its steps of the target;
 5. checked: one more calibration forward of the mix against the best single-axis plan at the whole target (the
-   curves' last points); whichever has the lower loss is returned, and the summary says which and why.
+   curves' last points, when within 2% of the parameters of the target: see SINGLE_SLACK); whichever has the lower
+   loss is returned, and the summary says which and why.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ RANKING = {
 _METHOD = {"layers": "layer-bi", "hidden": "channel-norm", "experts": "expert-reap"}
 # which unit fills the target exactly: the finest steps first
 _FINEST = ("heads+neurons", "neurons", "hidden", "experts", "heads", "layers")
+
+
+# a single-axis plan competes with the mix only this close to the target (fraction of all parameters): a coarse
+# axis (one layer of a 2-layer model) is within its own step of any target but is not the size that was asked for
+SINGLE_SLACK = 0.02
+
+
+def meets_target(s) -> bool:
+    """A single-axis Suggestion is a fair rival of the mix: within its step and SINGLE_SLACK of the target."""
+    off = abs(s.params_after - s.target_params)
+    return off <= max(s.granularity, 1) and off <= SINGLE_SLACK * s.params_before
 
 
 def units_of(axes: Sequence[str]) -> list[str]:
@@ -187,7 +199,7 @@ class MeasuredAxes:
             amount = float(s.params_before - s.params_after)
             if amount > pts[-1][0]:  # coarse steps give the point before again: measured once
                 pts.append((amount, self.loss_of(_dump(s), f"{unit} at {k:.0%} of the cut") - self.base))
-            if k == 1.0 and abs(s.params_after - s.target_params) <= max(s.granularity, 1):
+            if k == 1.0 and meets_target(s):
                 self.full[unit] = (s, pts[-1][1])
         return pts
 
