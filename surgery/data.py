@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,7 @@ def read_text(source: str | Path, *, text_field: str | None = None) -> str:
     if source.startswith("hf:"):
         return _read_hf_dataset(source[3:], text_field)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise UserError(f"no such data file: {source}")
+    check_data_file(source)
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -43,6 +43,30 @@ def read_text(source: str | Path, *, text_field: str | None = None) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"data file is not UTF-8 text: {path} ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read data file {source}: {exc.strerror or exc}") from None
+
+
+def check_data_file(source: str | Path) -> None:
+    """A data file must be a regular file: one line for a missing path, a directory, a device (/dev/zero would be
+    read forever) or a pipe (commands may read the text more than once; a pipe gives it only once).
+
+    Raises:
+        UserError: Anything but a readable regular file.
+    """
+    try:
+        mode = Path(source).expanduser().stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"no such data file: {source}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read data file {source}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"data file {source} is a directory: name a .txt, .jsonl or .parquet file")
+    if stat.S_ISFIFO(mode):
+        raise UserError(f"data file {source} is a pipe: write the text to a file first (it may be read more "
+                        "than once)")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"data file {source} is not a regular file (a device or a socket)")
 
 
 def _pick_field(record: dict, text_field: str | None, where: str) -> str:

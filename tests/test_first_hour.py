@@ -84,3 +84,21 @@ def test_resume_with_zero_processes_is_one_line(capsys, tmp_path, model_dir, stu
     code, _, err = call(capsys, "jobs", "resume", job.id, "--nproc", "0")
     assert code == 2, err
     assert "--nproc must be at least 1" in one_error_line(err)
+
+
+def test_data_that_is_a_device_a_directory_or_a_pipe_is_one_line(capsys, tmp_path, model_dir):
+    import os
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"some text " * 100)
+    os.close(write_end)
+    cases = {"/dev/zero": "not a regular file", str(tmp_path): "is a directory",
+             f"/dev/fd/{read_end}": "is a pipe: write the text to a file first"}  # was "no such data file"
+    for path, expected in cases.items():
+        for argv in (["eval", model_dir, "--data", path], ["score", model_dir, "--data", path, "--out",
+                                                           tmp_path / "s.safetensors"]):
+            code, _, err = call(capsys, *argv)
+            assert code == 2, (argv, err)
+            assert expected in one_error_line(err), (argv, err)
+    os.close(read_end)
+    assert not (tmp_path / "s.safetensors").exists()

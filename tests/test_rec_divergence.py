@@ -1,5 +1,6 @@
 """Rec training that diverges (NaN / inf) stops with one line, keeps its last checkpoint and writes no output;
-a model that scores NaN is refused instead of ranking every target first."""
+a model that scores NaN is refused instead of ranking every target first; evaluation options that leave nothing
+to score are one line."""
 
 from __future__ import annotations
 
@@ -75,3 +76,13 @@ def test_eval_of_a_nan_model_is_refused(capsys, data_dir, tmp_path):
                                                                                              "model")})
     code, out, err = call(capsys, "rec", "eval", tmp_path / "nan", "--data", data_dir)
     assert code == 2 and "scores items as NaN" in err and "HR@10" not in out, err
+
+
+@pytest.mark.parametrize("option, expected", [("--max-users", "no users to evaluate"),
+                                              ("--batch-size", "--batch-size must be at least 1")])
+def test_eval_with_nothing_to_score_is_one_line(capsys, data_dir, tmp_path, option, expected):
+    code, _, err = call(capsys, "rec", "train", "gru4rec", "--data", data_dir, "--out", tmp_path / "m",
+                        "--epochs", "1", "--jobs-dir", tmp_path / "jobs", "--json")
+    assert code == 0, err
+    code, _, err = call(capsys, "rec", "eval", tmp_path / "m", "--data", data_dir, option, "0")
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err  # was ValueError, exit 1

@@ -80,8 +80,10 @@ class EvalSettings:
                 raise UserError(f"{flag} must be at least 1, got {value}")
         if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.data and not self.data.startswith("hf:") and not Path(self.data).expanduser().is_file():
-            raise UserError(f"no such data file: {self.data}")
+        if self.data and not self.data.startswith("hf:"):
+            from surgery.data import check_data_file
+
+            check_data_file(self.data)
         if self.stride is not None and self.data is None:
             raise UserError("--stride needs --data (it sets the perplexity windows)")
         if self.teacher and not self.data:

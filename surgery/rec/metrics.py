@@ -171,6 +171,10 @@ def evaluate(scorer: Scorer, data, *, split: str = "test", protocols: tuple[str,
         {protocol: metrics_from_ranks(...) + "protocol", "split", "data_fingerprint" (and "seed" when sampled)}.
     """
     n_negs = {p: parse_protocol(p) for p in protocols}
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    if users is not None and not users:  # --max-users 0
+        raise UserError("no users to evaluate: --max-users must be at least 1")
     histories, lengths, targets = data.eval_examples(split, users)
     negatives = {p: sample_negatives(histories, targets, data.num_items, n, seed)
                  for p, n in n_negs.items() if n is not None}

@@ -22,7 +22,8 @@ EpochsOpt = Annotated[int | None, typer.Option(
     "--epochs", help="Passes over the training users (default 30 for SASRec/GRU4Rec students, 1 for LLM jobs).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Users per step.")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default 1e-3; 1e-4 for LLMs).")]
-UsersOpt = Annotated[int | None, typer.Option("--max-users", help="Train on this many users (a seeded choice).")]
+UsersOpt = Annotated[int | None, typer.Option("--max-users", help="Train on this many users (a seeded choice; "
+                                                                  "default: all).")]
 EvalUsersOpt = Annotated[int | None, typer.Option("--eval-users", help="End-of-job validation: the first N "
                                                                       "users (default: all).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for init, batch order and negatives.")]
@@ -167,7 +168,7 @@ def train_cmd(
     backbone: Annotated[str | None, typer.Option("--backbone", help="LLM: causal-LM source (dir, hub id, .gguf, "
                                                                    "smollm2-135m).")] = None,
     lora: Annotated[bool, typer.Option("--lora/--full", help="LLM: LoRA adapters (peft) or full fine-tuning.")] = False,
-    lora_rank: Annotated[int, typer.Option("--lora-rank")] = 8,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LLM with --lora: rank r of each adapter pair.")] = 8,
     item_dim: Annotated[int, typer.Option("--item-dim", help="LLM: item embedding width.")] = 64,
     item_init: Annotated[Path | None, typer.Option("--item-init", help="LLM: copy the item table of this trained rec "
                                                                        "model (SASRec, GRU4Rec...; E4SRec).")] = None,
@@ -295,9 +296,12 @@ def resume_cmd(
 def eval_cmd(
     model: Annotated[Path, typer.Argument(help="A rec model directory (`rec train` / `rec distill` output).")],
     data: DataOpt,
-    protocol: Annotated[list[str] | None, typer.Option("--protocol", help="full or sampled-999; repeatable.")] = None,
+    protocol: Annotated[list[str] | None, typer.Option("--protocol", help="full (all items) or sampled-N (N "
+                                                                           "negatives, e.g. sampled-999); repeatable "
+                                                                           "(default: full).")] = None,
     split: Annotated[str, typer.Option("--split", help="test or valid.")] = "test",
-    max_users: Annotated[int | None, typer.Option("--max-users", help="Score only the first N users.")] = None,
+    max_users: Annotated[int | None, typer.Option("--max-users", help="Score only the first N users "
+                                                                        "(default: all).")] = None,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "cpu",
