@@ -354,3 +354,24 @@ def test_stream_hash_threaded_or_inline_is_the_fingerprint(tmp_path, monkeypatch
     monkeypatch.setattr(writer, "CHUNK", 512)
     src = save_tiny(tmp_path / "src", "llama")
     both_paths(tmp_path, src, rich_plan("llama"))
+
+
+def test_input_truncated_after_planning_is_one_source_error(tmp_path):
+    """A shard cut short between planning and writing: a SourceError naming the file (one line, exit 2 from the
+    CLI), not a short output."""
+    from surgery.errors import SourceError
+    from surgery.loading import parse_dtype, read_config
+    from surgery.resolve import resolve_plan
+    from surgery.shapes import shape_from_config
+    from surgery.stream.apply import build_stream_plan, write_stream
+
+    src = save_tiny(tmp_path / "src", "llama")
+    cfg = read_config(src)
+    resolution = resolve_plan(parse_plan(uniform_plan("llama")), shape_from_config(cfg))
+    splan = build_stream_plan(src, cfg, resolution, parse_dtype("auto", cfg))
+    shard = src / "model.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SourceError, match="model.safetensors: unexpected end of file"):
+        write_stream(splan, tmp_path / "out")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from surgery import ops
+from surgery.errors import SourceError
 from surgery.stream.files import header_bytes
 from surgery.stream.reads import CHUNK, GAP_BYTES, TensorRead, _run_array, group_spans, read_groups
 from surgery.stream.source import TORCH_NAMES, SourceTensor
@@ -111,7 +112,7 @@ class SliceReader:
         while first < len(views):
             k = os.preadv(fd, views[first : first + _IOV_MAX], offset)
             if k == 0:
-                raise OSError(f"{path}: unexpected end of file (truncated since its header was read?)")
+                raise SourceError(f"{path}: unexpected end of file (truncated since its header was read?)")
             offset += k
             while first < len(views) and k >= len(views[first]):
                 k -= len(views[first])
