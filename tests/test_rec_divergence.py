@@ -86,3 +86,14 @@ def test_eval_with_nothing_to_score_is_one_line(capsys, data_dir, tmp_path, opti
     assert code == 0, err
     code, _, err = call(capsys, "rec", "eval", tmp_path / "m", "--data", data_dir, option, "0")
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err  # was ValueError, exit 1
+
+
+def test_resume_of_a_done_job_is_refused_and_its_output_kept(capsys, data_dir, tmp_path):
+    code, out, err = call(capsys, "rec", "train", "gru4rec", "--data", data_dir, "--out", tmp_path / "m",
+                          "--epochs", "1", "--jobs-dir", tmp_path / "jobs", "--json")
+    assert code == 0, err
+    job_id = json.loads(out)["job"]
+    before = (tmp_path / "m" / "rec.safetensors").stat().st_mtime_ns
+    code, _, err = call(capsys, "rec", "resume", job_id, "--jobs-dir", tmp_path / "jobs")
+    assert code == 2 and "is done: nothing to resume" in err, err  # it trained again and replaced the output
+    assert (tmp_path / "m" / "rec.safetensors").stat().st_mtime_ns == before

@@ -287,9 +287,12 @@ def resume_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Continue a cancelled or interrupted rec job from its last checkpoint."""
+    from surgery.jobs.runner import check_runnable
     from surgery.jobs.store import find_job, jobs_root
 
-    _launch(find_job(jobs_root(jobs_dir), job_id), json_out, detach, resumed=True)
+    job = find_job(jobs_root(jobs_dir), job_id)
+    check_runnable(job)  # a done job would train again and replace its output; a running one is refused too
+    _launch(job, json_out, detach, resumed=True)
 
 
 @app.command("eval")
