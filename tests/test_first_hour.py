@@ -102,3 +102,11 @@ def test_data_that_is_a_device_a_directory_or_a_pipe_is_one_line(capsys, tmp_pat
             assert expected in one_error_line(err), (argv, err)
     os.close(read_end)
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_gguf_export_without_the_suffix_is_refused(capsys, tmp_path, model_dir):
+    # it used to write `model`, a file no workbench command (nor llama.cpp's tools by name) takes back as a source
+    code, _, err = call(capsys, "export", model_dir, "--to", "gguf", "--out", tmp_path / "model")
+    assert code == 2, err
+    assert "ends in .gguf (e.g. " in one_error_line(err)
+    assert not list(tmp_path.iterdir()) or all(p.name in ("cache", "jobs") for p in tmp_path.iterdir())

@@ -99,7 +99,8 @@ def score(
                                             "(read from the safetensors shards), so a model larger than the "
                                             "device scores on it: forward-only and weight methods (head-act, "
                                             "neuron-act, neuron-wanda, layer-bi, sv-act, channel-norm, expert-freq, "
-                                            "expert-reap, sv, *-magnitude).")] = False,
+                                            "expert-reap, sv, *-magnitude); fast / all then mean the ones of these the model has, a gradient or "
+                                            "ablation method named explicitly is refused.")] = False,
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
