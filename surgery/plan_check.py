@@ -77,11 +77,12 @@ def model_named(data: Any) -> str | None:
     return source if isinstance(source, str) and source else None
 
 
-def check_plan_file(path: str | Path, resolve: Callable[[Plan, str | None], Any]) -> PlanReport:
+def check_plan_file(path: str | Path, resolve: Callable[[Plan, str | None], Any], data: Any = None) -> PlanReport:
     """Read a plan file and report every problem at once.
 
     Args:
         path: the plan file.
+        data: its decoded JSON when the caller has read it already (a pipe can be read only once).
         resolve: (plan, model source the file names or None) -> Resolution against the model (raises PlanError
             or UserError); called with the whole plan when its schema is valid, else with the steps that parse.
 
@@ -89,7 +90,8 @@ def check_plan_file(path: str | Path, resolve: Callable[[Plan, str | None], Any]
         UserError: the file is missing or not JSON (nothing else can be checked then).
     """
     path = Path(path)
-    data = read_plan_json(path)  # index lists packed as they are decoded (surgery.indices)
+    if data is None:
+        data = read_plan_json(path)  # index lists packed as they are decoded (surgery.indices)
     report = PlanReport()
     try:
         report.plan = parse_plan(data)

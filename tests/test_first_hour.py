@@ -46,6 +46,21 @@ def test_dry_run_of_a_pipeline_file_says_so(capsys, tmp_path, model_dir):
     assert "is a pipeline file: --dry-run lists the reads of a plan file only" in one_error_line(err)
 
 
+def test_plan_validate_checks_a_pipeline_file_as_a_pipeline(capsys, tmp_path, model_dir):
+    pipeline = tmp_path / "pipeline.json"
+    doc = {"version": 1, "kind": "pipeline", "model": {"source": str(model_dir)},
+           "stages": [{"stage": "prune", "steps": [{"op": "drop_mlp", "layer": 1}]}]}
+    pipeline.write_text(json.dumps(doc))
+    code, out, err = call(capsys, "plan", "validate", pipeline)
+    assert code == 0, err  # it printed "kind: unknown field" and "stages: unknown field" (the plan schema's view)
+    assert "valid pipeline: 1 stage(s) (prune)" in out, out
+    doc["stages"][0]["stage"] = "bogus"
+    pipeline.write_text(json.dumps(doc))
+    code, out, err = call(capsys, "plan", "validate", pipeline)
+    assert code == 2, err
+    assert "unknown field" not in err and str(pipeline) in one_error_line(err), err
+
+
 def test_suggest_too_deep_a_cut_says_keep_more(capsys, tmp_path, model_dir):
     scores = tmp_path / "mag.safetensors"
     assert call(capsys, "score", model_dir, "--method", "head-magnitude,neuron-magnitude", "--out", scores)[0] == 0

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from surgery.errors import PlanError, UserError
-from surgery.plan import plan_json_schema
+from surgery.plan import plan_json_schema, read_plan_json
 from surgery.plan_check import check_plan_file
 from workbench.cli_common import (
     AllowPickleOpt,
@@ -65,10 +65,15 @@ def validate(
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Check a plan against a model without reading its weights; every problem is reported at once."""
+    from surgery.jobs.pipeline import is_pipeline_file
     from surgery.pipeline import validate_for_source  # torch-free where the headers suffice (surgery.stream.dry)
 
+    data = read_plan_json(plan_file)  # once: the file may be a pipe
+    if is_pipeline_file(data):  # its plan-schema errors ("kind: unknown field") would not say what is wrong
+        _validate_pipeline(plan_file, data, json_out)
+        return
     report = check_plan_file(plan_file, lambda plan, named: resolve_for(plan, model or named, allow_pickle,
-                                                                         trust_remote_code))
+                                                                         trust_remote_code), data)
     if not report.valid:  # every problem at once, in file order; --json says so on stdout too
         if json_out:
             print_json({"valid": False, "problems": report.problems, "warnings": report.warnings})
@@ -91,6 +96,19 @@ def validate(
         f"[green]valid[/]: {len(plan.steps)} step(s) on {v.resolved.original}; params {fmt_int(v.params_before)} -> "
         f"{fmt_int(v.params_after)} ({v.removed_fraction:.1%} removed), {len(v.resolution.result_shapes())} layers"
     )
+
+
+def _validate_pipeline(path: Path, data: dict, json_out: bool) -> None:
+    """A pipeline file: every stage and training job field checked (what `workbench apply` would run)."""
+    from surgery.jobs.pipeline import parse_pipeline
+
+    pipe = parse_pipeline(data, str(path))  # UserError: one line, exit 2
+    stages = [s.stage for s in pipe.stages]
+    if json_out:
+        print_json({"valid": True, "kind": "pipeline", "stages": stages})
+        return
+    out.print(f"[green]valid[/] pipeline: {len(stages)} stage(s) ({' -> '.join(stages)}) on {pipe.model.source}; "
+              f"run it with: workbench apply {path} --out DIR")
 
 
 @app.command("schema")
