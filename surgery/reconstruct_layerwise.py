@@ -28,18 +28,11 @@ from torch import nn
 
 from surgery.data import TokenBlocks
 from surgery.metrics.common import check_cancel
-from surgery.reconstruct import DataReport, Progress, _readers, _whitened, check_enough_tokens, fit_layer
-from surgery.resolve import LayerCut, Resolution
+from surgery.reconstruct import DataReport, Progress, _whitened, check_enough_tokens, fit_layer
+from surgery.resolve import Resolution
+from surgery.stream.fitted import fitted_modules  # torch-free: apply --dry-run names them too
 
 BlockDone = Callable[[int, nn.Module], None]
-
-
-def fitted_modules(cut: LayerCut, spec) -> list[str]:
-    """Layer-relative paths of the modules whose tensors the data steps compute in this layer (the refit readers,
-    the whitened / asvd factorised Linears); every other tensor of the layer is a plain cut of a stored one."""
-    if cut.dropped:
-        return []
-    return sorted(set(_readers(cut, spec).values()) | set(_whitened(cut)))
 
 
 @torch.no_grad()

@@ -223,6 +223,9 @@ def test_free_space_check_counts_the_spill(tmp_path, monkeypatch):
         "model.layers.0.mlp.up_proj.b.weight", "model.layers.1.mlp.down_proj.weight",
         "model.layers.1.self_attn.q_proj.a.weight", "model.layers.1.self_attn.q_proj.b.weight",
     }  # fmt: skip
+    # the dry run marks exactly those as fitted at apply time, and says so in a note
+    assert {r["name"] for r in dry["reads"] if r.get("fitted")} == spilled
+    assert "fit on the calibration" in dry["notes"][-1]
 
 
 def test_cli_stream_forced_with_a_step_that_cannot_stream(tmp_path, capsys):

@@ -29,6 +29,7 @@ from torch import nn
 from surgery.data import TokenBlocks
 from surgery.resolve import Resolution
 from surgery.stream.files import METADATA, Shard, StreamPlan, file_order, header_bytes
+from surgery.stream.fitted import fitted_prefixes
 from surgery.stream.reads import NotStreamable, TensorRead
 from surgery.stream.source import SourceTensor, file_tensors
 from surgery.stream.writer import torch_dtype
@@ -48,18 +49,13 @@ def spill_groups(splan: StreamPlan, resolution: Resolution) -> dict[int, list[Te
     Raises:
         NotStreamable: A fitted module has no tensor in the output (the structural plan and the fit disagree).
     """
-    from surgery.reconstruct_layerwise import fitted_modules
-
-    spec = resolution.shape.spec
     reads = {t.name: t for shard in splan.shards for t in shard.tensors}
     groups: dict[int, list[TensorRead]] = {}
-    for position, cut in enumerate(resolution.kept_layers):
-        for rel in fitted_modules(cut, spec):
-            prefix = f"{spec.layers}.{position}.{rel}."
+    for position, prefixes in fitted_prefixes(resolution).items():
+        for prefix, module in prefixes.items():
             found = [t for name, t in reads.items() if name.startswith(prefix) and t.nbytes]  # not placeholders
             if not found:
-                raise NotStreamable(f"{spec.layer_prefix(cut.index)}.{rel}: fitted on calibration text, but the "
-                                    "output has no tensor for it")
+                raise NotStreamable(f"{module}: fitted on calibration text, but the output has no tensor for it")
             groups.setdefault(position, []).extend(found)
     return {position: file_order(group) for position, group in groups.items()}
 

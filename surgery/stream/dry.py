@@ -15,6 +15,7 @@ from surgery.plan import Plan
 from surgery.resolve import Resolution
 from surgery.stream.blockers import plan_blockers
 from surgery.stream.files import StreamPlan, assemble
+from surgery.stream.fitted import fitted_modules, fitted_prefixes
 from surgery.stream.layout import NotCovered, output_state, params_of
 from surgery.stream.reads import NotStreamable
 from surgery.stream.source import SourceTensor, tensor_locations
@@ -70,6 +71,26 @@ def exact_params(resolved, config_dict: dict, resolution: Resolution) -> tuple[i
     return e.params_before, e.params_after
 
 
+def mark_fitted(report: dict, resolution: Resolution) -> dict:
+    """`report` (a streaming dry run) with `"fitted": true` on each read whose tensor the data steps compute at
+    apply time, and a note saying so: its row shows the cut of the input the fit starts from (shape and bytes are
+    the output's), not the bytes written (those come from the calibration text, surgery.stream.datasteps)."""
+    groups = fitted_prefixes(resolution)
+    if not groups:
+        return report
+    prefixes = tuple(p for group in groups.values() for p in group)
+    fitted = [r for r in report["reads"] if r["bytes_written"] and r["name"].startswith(prefixes)]  # not placeholders
+    for r in fitted:
+        r["fitted"] = True
+    spec = resolution.shape.spec
+    modules = sorted({rel for cut in resolution.kept_layers for rel in fitted_modules(cut, spec)})
+    report["notes"].append(
+        f"{len(fitted)} tensors ({', '.join(modules)} in {len(groups)} layers, marked fitted) "
+        "are replaced at apply time by the data steps' fit on the calibration text: their rows show the input "
+        "they are cut from, the bytes written come from the fit (same shapes and sizes)")
+    return report
+
+
 def dry_run_source(
     plan: Plan,
     model: str | None = None,
@@ -103,7 +124,8 @@ def dry_run_source(
     if not reasons:
         try:
             splan = any_stream_plan(resolved.path, config_dict, resolution, dtype, max_shard_size)
-            return {"source": str(resolved.path), "warnings": resolution.warnings, **splan.describe()}
+            return mark_fitted({"source": str(resolved.path), "warnings": resolution.warnings, **splan.describe()},
+                               resolution)
         except NotStreamable as e:
             reasons.append(str(e))
     if stream:

@@ -110,7 +110,8 @@ def _dry_run(plan, model, stream, dtype, allow_pickle, trust_remote_code, json_o
         cut = " ".join(f"{k} {v[0]}/{v[1]}" for k in ("rows", "cols") if (v := r[k]) and v[0] != v[1])
         how = f"low rank {r['low_rank']} of " if r["low_rank"] else ""
         what = f"{how}{r['source']}{' [' + cut + ']' if cut else ''}" if r["source"] else "(placeholder, 0 bytes)"
-        out.print(f"{r['file']}  {r['name']}  <- {what}  read {fmt_int(r['bytes_read'])} B, "
+        fit = " (fitted at apply time)" if r.get("fitted") else ""
+        out.print(f"{r['file']}  {r['name']}  <- {what}{fit}  read {fmt_int(r['bytes_read'])} B, "
                   f"write {fmt_int(r['bytes_written'])} B")
     for s in report["shards"]:
         out.print(f"{s['file']}: {fmt_int(s['bytes'])} bytes, {s['tensors']} tensors")
