@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from surgery.data import TokenBlocks
+from surgery.heap import release_free_heap
 from surgery.metrics.common import check_cancel
 from surgery.reconstruct import DataReport, Progress, _whitened, check_enough_tokens, fit_layer
 from surgery.resolve import Resolution
@@ -107,6 +108,7 @@ def run_data_steps_layerwise(
         original.to("meta")
         del layer
         x_o = x_o_next
+        release_free_heap()  # else the resident size grows by the freed blocks' holes each layer (surgery.heap)
         if progress:
             progress(i + 1, last + 1, "layers")
     return report
