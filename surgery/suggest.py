@@ -25,6 +25,7 @@ and its exact parameter count comes from a meta-device model.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -220,6 +221,23 @@ def finish_suggestion(steps: list[dict], provenance: dict, config_dict: dict, ta
     provenance = {**provenance, "params": {"before": before, "after": after, "target": target_params}}
     plan = plan.model_copy(update={"provenance": provenance})
     return Suggestion(plan, before, after, target_params, granularity, summary or {})
+
+
+def check_removes_something(s: Suggestion, target: Target) -> None:
+    """Refuse a suggestion that answers a parameter target with an empty plan (the front ends call it; the library
+    hands empty plans back, e.g. the measured allocator's smallest single-axis points).
+
+    Raises:
+        UserError: The nearest plan to the target removes nothing; says the finest cut and the target it needs.
+    """
+    if s.plan.steps or target.params is None or target.params >= 1:
+        return
+    finest = ""
+    if s.granularity:
+        most = math.floor((1 - s.granularity / s.params_before) * 1e4) / 1e4
+        finest = f" (the finest cut removes {s.granularity:,} params, {s.granularity / s.params_before:.2%}: ask " \
+                 f"for at most {most:g})"
+    raise UserError(f"--target-params {target.params:g}: the nearest plan removes nothing{finest}")
 
 
 def _check_serves_unpadded(resolution, config_dict: dict, runtime: str) -> None:

@@ -61,6 +61,31 @@ def test_plan_validate_checks_a_pipeline_file_as_a_pipeline(capsys, tmp_path, mo
     assert "unknown field" not in err and str(pipeline) in one_error_line(err), err
 
 
+@pytest.mark.parametrize("axes", [[], ["--axes", "heads,neurons"]])
+def test_suggest_a_target_no_cut_reaches_is_refused(capsys, tmp_path, model_dir, axes):
+    scores = tmp_path / "s.safetensors"
+    methods = ["--method", "head-grad,neuron-taylor", "--data", DATA, "--tokens", "256", "--seq-len", "64"] \
+        if axes else ["--method", "head-magnitude,neuron-magnitude"]  # a mix needs first-order loss scores
+    assert call(capsys, "score", model_dir, *methods, "--out", scores)[0] == 0
+    code, _, err = call(capsys, "plan", "suggest", model_dir, "--scores", scores, "--target-params", "0.9999",
+                        *axes, "--out", tmp_path / "plan.json")
+    assert code == 2, err  # it wrote a plan of 0 steps ("removes nothing") and exited 0
+    line = err.strip().splitlines()[-1]
+    assert "the nearest plan removes nothing" in line and "ask for at most 0.99" in line, err
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_suggest_axes_refuses_a_kv_metric_it_would_ignore(capsys, tmp_path, model_dir):
+    scores = tmp_path / "g.safetensors"
+    assert call(capsys, "score", model_dir, "--method", "head-grad", "--data", DATA, "--tokens", "256",
+                "--seq-len", "64", "--out", scores)[0] == 0
+    code, _, err = call(capsys, "plan", "suggest", model_dir, "--scores", scores, "--target-params", "0.8",
+                        "--axes", "heads", "--kv-metric", "kv-group-grad", "--out", tmp_path / "plan.json")
+    assert code == 2, err  # it ran and named only head_grad: --kv-metric was dropped silently
+    assert "drop --kv-metric" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "plan.json").exists()
+
+
 def test_suggest_too_deep_a_cut_says_keep_more(capsys, tmp_path, model_dir):
     scores = tmp_path / "mag.safetensors"
     assert call(capsys, "score", model_dir, "--method", "head-magnitude,neuron-magnitude", "--out", scores)[0] == 0

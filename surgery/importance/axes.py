@@ -130,6 +130,8 @@ class AxesAllocator(Allocator):
         given = [f"--{n.replace('_', '-')}" for n in ("heads", "neurons", "layers", "low_rank") if getattr(t, n)]
         if given:
             raise UserError(f"--axes chooses the amounts itself: drop {', '.join(given)}")
+        if self.wanted.get("kv"):  # the heads axis prices KV groups with the heads' own metric (head_states)
+            raise UserError("--axes ranks KV groups by the heads' metric: drop --kv-metric (or cut without --axes)")
         if self.rules is not None:
             raise UserError(f"--axes with --serve {self.rules.runtime} is not supported: pick the axes without --serve")
         legal = self._legal_axes()

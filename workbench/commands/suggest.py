@@ -174,7 +174,8 @@ def suggest(
     """Turn scores into a valid plan for a size target (uniform across layers unless --non-uniform)."""
     from surgery.importance.axes import parse_axes
     from surgery.importance.ranks import parse_low_rank
-    from surgery.suggest import Target, parse_amount, suggest_for_source  # torch: imported only when needed
+    # torch: imported only when needed
+    from surgery.suggest import Target, check_removes_something, parse_amount, suggest_for_source
 
     if not scores:
         raise UserError("no scores: pass --scores FILE (from `workbench score`)")
@@ -208,6 +209,7 @@ def suggest(
             s = suggest_for_source(source, scores, target, uniform=not non_uniform, metrics=metrics, force=force,
                                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                    progress=progress)
+        check_removes_something(s, target)  # an empty plan is no answer to a target (it wrote one, exit 0)
         if calibrated:
             from surgery.plan import Reconstruct
             from surgery.reconstruct import calibrate_for_source
