@@ -10,12 +10,12 @@ one     this checkout, one process without FSDP (the same job otherwise).
 Job: teacher and student = the demo model (SmolLM2-135M, fp32, tied embeddings), kl 1.0 + ce 0.1, seq len 32,
 batch 2, 2 steps, --device cpu, on WikiText-2 (the first --tokens tokens of the test split). Each FSDP tree runs two
 jobs: "fresh" (2 steps from the start), and "resume": a job cancelled before its first step (so it writes a DCP
-checkpoint at step 0: the "load" row, the peak of loading and sharding) then run again, which loads that
+checkpoint at step 0: the "load" row, loading, sharding and that checkpoint) then run again, which loads that
 sharded checkpoint and runs the 2 steps. glibc keeps much of what FSDP's per-layer all-gathers free (RSS grows
 through a step); MALLOC_MMAP_THRESHOLD_=131072 in the environment (passed to every process) shows the peak without
 that retention. Each rank is its own `python -m surgery.jobs run JOB` process (RANK / WORLD_SIZE / MASTER_PORT
-set as torchrun sets them), reaped with os.wait4, so its ru_maxrss is its own peak RSS. One thread per process. The loss curves of before and after
-are compared (they must be equal: the same weights reach the same shards).
+set as torchrun sets them), reaped with os.wait4, so its ru_maxrss is its own peak RSS. One thread per process.
+The loss curves of before and after are compared (they must be equal: the same weights reach the same shards).
 
 Run: nice -n 10 python benchmarks/fsdp_memory.py --before /tmp/h4wt [--tokens N] [--work DIR]
 """

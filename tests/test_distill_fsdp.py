@@ -177,7 +177,7 @@ def _sharded_view(rank: int, store: str, job_file: str, out: str) -> None:
                 tensors[f"{role}.buffer.{name}"] = b.detach().clone()
         save_file(tensors, os.path.join(out, f"rank-{rank}.safetensors"))
         with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
-            json.dump({"reads": reads, "skeletons": skeletons}, f)
+            json.dump({"reads": reads, "skeletons": skeletons, "fingerprints": prep.fingerprints}, f)
     finally:
         dist.destroy_process_group()
 
@@ -206,6 +206,12 @@ def test_only_rank_0_reads_weights_and_every_rank_gets_the_slices_and_buffers_of
     mp.start_processes(_sharded_view, args=(str(tmp_path / "store"), str(job.job_file), str(tmp_path)), nprocs=2,
                        start_method="fork")
     seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    # the weights are hashed on rank 0 only (every byte read) and the fingerprints sent to rank 1
+    from surgery.fingerprint import weights_fingerprint
+
+    fingerprints = {"student": weights_fingerprint(tmp_path / "student"),
+                    "teacher": weights_fingerprint(env / "teacher")}
+    assert [view.pop("fingerprints") for view in seen] == [fingerprints, fingerprints]
     assert seen[0] == {"reads": ["student", "teacher"], "skeletons": True}
     assert seen[1] == {"reads": [], "skeletons": True}  # rank 1 never held a whole model
     whole = {"student": load_model(str(tmp_path / "student")).model, "teacher": load_model(str(env / "teacher")).model}

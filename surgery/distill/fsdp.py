@@ -86,13 +86,13 @@ def read_full_state(path: Path, dtype: str | torch.dtype) -> dict[str, torch.Ten
         return load_model(str(path), dtype=dtype, device="cpu").model.state_dict()
 
 
-def _rank0_result(world: World, read: Callable[[], dict]) -> dict:
-    """`read()` on rank 0 ({} elsewhere); when it fails, every rank raises (the others would otherwise wait in the
+def rank0_only(world: World, read: Callable):
+    """`read()` on rank 0 (None elsewhere); when it fails, every rank raises (the others would otherwise wait in the
     broadcast for ever): rank 0 its own error, the others a UserError (or RuntimeError for a bug) with its text."""
-    full, failure = {}, None
+    result, failure = None, None
     if world.is_main:
         try:
-            full = read()
+            result = read()
         except Exception as exc:  # re-raised below, after the other ranks have been told
             failure = exc
     text = world.broadcast_text(None if failure is None else ("U" if isinstance(failure, UserError) else "B")
@@ -101,7 +101,7 @@ def _rank0_result(world: World, read: Callable[[], dict]) -> dict:
         raise failure
     if text:
         raise (UserError if text[0] == "U" else RuntimeError)(text[1:])
-    return full
+    return result
 
 
 def shard_from_rank0(model: nn.Module, layers: nn.ModuleList, world: World, policy,
@@ -126,7 +126,7 @@ def shard_from_rank0(model: nn.Module, layers: nn.ModuleList, world: World, poli
         for name, b in model.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
-    full = _rank0_result(world, read_full)
+    full = rank0_only(world, read_full) or {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     full.clear()  # rank 0: the whole model goes now, not when the caller's frame ends
 

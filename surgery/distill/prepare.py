@@ -183,9 +183,9 @@ def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = No
     (identity init), so a resumed run rebuilds the same one before its checkpoint is loaded.
     """
     from surgery.data import load_blocks
-    from surgery.fingerprint import weights_fingerprint
 
     check = check_job(cfg)
+    weights_fingerprint = _fingerprinter(cfg, device)
     say = progress or (lambda _m: None)
     say("loading student" + (" (skeleton: rank 0 reads its weights when it is sharded)" if cfg.fsdp else ""))
     student = _load(check.student_path, cfg, device, skeleton=cfg.fsdp)
@@ -227,6 +227,22 @@ def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = No
     fingerprints = {"teacher": t_fp, "student": weights_fingerprint(check.student_path)}
     return Prepared(None if teacher is None else teacher.model, student.model, tokenizer, train, evaluation,
                     projection, check, fingerprints, cache, teacher_tokenizer)
+
+
+def _fingerprinter(cfg: DistillConfig, device: torch.device) -> Callable[[Path], str]:
+    """`weights_fingerprint`; under FSDP computed on rank 0 only and sent to the others (it hashes every byte of
+    the weight files: every rank would read whole models again). A collective: every rank calls it alike."""
+    from surgery.fingerprint import weights_fingerprint
+
+    if not cfg.fsdp:
+        return weights_fingerprint
+    import torch.distributed as dist
+
+    from surgery.distill.fsdp import rank0_only
+    from surgery.distill.world import World
+
+    world = World(dist.get_rank(), dist.get_world_size(), 0, device, distributed=True)
+    return lambda path: world.broadcast_text(rank0_only(world, lambda: weights_fingerprint(path)))
 
 
 @dataclass
