@@ -277,6 +277,33 @@ def _select(rng, n: int, keep: float, block: int = 1):
     return [b * block + i for b in blocks for i in range(block)]
 
 
+def test_a_whole_tensor_read_leaves_the_pieces_handed_out_intact(tmp_path, monkeypatch):
+    """A low-rank weight read whole (SliceReader.tensor) between two pieces of the stream must not refill the
+    buffers of pieces still waiting in the hash queue: it did, and the threaded hash gave a wrong fingerprint."""
+    from array import array
+
+    from safetensors.torch import save_file
+
+    import surgery.stream.writer as writer
+    from surgery.stream.reads import TensorRead
+    from surgery.stream.source import tensor_locations
+
+    monkeypatch.setattr(writer, "CHUNK", 256)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(40, 16, generator=g), "w": torch.randn(64, 32, generator=g)}
+    (tmp_path / "src").mkdir()
+    save_file(tensors, tmp_path / "src" / "model.safetensors")
+    reader = writer.SliceReader(tensor_locations(tmp_path / "src"))
+    try:
+        held = list(reader.chunks(TensorRead("a", "F32", (40, 16), "a", None, None)))[-(writer._BUFFERS - 1):]
+        copies = [bytes(p) for p in held]  # the pieces the hash queue may still hold
+        w = reader.tensor(TensorRead("w", "F32", (64, 16), "w", None, array("q", range(0, 32, 2))))
+        assert torch.equal(w, tensors["w"][:, ::2])
+        assert [bytes(p) for p in held] == copies
+    finally:
+        reader.close()
+
+
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, "BF16"), (torch.float32, "F32"),
                                              (torch.bfloat16, "F16"), (torch.float16, "F32")])
 def test_slice_reader_cuts_like_numpy_indexing(tmp_path, monkeypatch, dtype, out_dtype):

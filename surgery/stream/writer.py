@@ -245,7 +245,11 @@ class SliceReader:
         out = torch.empty(shape, dtype=torch_dtype(read.dtype))
         flat = out.reshape(-1).view(torch.uint8).numpy()
         pos = 0
-        for chunk in self.chunks(read):
+        # through a rotation of its own: this read comes between two pieces of the stream, and its chunks would
+        # refill the shared buffers while pieces of them still wait in the hash queue (a wrong fingerprint)
+        own = SliceReader(self.sources)
+        own._files = self._files  # the open files are shared (closed with this reader)
+        for chunk in own.chunks(read):
             flat[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
         return out
