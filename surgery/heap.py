@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 
 @functools.cache
@@ -25,11 +26,36 @@ def _malloc_trim():
         return None
 
 
-def release_free_heap() -> None:
-    """Return the heap's free pages to the OS (glibc only; a no-op elsewhere)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+def resident_bytes() -> int | None:
+    """The process's resident size (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-__all__ = ["release_free_heap"]
+class HeapTrimmer:
+    """Call once per step (after the step freed its temporaries): trims the heap (glibc `malloc_trim`) when the
+    resident size grew by more than `slack` bytes over its level at the first step after the last trim.
+
+    Why not every step: each step's freed scratch (hidden-state copies, Gram matrices) is reused by the next step;
+    trimmed, it is faulted in again (system time: +13% CPU on the demo's data-step apply when trimmed after every
+    layer). Measuring from the level a step reaches with its scratch in place trims only the growth (the holes the
+    scratch no longer fits), bounded by `slack`."""
+
+    def __init__(self, slack: int = 64 << 20) -> None:
+        self.slack, self.trim, self.base = slack, _malloc_trim(), None
+
+    def __call__(self) -> None:
+        now = resident_bytes() if self.trim is not None else None
+        if now is None:
+            return
+        if self.base is None:
+            self.base = now
+        elif now > self.base + self.slack:
+            self.trim(0)
+            self.base = None  # the next step's level, with its scratch faulted in again, is the new base
+
+
+__all__ = ["HeapTrimmer", "resident_bytes"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from surgery.data import TokenBlocks
-from surgery.heap import release_free_heap
+from surgery.heap import HeapTrimmer
 from surgery.metrics.common import check_cancel
 from surgery.reconstruct import DataReport, Progress, _whitened, check_enough_tokens, fit_layer
 from surgery.resolve import Resolution
@@ -86,6 +86,7 @@ def run_data_steps_layerwise(
     x_o, calls = capture_layer_calls(skeleton.model, spec.layers, batches)
     x_p = list(x_o)  # the cut model's embeddings are the original's (no prune_hidden here)
     position = {cut.index: j for j, cut in enumerate(resolution.kept_layers)}
+    trim_heap = HeapTrimmer()
     for cut in resolution.layers[: last + 1]:
         check_cancel(cancel)
         i = cut.index
@@ -108,7 +109,7 @@ def run_data_steps_layerwise(
         original.to("meta")
         del layer
         x_o = x_o_next
-        release_free_heap()  # else the resident size grows by the freed blocks' holes each layer (surgery.heap)
+        trim_heap()  # else the resident size grows by the freed blocks' holes each layer (surgery.heap)
         if progress:
             progress(i + 1, last + 1, "layers")
     return report
