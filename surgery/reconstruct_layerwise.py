@@ -31,7 +31,6 @@ from surgery.heap import HeapTrimmer
 from surgery.metrics.common import check_cancel
 from surgery.reconstruct import DataReport, Progress, _whitened, check_enough_tokens, fit_layer
 from surgery.resolve import Resolution
-from surgery.stream.fitted import fitted_modules  # torch-free: apply --dry-run names them too
 
 BlockDone = Callable[[int, nn.Module], None]
 
@@ -115,4 +114,4 @@ def run_data_steps_layerwise(
     return report
 
 
-__all__ = ["fitted_modules", "run_data_steps_layerwise"]
+__all__ = ["BlockDone", "run_data_steps_layerwise"]

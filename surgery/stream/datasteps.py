@@ -21,6 +21,7 @@ import dataclasses
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -34,13 +35,15 @@ from surgery.stream.reads import NotStreamable, TensorRead
 from surgery.stream.source import SourceTensor, file_tensors
 from surgery.stream.writer import torch_dtype
 
+if TYPE_CHECKING:  # imported lazily at run time (see run_layerwise_fit)
+    from surgery.reconstruct_layerwise import BlockDone
+
 SPILL_DIR = ".spill"  # hidden: the final fsync pass skips dot names, and it is gone before then anyway
 SPILL_KEY = "spill/"  # prefix of a spilled tensor's key in `sources`, apart from the input's tensor names
 # the kind of apply the manifest records for plans whose data steps ran here (surgery.json "apply.data_steps")
 LAYER_BY_LAYER = "layer_by_layer"
 
 Progress = Callable[[str], None]
-BlockDone = Callable[[int, nn.Module], None]
 
 
 def spill_groups(splan: StreamPlan, resolution: Resolution) -> dict[int, list[TensorRead]]:

@@ -31,11 +31,16 @@ CHUNK = 1024 * 1024
 GAP_BYTES = 16 * 1024
 
 
+def int64_indices(kept) -> np.ndarray:
+    """An index selection (array('q') / Indices, read without a copy, or a list) as an int64 numpy array."""
+    return np.frombuffer(kept, dtype=np.int64) if isinstance(kept, array) else np.asarray(kept, dtype=np.int64)
+
+
 def _run_array(rows, n_rows: int) -> np.ndarray:
     """Kept indices (ascending) as an (n, 2) int64 array of [start, stop) runs (all of 0..n_rows when None)."""
     if rows is None:
         return np.array([[0, n_rows]], dtype=np.int64) if n_rows else np.zeros((0, 2), dtype=np.int64)
-    r = np.frombuffer(rows, dtype=np.int64) if isinstance(rows, array) else np.asarray(rows, dtype=np.int64)
+    r = int64_indices(rows)
     if not len(r):
         return np.zeros((0, 2), dtype=np.int64)
     breaks = np.flatnonzero(np.diff(r) != 1) + 1  # vectorised: a 70B plan has ~7 million kept indices

@@ -31,7 +31,9 @@ import torch
 from surgery import ops
 from surgery.errors import SourceError
 from surgery.stream.files import header_bytes
-from surgery.stream.reads import CHUNK, GAP_BYTES, TensorRead, _run_array, group_spans, read_groups
+from surgery.stream.reads import (
+    CHUNK, GAP_BYTES, TensorRead, _run_array, group_spans, int64_indices, read_groups,
+)
 from surgery.stream.source import TORCH_NAMES, SourceTensor
 
 _HASH_QUEUE = 8  # pieces waiting for the hash thread
@@ -65,16 +67,12 @@ def torch_dtype(st: str) -> torch.dtype:
     return getattr(torch, TORCH_NAMES[st])
 
 
-def _indices(kept) -> np.ndarray:
-    return np.frombuffer(kept, dtype=np.int64) if hasattr(kept, "typecode") else np.asarray(kept, dtype=np.int64)
-
-
 def column_blocks(cols, n_cols: int) -> tuple[np.ndarray, int]:
     """The kept columns as (block indices, columns per block): the largest block size k such that the cut keeps
     whole aligned blocks of k columns (a head cut keeps whole heads: k >= head_dim), so each is one memcpy."""
     runs = _run_array(cols, n_cols)
     k = int(np.gcd.reduce(np.concatenate([runs.ravel(), [n_cols]]))) if len(runs) else 1
-    c = _indices(cols)
+    c = int64_indices(cols)
     return c[c % k == 0] // k, max(k, 1)
 
 
@@ -191,9 +189,11 @@ class SliceReader:
         """A column cut or a dtype change: whole rows read a window (<= CHUNK) at a time, then cut / converted."""
         rb = src.row_bytes
         spans = group_spans(*read_groups(read.rows, n_rows, rb))
-        kept = None if read.rows is None else _indices(read.rows)
+        kept = None if read.rows is None else int64_indices(read.rows)
         per_window = max(1, CHUNK // max(rb, 1))
         same_dtype = src.dtype == read.dtype
+        # a dtype change converts through torch: its column index is built once per read, not once per window
+        cols = torch.from_numpy(int64_indices(read.cols).copy()) if read.cols is not None and not same_dtype else None
         if read.cols is not None and same_dtype:
             n_cols = src.shape[1]
             blocks, k = column_blocks(read.cols, n_cols)
@@ -208,7 +208,7 @@ class SliceReader:
                     if hi - lo < w1 - w0:  # the window holds dropped rows (read-through gaps)
                         local = kept[lo:hi] - w0
                 if not same_dtype:
-                    yield self._converted(src, read, raw, w1 - w0, local)
+                    yield self._converted(src, read, raw, w1 - w0, local, cols)
                     continue
                 rows = raw.reshape(w1 - w0, n_cols // k, block_bytes)
                 n_out = (w1 - w0 if local is None else len(local)) * len(blocks) * block_bytes
@@ -222,14 +222,15 @@ class SliceReader:
                     out[...] = rows[np.ix_(local, blocks)]
                 yield self._handed_out(out.reshape(-1), n_out)
 
-    def _converted(self, src: SourceTensor, read: TensorRead, raw: np.ndarray, n: int, local) -> memoryview:
-        """A window of rows cut and converted to the output dtype by torch (a new tensor: the scratch is reused)."""
+    def _converted(self, src: SourceTensor, read: TensorRead, raw: np.ndarray, n: int, local, cols) -> memoryview:
+        """A window of rows cut (`cols`: the kept columns as a torch index, or None) and converted to the output
+        dtype by torch (a new tensor: the scratch is reused)."""
         flat = torch.from_numpy(raw).view(torch_dtype(src.dtype))
         t = flat.view(n, *src.shape[1:]) if src.shape else flat.view(())
         if local is not None:
             t = t.index_select(0, torch.from_numpy(local))
-        if read.cols is not None:
-            t = t.index_select(1, torch.from_numpy(_indices(read.cols).copy()))
+        if cols is not None:
+            t = t.index_select(1, cols)
         t = t.to(torch_dtype(read.dtype)).contiguous()
         if t.data_ptr() == flat.data_ptr():
             t = t.clone()  # still a view of the scratch buffer, which the next window overwrites
