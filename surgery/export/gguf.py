@@ -365,6 +365,9 @@ def export_gguf(
     out_path = Path(out_path)
     dtype = parse_gguf_dtype(dtype)
     check_output_file(out_path, overwrite)
+    if out_path.suffix.lower() != ".gguf":  # without it, no source reader (workbench, llama.cpp tools) takes it
+        raise UserError(f"--out {out_path}: a GGUF file's name ends in .gguf (e.g. "
+                        f"{out_path.with_name(out_path.name + '.gguf')})")
     if progress:
         progress("loading model")
     loaded = load_model(source, dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,

@@ -56,9 +56,6 @@ def export(
 
         if max_shard_size is not None:
             raise UserError("--max-shard-size applies to --to vllm (a GGUF export is one file)")
-        if out_path.suffix.lower() != ".gguf" and not out_path.is_dir():  # without it, no source reader (workbench, llama.cpp tools) takes it
-            raise UserError(f"--out {out_path}: a GGUF file's name ends in .gguf (e.g. "
-                            f"{out_path.with_name(out_path.name + '.gguf')})")
     else:
         from surgery.export.vllm import export_vllm as exporter
 

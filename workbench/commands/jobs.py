@@ -270,16 +270,15 @@ def show(job_id: IdArg, jobs_dir: JobsDirOpt = None, json_out: JsonOpt = False) 
 
 def _show_compress(job, config: dict) -> None:
     """The recipe's source, budget, output, phase reached and its redistillation job(s) with their states."""
-    from surgery.jobs.events import read_events
     from surgery.jobs.status import job_status
     from surgery.jobs.store import JobDir
-    from workbench.compress_job import sub_jobs
+    from workbench.compress_job import resumed_phase, sub_jobs
 
     out.print(f"  compress {config.get('source')}  keep {config.get('target_params')} of the parameters  ->  "
               f"{config.get('out')}", markup=False, highlight=False)
-    phases = [e.get("phase") for e in read_events(job.events_file)[0] if e.get("event") == "step"]
-    if phases:
-        out.print(f"  phase reached: {phases[-1]}", markup=False, highlight=False)
+    phase = resumed_phase(job)  # the last phase the job's attempts reached
+    if phase:
+        out.print(f"  phase reached: {phase}", markup=False, highlight=False)
     for stage, sub_id in sorted(sub_jobs(job).items()):  # siblings: the recipe runs them in its own jobs root
         st = job_status(JobDir(job.path.parent / sub_id))
         out.print(f"  stage {stage} job {sub_id}: {st.state} at step {st.step}/{st.steps} (checkpoint "
