@@ -169,11 +169,10 @@ class MeasuredAxes:
     def loss_of(self, steps: list[dict], what: str) -> float:
         """Calibration loss of the model with `steps` applied (to a copy: the model stays as it is)."""
         from surgery.apply import apply_plan
-        from surgery.importance.runner import Cancelled
+        from surgery.importance.runner import check_cancel
         from surgery.plan import parse_plan
 
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("plan suggest cancelled")
+        check_cancel(self.cancel, "plan suggest")
         self.evaluations += 1
         if self.progress:
             self.progress(f"measuring the calibration loss of {what} ({self.evaluations})")

@@ -34,10 +34,10 @@ class Cancelled(UserError):
     """The caller set the cancel event; nothing was written."""
 
 
-def check_cancel(cancel: threading.Event | None) -> None:
-    """Raise Cancelled when `cancel` is set."""
+def check_cancel(cancel: threading.Event | None, what: str = "scoring") -> None:
+    """Raise Cancelled ("<what> cancelled") when `cancel` is set."""
     if cancel is not None and cancel.is_set():
-        raise Cancelled("scoring cancelled")
+        raise Cancelled(f"{what} cancelled")
 
 
 def input_device(layout: ModelLayout) -> torch.device:
