@@ -50,6 +50,7 @@ from surgery.linalg import asvd_factors, svd64
 from surgery.metrics.common import check_cancel
 from surgery.plan import ASVD_ALPHA, DATA_RANK_METHODS, Calibration, Plan, Reconstruct
 from surgery.resolve import LayerCut, Resolution
+from surgery.stream.fitted import data_rank_modules, refit_readers
 
 Progress = Callable[[int, int, str], None]
 
@@ -340,16 +341,10 @@ def _whiten(layer: nn.Module, rels: dict[str, tuple], xs: list, calls: list, con
         ops.set_module(layer, rel, ops.make_low_rank(linear, rank, conv1d, factors))
 
 
-def _readers(cut: LayerCut, spec) -> dict[str, str]:
-    """kind -> layer-relative path of the projection a refit of that kind solves for."""
-    paths = {"attn": f"{spec.attn}.{spec.o}", "mlp": f"{spec.mlp}.{spec.down}"}
-    return {kind: paths[kind] for kind in ("attn", "mlp") if kind in cut.refit}
-
-
 def _whitened(cut: LayerCut) -> dict[str, tuple]:
     """The layer's data-driven low_rank steps: rel -> (method, rank, alpha)."""
-    return {rel: (m, cut.low_rank[rel], cut.low_rank_alpha.get(rel)) for rel, m in sorted(cut.low_rank_method.items())
-            if m in DATA_RANK_METHODS and cut._module_kept(rel) and not cut.dropped}
+    return {rel: (cut.low_rank_method[rel], cut.low_rank[rel], cut.low_rank_alpha.get(rel))
+            for rel in data_rank_modules(cut)}
 
 
 def fit_layer(cut: LayerCut, spec, step: Reconstruct | None, orig_layer: nn.Module, layer: nn.Module | None,
@@ -359,7 +354,7 @@ def fit_layer(cut: LayerCut, spec, step: Reconstruct | None, orig_layer: nn.Modu
     / asvd factorisations first, then the o_proj refit, then the down_proj refit (which therefore sees the refit
     attention output). Appends to `report`; returns the original layer's outputs (the next layer's `x_o`)."""
     i = cut.index
-    readers = _readers(cut, spec) if not cut.dropped else {}
+    readers = refit_readers(cut, spec) if not cut.dropped else {}
     targets: dict[str, list] = {rel: [] for rel in readers.values()}
     with contextlib.ExitStack() as stack:
         for rel in readers.values():

@@ -1,8 +1,7 @@
-"""Which tensors the data-driven steps (reconstruct, whitened / asvd low rank) compute, without torch: what the
-streaming apply spills (surgery.stream.datasteps) and what `apply --dry-run` marks as fitted (surgery.stream.dry,
-which never imports torch). The same modules `surgery.reconstruct.fit_layer` fits: its refit readers
-(`_readers`) and its data-driven low-rank Linears (`_whitened`); tests/test_stream_datasteps.py checks the
-streamed output byte for byte against the in-memory fit, so a module missing here would fail there.
+"""Which tensors the data-driven steps (reconstruct, whitened / asvd low rank) compute, without torch: what
+`surgery.reconstruct.fit_layer` fits (`refit_readers`, `data_rank_modules`), what the streaming apply spills
+(surgery.stream.datasteps) and what `apply --dry-run` marks as fitted (surgery.stream.dry, which never imports
+torch): one definition for all three.
 """
 
 from __future__ import annotations
@@ -11,15 +10,25 @@ from surgery.plan import DATA_RANK_METHODS
 from surgery.resolve import LayerCut, Resolution
 
 
+def refit_readers(cut: LayerCut, spec) -> dict[str, str]:
+    """kind ("attn" / "mlp") -> layer-relative path of the projection a refit of that kind solves for."""
+    paths = {"attn": f"{spec.attn}.{spec.o}", "mlp": f"{spec.mlp}.{spec.down}"}
+    return {kind: paths[kind] for kind in ("attn", "mlp") if kind in cut.refit}
+
+
+def data_rank_modules(cut: LayerCut) -> list[str]:
+    """Layer-relative paths (sorted) of the layer's kept Linears with a data-driven (whitened / asvd) low rank."""
+    if cut.dropped:
+        return []
+    return sorted(rel for rel, m in cut.low_rank_method.items() if m in DATA_RANK_METHODS and cut._module_kept(rel))
+
+
 def fitted_modules(cut: LayerCut, spec) -> list[str]:
     """Layer-relative paths of the modules whose tensors the data steps compute in this layer (the refit readers,
     the whitened / asvd factorised Linears); every other tensor of the layer is a plain cut of a stored one."""
     if cut.dropped:
         return []
-    readers = {"attn": f"{spec.attn}.{spec.o}", "mlp": f"{spec.mlp}.{spec.down}"}
-    refit = {readers[kind] for kind in ("attn", "mlp") if kind in cut.refit}
-    data_rank = {rel for rel, m in cut.low_rank_method.items() if m in DATA_RANK_METHODS and cut._module_kept(rel)}
-    return sorted(refit | data_rank)
+    return sorted(set(refit_readers(cut, spec).values()) | set(data_rank_modules(cut)))
 
 
 def fitted_prefixes(resolution: Resolution) -> dict[int, dict[str, str]]:
@@ -34,4 +43,4 @@ def fitted_prefixes(resolution: Resolution) -> dict[int, dict[str, str]]:
     return out
 
 
-__all__ = ["fitted_modules", "fitted_prefixes"]
+__all__ = ["data_rank_modules", "fitted_modules", "fitted_prefixes", "refit_readers"]
