@@ -71,11 +71,7 @@ def skeleton(path: Path, dtype: str | torch.dtype) -> nn.Module:
     from surgery.loading import parse_dtype, read_config
 
     config = read_config(Path(path))
-    model = skeleton_model(Path(path), config, parse_dtype(dtype, config))
-    # accelerate's init_empty_weights re-creates every parameter assigned while it is active, so the skeleton's
-    # tied lm_head came out as a parameter of its own: tie it again, as loading ties it
-    model.tie_weights()
-    return model
+    return skeleton_model(Path(path), config, parse_dtype(dtype, config))
 
 
 def read_full_state(path: Path, dtype: str | torch.dtype) -> dict[str, torch.Tensor]:

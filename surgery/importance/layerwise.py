@@ -180,6 +180,9 @@ def skeleton_model(path: Path, config_dict: dict, dtype: torch.dtype) -> nn.Modu
     if surgery_ckpt:  # as load_surgery_checkpoint: reshape the layers, then cast everything (buffers too)
         restructure_to_config(model, config_dict)
         model = model.to(dtype)
+    # accelerate's init_empty_weights re-creates every parameter assigned while it is active, so a tied lm_head
+    # came out as a parameter of its own: tie it again, as loading ties it
+    model.tie_weights()
     return model.eval()
 
 
