@@ -124,6 +124,16 @@ def _dump(suggestion) -> list[dict]:
     return [s.model_dump(exclude_none=True) for s in suggestion.plan.steps]
 
 
+def dropped_layers(parts: dict[str, object]) -> set[int]:
+    """The layers the drop_layers steps of the units' plans remove."""
+    return {i for s in parts.values() for st in s.plan.steps if st.op == "drop_layers" for i in st.layers}
+
+
+def outside(steps: list[dict], dropped: set[int]) -> list[dict]:
+    """`steps` (dumped) without the cuts inside `dropped` layers (the layer goes anyway); drop_layers stay."""
+    return [st for st in steps if st["op"] == "drop_layers" or st.get("layer") not in dropped]
+
+
 class MeasuredAxes:
     """Steps 1-5 of the module docstring for one model, its calibration batches and its scores."""
 
@@ -205,13 +215,8 @@ class MeasuredAxes:
     # -- the mix -----------------------------------------------------------------------------------------------
     def combine(self, parts: dict[str, object]) -> list[dict]:
         """The units' steps together; cuts inside dropped layers are left out (the layer goes anyway)."""
-        dropped = set()
-        for s in parts.values():
-            for st in s.plan.steps:
-                if st.op == "drop_layers":
-                    dropped |= set(st.layers)
-        return [st for s in parts.values() for st in _dump(s)
-                if st["op"] == "drop_layers" or st.get("layer") not in dropped]
+        dropped = dropped_layers(parts)
+        return [st for s in parts.values() for st in outside(_dump(s), dropped)]
 
     def fill(self, fixed: dict[str, object], filler: str, start: float):
         """Re-size `filler` until the whole plan removes the goal within one filler step: (parts, removed)."""
@@ -274,10 +279,10 @@ class MeasuredAxes:
         """Per unit: its metric, the parameters its own steps remove in the result (exact), the loss its curve
         measured at that amount, the curve, and the measured loss per 1M parameters of its cheapest hull step."""
         out = {}
-        dropped = {i for s in parts.values() for st in s.plan.steps if st.op == "drop_layers" for i in st.layers}
+        dropped = dropped_layers(parts)
         for u in units:
             s = parts.get(u)
-            own = [st for st in _dump(s) if st["op"] == "drop_layers" or st.get("layer") not in dropped] if s else []
+            own = outside(_dump(s), dropped) if s else []
             params = self.removed(own) if own else 0
             pts = curves[u]
             hull = lower_hull(pts)
