@@ -30,7 +30,7 @@ from torch import nn
 from surgery.data import TokenBlocks
 from surgery.resolve import Resolution
 from surgery.stream.files import METADATA, Shard, StreamPlan, file_order, header_bytes
-from surgery.stream.fitted import fitted_prefixes
+from surgery.stream.fitted import spill_groups
 from surgery.stream.reads import NotStreamable, TensorRead
 from surgery.stream.source import SourceTensor, file_tensors
 from surgery.stream.writer import torch_dtype
@@ -44,23 +44,6 @@ SPILL_KEY = "spill/"  # prefix of a spilled tensor's key in `sources`, apart fro
 LAYER_BY_LAYER = "layer_by_layer"
 
 Progress = Callable[[str], None]
-
-
-def spill_groups(splan: StreamPlan, resolution: Resolution) -> dict[int, list[TensorRead]]:
-    """{output layer position: the reads whose bytes the fit computes there, in the order a file holds them}.
-
-    Raises:
-        NotStreamable: A fitted module has no tensor in the output (the structural plan and the fit disagree).
-    """
-    reads = {t.name: t for shard in splan.shards for t in shard.tensors}
-    groups: dict[int, list[TensorRead]] = {}
-    for position, prefixes in fitted_prefixes(resolution).items():
-        for prefix, module in prefixes.items():
-            found = [t for name, t in reads.items() if name.startswith(prefix) and t.nbytes]  # not placeholders
-            if not found:
-                raise NotStreamable(f"{module}: fitted on calibration text, but the output has no tensor for it")
-            groups.setdefault(position, []).extend(found)
-    return {position: file_order(group) for position, group in groups.items()}
 
 
 def spill_file(spill_dir: Path, position: int) -> Path:

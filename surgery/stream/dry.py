@@ -15,7 +15,7 @@ from surgery.plan import Plan
 from surgery.resolve import Resolution
 from surgery.stream.blockers import plan_blockers
 from surgery.stream.files import StreamPlan, assemble
-from surgery.stream.fitted import fitted_modules, fitted_prefixes
+from surgery.stream.fitted import fitted_modules, spill_groups
 from surgery.stream.layout import NotCovered, output_state, params_of
 from surgery.stream.reads import NotStreamable
 from surgery.stream.source import SourceTensor, tensor_locations
@@ -71,15 +71,20 @@ def exact_params(resolved, config_dict: dict, resolution: Resolution) -> tuple[i
     return e.params_before, e.params_after
 
 
-def mark_fitted(report: dict, resolution: Resolution) -> dict:
-    """`report` (a streaming dry run) with `"fitted": true` on each read whose tensor the data steps compute at
-    apply time, and a note saying so: its row shows the cut of the input the fit starts from (shape and bytes are
-    the output's), not the bytes written (those come from the calibration text, surgery.stream.datasteps)."""
-    groups = fitted_prefixes(resolution)
+def mark_fitted(report: dict, splan: StreamPlan, resolution: Resolution) -> dict:
+    """`report` (`splan`'s streaming dry run) with `"fitted": true` on each read whose tensor the data steps compute
+    at apply time (the tensors the streaming apply spills: `spill_groups`), and a note saying so: its row shows the
+    cut of the input the fit starts from (shape and bytes are the output's), not the bytes written (those come from
+    the calibration text, surgery.stream.datasteps).
+
+    Raises:
+        NotStreamable: A fitted module has no tensor in the output (as the streaming apply would).
+    """
+    groups = spill_groups(splan, resolution)
     if not groups:
         return report
-    prefixes = tuple(p for group in groups.values() for p in group)
-    fitted = [r for r in report["reads"] if r["bytes_written"] and r["name"].startswith(prefixes)]  # not placeholders
+    names = {t.name for group in groups.values() for t in group}
+    fitted = [r for r in report["reads"] if r["name"] in names]
     for r in fitted:
         r["fitted"] = True
     spec = resolution.shape.spec
@@ -125,7 +130,7 @@ def dry_run_source(
         try:
             splan = any_stream_plan(resolved.path, config_dict, resolution, dtype, max_shard_size)
             return mark_fitted({"source": str(resolved.path), "warnings": resolution.warnings, **splan.describe()},
-                               resolution)
+                               splan, resolution)
         except NotStreamable as e:
             reasons.append(str(e))
     if stream:

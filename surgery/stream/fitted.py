@@ -1,13 +1,15 @@
 """Which tensors the data-driven steps (reconstruct, whitened / asvd low rank) compute, without torch: what
 `surgery.reconstruct.fit_layer` fits (`refit_readers`, `data_rank_modules`), what the streaming apply spills
-(surgery.stream.datasteps) and what `apply --dry-run` marks as fitted (surgery.stream.dry, which never imports
-torch): one definition for all three.
+(`spill_groups`, surgery.stream.datasteps) and what `apply --dry-run` marks as fitted (surgery.stream.dry, which
+never imports torch): one definition for all three.
 """
 
 from __future__ import annotations
 
 from surgery.plan import DATA_RANK_METHODS
 from surgery.resolve import LayerCut, Resolution
+from surgery.stream.files import StreamPlan, file_order
+from surgery.stream.reads import NotStreamable, TensorRead
 
 
 def refit_readers(cut: LayerCut, spec) -> dict[str, str]:
@@ -43,4 +45,21 @@ def fitted_prefixes(resolution: Resolution) -> dict[int, dict[str, str]]:
     return out
 
 
-__all__ = ["data_rank_modules", "fitted_modules", "fitted_prefixes", "refit_readers"]
+def spill_groups(splan: StreamPlan, resolution: Resolution) -> dict[int, list[TensorRead]]:
+    """{output layer position: the reads whose bytes the fit computes there, in the order a file holds them}.
+
+    Raises:
+        NotStreamable: A fitted module has no tensor in the output (the structural plan and the fit disagree).
+    """
+    reads = {t.name: t for shard in splan.shards for t in shard.tensors}
+    groups: dict[int, list[TensorRead]] = {}
+    for position, prefixes in fitted_prefixes(resolution).items():
+        for prefix, module in prefixes.items():
+            found = [t for name, t in reads.items() if name.startswith(prefix) and t.nbytes]  # not placeholders
+            if not found:
+                raise NotStreamable(f"{module}: fitted on calibration text, but the output has no tensor for it")
+            groups.setdefault(position, []).extend(found)
+    return {position: file_order(group) for position, group in groups.items()}
+
+
+__all__ = ["data_rank_modules", "fitted_modules", "fitted_prefixes", "refit_readers", "spill_groups"]
