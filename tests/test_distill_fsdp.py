@@ -166,9 +166,10 @@ def _sharded_view(rank: int, store: str, job_file: str, out: str) -> None:
     loading.load_model = counting_load
     try:
         cfg = load_config(job_file)
-        prep = prepare(cfg, torch.device("cpu"))
+        world = World(rank, 2, rank, torch.device("cpu"), distributed=True)
+        prep = prepare(cfg, world)
         skeletons = all(p.is_meta for m in (prep.student, prep.teacher) for p in m.parameters())
-        trainer = Trainer(cfg, prep, World(rank, 2, rank, torch.device("cpu"), distributed=True))
+        trainer = Trainer(cfg, prep, world)
         tensors = {}
         for role, model in (("student", trainer.student), ("teacher", trainer.teacher)):
             for name, p in model.named_parameters():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from surgery.data import TokenBlocks
 from surgery.distill.config import DistillConfig
 from surgery.distill.losses import HiddenProjection, check_layer_map, default_layer_map
 from surgery.errors import UserError
+
+if TYPE_CHECKING:
+    from surgery.distill.world import World
 
 Progress = Callable[[str], None] | None
 
@@ -174,8 +177,8 @@ class Prepared:
     teacher_tokenizer: Any = None
 
 
-def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = None) -> Prepared:
-    """Check the job, load both models on `device` (under FSDP: build them as skeletons, no weight read, which
+def prepare(cfg: DistillConfig, world: World, *, progress: Progress = None) -> Prepared:
+    """Check the job, load both models on `world.device` (under FSDP: build them as skeletons, no weight read, which
     the trainer shards and fills from rank 0), tokenize training (and eval) text.
 
     With a teacher cache the teacher is loaded only to build a missing cache, and training always reads the cache
@@ -185,7 +188,8 @@ def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = No
     from surgery.data import load_blocks
 
     check = check_job(cfg)
-    weights_fingerprint = _fingerprinter(cfg, device)
+    device = world.device
+    weights_fingerprint = _fingerprinter(cfg, world)
     say = progress or (lambda _m: None)
     say("loading student" + (" (skeleton: rank 0 reads its weights when it is sharded)" if cfg.fsdp else ""))
     student = _load(check.student_path, cfg, device, skeleton=cfg.fsdp)
@@ -229,19 +233,15 @@ def prepare(cfg: DistillConfig, device: torch.device, *, progress: Progress = No
                     projection, check, fingerprints, cache, teacher_tokenizer)
 
 
-def _fingerprinter(cfg: DistillConfig, device: torch.device) -> Callable[[Path], str]:
+def _fingerprinter(cfg: DistillConfig, world: World) -> Callable[[Path], str]:
     """`weights_fingerprint`; under FSDP computed on rank 0 only and sent to the others (it hashes every byte of
     the weight files: every rank would read whole models again). A collective: every rank calls it alike."""
     from surgery.fingerprint import weights_fingerprint
 
     if not cfg.fsdp:
         return weights_fingerprint
-    import torch.distributed as dist
-
     from surgery.distill.fsdp import rank0_only
-    from surgery.distill.world import World
 
-    world = World(dist.get_rank(), dist.get_world_size(), 0, device, distributed=True)
     return lambda path: world.broadcast_text(rank0_only(world, lambda: weights_fingerprint(path)))
 
 

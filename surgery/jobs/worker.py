@@ -121,7 +121,7 @@ def run_job(path: str | Path) -> int:
                 log.append("status", message=message)
 
         set_determinism(cfg.seed, cfg.deterministic)
-        prep = prepare(cfg, world.device, progress=say)
+        prep = prepare(cfg, world, progress=say)
         trainer = Trainer(cfg, prep, world)
         start, resumed_from = 0, None
         found = latest_checkpoint(job.checkpoints_dir)
