@@ -92,6 +92,18 @@ class Axis:
         return min(prices) if prices else math.inf
 
 
+def check_axes_target(target, serve: str | None) -> None:
+    """The refusals every `--axes` allocation shares (gate scores here, measured curves in `measured`): a parameter
+    budget is needed, the amounts are its own to choose, and `serve` (the --serve runtime, or None) is not supported."""
+    if target.params is None:
+        raise UserError("--axes needs --target-params (the parameter budget the axes share)")
+    given = [f"--{n.replace('_', '-')}" for n in ("heads", "neurons", "layers", "low_rank") if getattr(target, n)]
+    if given:
+        raise UserError(f"--axes chooses the amounts itself: drop {', '.join(given)}")
+    if serve is not None:
+        raise UserError(f"--axes with --serve {serve} is not supported: pick the axes without --serve")
+
+
 def _cumulative(scores: torch.Tensor) -> tuple[list[int], list[float]]:
     """(indices lowest first, cumulative sums of the sorted scores with a leading 0)."""
     order = torch.argsort(scores.double(), stable=True)
@@ -125,15 +137,9 @@ class AxesAllocator(Allocator):
 
     def _check_target(self) -> None:
         t = self.target
-        if t.params is None:
-            raise UserError("--axes needs --target-params (the parameter budget the axes share)")
-        given = [f"--{n.replace('_', '-')}" for n in ("heads", "neurons", "layers", "low_rank") if getattr(t, n)]
-        if given:
-            raise UserError(f"--axes chooses the amounts itself: drop {', '.join(given)}")
+        check_axes_target(t, self.rules.runtime if self.rules is not None else None)
         if self.wanted.get("kv"):  # the heads axis prices KV groups with the heads' own metric (head_states)
             raise UserError("--axes ranks KV groups by the heads' metric: drop --kv-metric (or cut without --axes)")
-        if self.rules is not None:
-            raise UserError(f"--axes with --serve {self.rules.runtime} is not supported: pick the axes without --serve")
         legal = self._legal_axes()
         bad = [a for a in t.axes if a not in legal]
         if bad:

@@ -336,18 +336,14 @@ def suggest_measured(
         The Suggestion; summary["axes"] per unit (metric, params, measured loss, curve), summary["measured"] the
         base loss, the mix's and the best single-axis plan's loss increase, and which was kept.
     """
+    from surgery.importance.axes import check_axes_target
     from surgery.suggest import finish_suggestion
 
-    if target.params is None:
-        raise UserError("--axes needs --target-params (the parameter budget the axes share)")
+    check_axes_target(target, target.serve)
     if not 0 < target.params < 1:
         raise UserError(f"--target-params {target.params}: expected the fraction of parameters kept, in (0, 1)")
     if not target.axes:
         raise UserError("measured allocation needs --axes")
-    if target.serve is not None:
-        raise UserError(f"--axes with --serve {target.serve} is not supported: pick the axes without --serve")
-    if any(getattr(target, n) for n in ("heads", "neurons", "layers", "low_rank")):
-        raise UserError("--axes chooses the amounts itself: drop --heads / --neurons / --layers / --low-rank")
     if not batches:
         raise UserError("measured allocation needs calibration batches (--data)")
     if not points or any(not 0 < k <= 1 for k in points):
