@@ -12,7 +12,7 @@ import torch
 
 from surgery.errors import UserError
 from surgery.importance.costs import Costs
-from surgery.importance.hull import lower_hull
+from surgery.importance.hull import hull_segments
 from surgery.importance.layout import LayerSite, ModelLayout
 from surgery.importance.ranks import RankChoice, choose_ranks, gradient_ranks, gradient_summary, selected_linears
 from surgery.importance.scorefile import ScoreFile
@@ -77,15 +77,7 @@ def hull_allocate(options: list[list[tuple[float, float]]], budget: float) -> li
     of its options; all hull segments across layers are taken in order of cost per amount while they bring the
     total closer to the budget. Returns the chosen option index per layer.
     """
-    choice = [0] * len(options)
-    segments = []
-    for layer, opts in enumerate(options):
-        hull = lower_hull(opts)
-        choice[layer] = hull[0]
-        for j in range(1, len(hull)):
-            (a1, c1), (a2, c2) = opts[hull[j - 1]], opts[hull[j]]
-            segments.append(((c2 - c1) / (a2 - a1), layer, j, hull[j], a2 - a1))
-    segments.sort()
+    choice, segments = hull_segments(options)
     total, frozen = 0.0, set()
     for _, layer, _, to, d in segments:
         if layer in frozen:

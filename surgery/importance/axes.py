@@ -38,7 +38,7 @@ import torch
 
 from surgery.errors import PlanError, UserError
 from surgery.importance.allocate import Allocator, head_states, hull_allocate, scores_for
-from surgery.importance.hull import lower_hull
+from surgery.importance.hull import hull_segments
 
 AXES = ("heads", "neurons", "layers", "hidden", "experts")
 GATE_SUMS = {"head_grad", "head_taylor", "neuron_taylor", "layer_grad", "channel_taylor", "expert_grad"}
@@ -393,15 +393,9 @@ _OPTION = {"heads": "head-metric", "neurons": "neuron-metric", "layers": "layer-
 def _greedy(groups: list[list[tuple[float, float]]], budget: float) -> list[int]:
     """`hull_allocate` that never passes the budget: hull segments of every group in order of score per
     parameter, each taken while the total stays within `budget` (the finest axis then fills the rest exactly)."""
-    choice, segments = [], []
-    for g, opts in enumerate(groups):
-        hull = lower_hull(opts)
-        choice.append(hull[0])
-        for j in range(1, len(hull)):
-            (a1, c1), (a2, c2) = opts[hull[j - 1]], opts[hull[j]]
-            segments.append(((c2 - c1) / (a2 - a1), g, j, hull[j], a2 - a1))
+    choice, segments = hull_segments(groups)
     total, frozen = 0.0, set()
-    for _, g, _, to, d in sorted(segments):
+    for _, g, _, to, d in segments:
         if g in frozen:
             continue
         if total + d <= budget:

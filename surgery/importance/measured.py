@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from surgery.errors import UserError
-from surgery.importance.hull import lower_hull
+from surgery.importance.hull import hull_segments, lower_hull
 from surgery.importance.scorefile import ScoreFile
 
 POINTS = (0.125, 0.25, 0.5, 0.75, 1.0)  # fractions of the goal at which each unit's loss is measured
@@ -78,18 +78,14 @@ def allocate_on_curves(curves: dict[str, list[tuple[float, float]]], goal: float
     loss is convex and piecewise linear, so taking hull segments of all units in order of slope (the last one in
     part) is optimal for the hulls. Raises UserError when even every curve's last point falls short of `goal`.
     """
-    segments = []
-    for unit, pts in curves.items():
-        hull = lower_hull(pts)
-        for j in range(1, len(hull)):
-            (a1, c1), (a2, c2) = pts[hull[j - 1]], pts[hull[j]]
-            segments.append(((c2 - c1) / (a2 - a1), unit, a2 - a1))
+    units = list(curves)
+    _, segments = hull_segments([curves[u] for u in units])
     amounts, left = {u: 0.0 for u in curves}, float(goal)
-    for _, unit, d in sorted(segments, key=lambda s: s[0]):  # stable: one unit's segments keep their order
+    for _, g, _, _, d in segments:
         if left <= 0:
             break
         take = min(d, left)
-        amounts[unit] += take
+        amounts[units[g]] += take
         left -= take
     if left > 1e-6 * max(goal, 1):
         most = sum(max(a for a, _ in pts) for pts in curves.values())
