@@ -13,7 +13,6 @@ every `model*.safetensors` in the directory.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -23,10 +22,11 @@ from pathlib import Path
 import torch
 
 from surgery.errors import UserError
-from surgery.shards import INDEX_NAME
+from surgery.stream.source import TORCH_NAMES
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # save_pretrained's default
-_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+# the dtypes written here, torch's -> safetensors' names (surgery.stream.source's table, reversed)
+_ST_NAMES = {getattr(torch, TORCH_NAMES[st]): st for st in ("F32", "F16", "BF16", "F64")}
 
 TensorSource = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
@@ -68,7 +68,7 @@ def write_sharded(tensors: TensorSource, directory: Path, dtype: torch.dtype,
     and `model.safetensors.index.json` (metadata.total_size / total_parameters, weight_map), split exactly as
     huggingface_hub splits a state dict for save_pretrained. Returns the number of parameters written.
     """
-    from surgery.stream.files import header_bytes, split_like_save_pretrained
+    from surgery.stream.files import header_bytes, shard_index, split_like_save_pretrained, write_index
 
     limit = parse_shard_size(max_shard_size)
     specs = {name: _spec(name, t, dtype) for name, t in tensors()}  # pass 1: shapes only, nothing kept
@@ -92,9 +92,9 @@ def write_sharded(tensors: TensorSource, directory: Path, dtype: torch.dtype,
         for fd in fds.values():
             os.close(fd)
     params = sum(math.prod(s.shape) for s in specs.values())
-    if split.is_sharded:
-        index = {"metadata": {"total_parameters": params, **split.metadata}, "weight_map": split.tensor_to_filename}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    index = shard_index(split, params)
+    if index is not None:
+        write_index(directory, index)
     return params
 
 

@@ -11,7 +11,6 @@ load + apply + save, at about one tensor of memory.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import threading
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from surgery.errors import UserError
 from surgery.plan import Plan
 from surgery.resolve import Resolution
 from surgery.stream.blockers import plan_blockers
-from surgery.stream.files import INDEX_NAME, StreamPlan, assemble
+from surgery.stream.files import StreamPlan, assemble, write_index
 from surgery.stream.reads import NotStreamable, TensorRead
 from surgery.stream.source import TORCH_NAMES, SourceTensor, tensor_locations
 from surgery.stream.writer import FactorCache, HashingWriter, SliceReader, shard_pieces
@@ -152,7 +151,7 @@ def write_stream(
         reader.close()
         fingerprint = writer.close()
     if plan.index is not None:  # written as save_pretrained writes it (the whole directory is atomic anyway)
-        (tmp / INDEX_NAME).write_text(json.dumps(plan.index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_index(tmp, plan.index)
     return fingerprint
 
 

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from surgery.resolve import Resolution
@@ -155,7 +156,17 @@ def assemble(
     shards = [Shard(f, file_order([reads[n] for n in names])) for f, names in sorted(split.filename_to_tensors.items())]
     if params is None:
         params = sum(math.prod(shape) for _, shape in state.values())
-    index = None
-    if split.is_sharded:
-        index = {"metadata": {"total_parameters": params, **split.metadata}, "weight_map": split.tensor_to_filename}
-    return StreamPlan(sources, shards, index, params, **kw)
+    return StreamPlan(sources, shards, shard_index(split, params), params, **kw)
+
+
+def shard_index(split, params: int) -> dict | None:
+    """The `INDEX_NAME` contents of a `split_like_save_pretrained` split holding `params` parameters, as
+    save_pretrained writes them (metadata.total_parameters / total_size, weight_map); None when it is one file."""
+    if not split.is_sharded:
+        return None
+    return {"metadata": {"total_parameters": params, **split.metadata}, "weight_map": split.tensor_to_filename}
+
+
+def write_index(directory: Path, index: dict) -> None:
+    """`index` (a `shard_index`) written into `directory` as save_pretrained writes it."""
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
