@@ -203,28 +203,12 @@ def spawn(job, *, resume: bool = False) -> subprocess.Popen:
     Raises:
         JobRunning: A process of the job is alive (nothing is started).
     """
-    from surgery.jobs.events import EventLog, read_events
-    from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock, write_process_record
+    from surgery.jobs.runner import launch_process
 
-    cmd = [sys.executable, "-m", "workbench.compress_job", str(job.path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # locked here and inherited (as surgery.jobs.runner.start_job does): the job reads "running" from the first
-    # moment, not "lost" while the child is still importing torch
-    fd = acquire_lock(job)
-    try:
-        attempt = 1 + sum(1 for e in read_events(job.events_file)[0] if e["event"] == "launch")
-        job.cancel_file.unlink(missing_ok=True)  # an old request must not cancel the new attempt
-        if fd is not None:
-            env[LOCK_FD_ENV] = str(fd)
-        with open(job.stdout_file, "ab") as out, open(job.stderr_file, "ab") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                    pass_fds=(fd,) if fd is not None else (), cwd=job.path, env=env)
-        write_process_record(job, proc.pid, command=cmd, attempt=attempt, nproc=1)
-        EventLog(job.events_file).append("launch", pid=proc.pid, attempt=attempt, nproc=1, resume=resume)
-    finally:
-        if fd is not None:
-            os.close(fd)  # the child holds its own copy of the locked file description
-    return proc
+    # locked and inherited (surgery.jobs.runner.launch_process, as for start_job): the job reads "running" from
+    # the first moment, not "lost" while the child is still importing torch
+    return launch_process(job, [sys.executable, "-m", "workbench.compress_job", str(job.path)], nproc=1,
+                          resume=resume)
 
 
 def sub_jobs(job) -> dict[str, str]:

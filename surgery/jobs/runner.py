@@ -124,15 +124,32 @@ def start_job(job: JobDir, *, nproc: int = 1, resume: bool = False) -> subproces
     if check_runnable(job) == "created":
         resume = False
     check_launch(job, nproc)
+    return launch_process(job, job_command(job, nproc), nproc=nproc, resume=resume)
+
+
+def launch_process(job: JobDir, cmd: list[str], *, nproc: int = 1, resume: bool = False,
+                   numbered: bool = True) -> subprocess.Popen:
+    """Spawn `cmd` as the job's detached process and record it; returns the Popen handle. The one launcher of
+    `start_job`, the compress job's `spawn` and the rec job's `start_rec_job`.
+
+    Takes the job lock and hands the locked descriptor to the child (the job reads "running" from the first
+    moment, and no second process can start in between), drops an old cancel request, writes process.json and a
+    "launch" event. `numbered`: the attempt is 1 + the launches so far (None for a rec job, which does not count
+    them).
+
+    Raises:
+        JobRunning: A live process of the job holds the lock (nothing is started, nothing changes).
+    """
     fd = acquire_lock(job)
     try:
-        events, _ = read_events(job.events_file)
-        attempt = 1 + sum(1 for e in events if e["event"] == "launch")
+        attempt = None
+        if numbered:
+            events, _ = read_events(job.events_file)
+            attempt = 1 + sum(1 for e in events if e["event"] == "launch")
         job.cancel_file.unlink(missing_ok=True)  # an old request must not cancel the new attempt
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if fd is not None:
             env[LOCK_FD_ENV] = str(fd)
-        cmd = job_command(job, nproc)
         with open(job.stdout_file, "ab") as out, open(job.stderr_file, "ab") as err:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,

@@ -401,25 +401,10 @@ def start_rec_job(job) -> int:
     The launcher takes the job lock and hands the locked descriptor to the child (as `surgery.jobs.runner` does),
     so no second process can start the same job in between.
     """
-    import subprocess
     import sys
 
-    from surgery.jobs.events import EventLog
-    from surgery.jobs.runner import LOCK_FD_ENV, acquire_lock, write_process_record
+    from surgery.jobs.runner import launch_process
 
-    fd = acquire_lock(job)
-    try:
-        job.cancel_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "surgery.rec", "run", str(job.path)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if fd is not None:
-            env[LOCK_FD_ENV] = str(fd)
-        with open(job.stdout_file, "ab") as out, open(job.stderr_file, "ab") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                    pass_fds=(fd,) if fd is not None else (), cwd=job.path, env=env)
-        write_process_record(job, proc.pid, command=cmd, attempt=None, nproc=1)
-        EventLog(job.events_file).append("launch", pid=proc.pid, attempt=None, nproc=1, resume=False)
-    finally:
-        if fd is not None:
-            os.close(fd)
+    proc = launch_process(job, [sys.executable, "-m", "surgery.rec", "run", str(job.path)], nproc=1, resume=False,
+                          numbered=False)
     return proc.pid
