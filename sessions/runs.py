@@ -67,18 +67,23 @@ def _row(stage: str, metrics) -> dict | None:
     return {"stage": stage, "params": metrics["params"], "perplexity": ppl if isinstance(ppl, (int, float)) else None}
 
 
-def read_compress_run(job_dir: Path) -> CompressRun | None:
-    """The compress run in job directory `job_dir`, or None when it is not one (another kind of job, unreadable)."""
-    from surgery.jobs.status import job_status
-    from surgery.jobs.store import JobDir
+def read_compress_run(job_dir: Path, state: str | None = None) -> CompressRun | None:
+    """The compress run in job directory `job_dir`, or None when it is not one (another kind of job, unreadable).
 
+    `state`: the job's state where the caller has just computed it (`surgery.jobs.status.job_status`), so that the
+    event log is not read and the lock not probed a second time; None computes it here.
+    """
     doc = _json(job_dir / "job.json")
     if doc is None or doc.get("kind") != "compress":
         return None
-    try:
-        state = job_status(JobDir(job_dir)).state
-    except Exception:  # noqa: BLE001 - a listing shows what it can
-        state = "unknown"
+    if state is None:
+        from surgery.jobs.status import job_status
+        from surgery.jobs.store import JobDir
+
+        try:
+            state = job_status(JobDir(job_dir)).state
+        except Exception:  # noqa: BLE001 - a listing shows what it can
+            state = "unknown"
     run = CompressRun(id=job_dir.name, state=state, source=doc.get("source"), target_params=doc.get("target_params"),
                       out=doc.get("out"))
     prelude = _json(job_dir / "prelude.json") or {}

@@ -102,9 +102,10 @@ class JobsScreen(Screen):
         rows = []
         for job in list_jobs(self.root):
             events, _ = read_events(job.path / "events.jsonl")
-            # a compress recipe: its stages' metrics and plan, read here (off the UI thread)
-            run = read_compress_run(job.path) if job.id.startswith("compress-") else None
-            rows.append((job_status(job, events), events, run))
+            st = job_status(job, events)
+            # a compress recipe: its stages' metrics and plan, read here (off the UI thread), with the state above
+            run = read_compress_run(job.path, st.state) if job.id.startswith("compress-") else None
+            rows.append((st, events, run))
         self.app.call_from_thread(self.show, rows)
 
     def show(self, rows: list) -> None:
