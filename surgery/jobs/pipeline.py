@@ -202,7 +202,8 @@ def _train(pipeline: Pipeline, stage, i: int, teacher: str, student: str, out: P
         job = create_job(jobs_root, cfg.to_json())
         progress["jobs"][str(i)] = job.id
         save_progress()  # before it runs: a resume after SIGKILL finds this job and its checkpoints
-    final = last_final(read_events(job.events_file)[0]) or {}
+    events = read_events(job.events_file)[0]
+    final = last_final(events) or {}
     if not (final.get("event") == "done" and _output_owned_by(out, job.id)):
         job.cancel_file.unlink(missing_ok=True)  # the request that stopped an earlier attempt is spent
         if on_job is not None:
@@ -219,7 +220,6 @@ def _train(pipeline: Pipeline, stage, i: int, teacher: str, student: str, out: P
         if code != 0:
             raise UserError(f"stage {i} ({stage.stage}) failed: {events[-1].get('error', 'see its log')} "
                             f"(log: {job.events_file})")
-    events = read_events(job.events_file)[0]
     start = next(e for e in events if e["event"] == "start")
     return {"job": job.id, "events": str(job.events_file), "teacher": teacher, "student": student,
             "data": start["train"], "output": str(out)}
