@@ -129,7 +129,7 @@ def header_estimate(source_dir: Path, config_dict: dict, resolution: Resolution,
         NotCovered: The header-only derivation does not cover this family, checkpoint or plan.
         SourceError: The directory has no readable safetensors.
     """
-    from surgery.stream.layout import embedding_names, output_state
+    from surgery.stream.layout import embedding_names, output_state, params_of
     from surgery.stream.source import tensor_locations
 
     shape, spec = resolution.shape, resolution.shape.spec
@@ -155,5 +155,5 @@ def header_estimate(source_dir: Path, config_dict: dict, resolution: Resolution,
     originals = {c.index: p for p, c in enumerate(resolution.kept_layers)}
     per_layer = tuple(per_position.get(originals[c.index], 0) if c.index in originals else 0
                       for c in resolution.layers)
-    return Estimate(sum(math.prod(s) for s in before.values()), sum(math.prod(s) for s in after.values()),
+    return Estimate(params_of(sources), sum(math.prod(s) for s in after.values()),
                     flops_before, flops_after, context, per_layer)

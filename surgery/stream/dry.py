@@ -6,17 +6,15 @@ checkpoint they fall back to the meta-device model (torch + transformers) and sa
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from surgery.errors import SourceError
 from surgery.inspect import check_config_against_weights
 from surgery.plan import Plan
 from surgery.resolve import Resolution
 from surgery.stream.blockers import plan_blockers
 from surgery.stream.files import StreamPlan, assemble
 from surgery.stream.fitted import fitted_modules, spill_groups
-from surgery.stream.layout import NotCovered, output_state, params_of
+from surgery.stream.layout import NotCovered, output_state
 from surgery.stream.reads import NotStreamable
 from surgery.stream.source import SourceTensor, tensor_locations
 
@@ -57,17 +55,12 @@ def any_stream_plan(
 
 def exact_params(resolved, config_dict: dict, resolution: Resolution) -> tuple[int, int]:
     """(parameters before, after) the plan: from the headers when `surgery.stream.layout` covers the checkpoint
-    (no torch), else `surgery.estimate.estimate` on a meta-device model. Both are exact."""
-    if not resolved.pickle_weights and not resolution.needs_data:
-        try:
-            sources = tensor_locations(resolved.path)
-            state = output_state(config_dict, resolution, sources)
-            return params_of(sources), sum(math.prod(shape) for _, shape in state.values())
-        except (NotCovered, SourceError):  # e.g. a GGUF source or one without safetensors: count on the model
-            pass
+    (no torch), else on a meta-device model: `surgery.estimate.estimate`, given the directory where the headers
+    may be counted. Both are exact."""
     from surgery.estimate import estimate
 
-    e = estimate(config_dict, resolution)
+    headers = not resolved.pickle_weights and not resolution.needs_data
+    e = estimate(config_dict, resolution, source_dir=resolved.path if headers else None)
     return e.params_before, e.params_after
 
 
